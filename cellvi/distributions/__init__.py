@@ -1,0 +1,24 @@
+"""Count distributions: NB, ZINB, Poisson, NB mixture (torch ``Distribution`` objects)."""
+
+from ._counts import (
+    NegativeBinomial,
+    NegativeBinomialMixture,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+)
+from ._functional import log_mixture_nb, log_nb_positive, log_poisson, log_zinb_positive
+from ._fused import nb_log_likelihood, poisson_log_likelihood, zinb_log_likelihood
+
+__all__ = [
+    "NegativeBinomial",
+    "NegativeBinomialMixture",
+    "Poisson",
+    "ZeroInflatedNegativeBinomial",
+    "log_mixture_nb",
+    "log_nb_positive",
+    "log_poisson",
+    "log_zinb_positive",
+    "nb_log_likelihood",
+    "poisson_log_likelihood",
+    "zinb_log_likelihood",
+]

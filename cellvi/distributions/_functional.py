@@ -1,0 +1,77 @@
+"""Elementwise log-likelihoods of count distributions (``models.md`` §0)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["log_nb_positive", "log_zinb_positive", "log_poisson", "log_mixture_nb"]
+
+
+def log_nb_positive(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """``log NB(x; mean mu, inverse dispersion theta)`` elementwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> float(log_nb_positive(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1e8)).exp())
+    0.36...
+    """
+    log_theta_mu_eps = torch.log(theta + mu + eps)
+    return (
+        theta * (torch.log(theta + eps) - log_theta_mu_eps)
+        + x * (torch.log(mu + eps) - log_theta_mu_eps)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+
+
+def log_zinb_positive(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    zi_logits: torch.Tensor,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """``log ZINB(x; mu, theta, zero-inflation logits)`` elementwise.
+
+    The gate probability is ``sigmoid(zi_logits)``; for ``x = 0`` the log-gamma terms cancel
+    and are not evaluated.
+    """
+    softplus_neg_logits = F.softplus(-zi_logits)
+    log_theta_mu_eps = torch.log(theta + mu + eps)
+    a = -zi_logits + theta * (torch.log(theta + eps) - log_theta_mu_eps)
+    case_zero = F.softplus(a) - softplus_neg_logits
+    case_nonzero = (
+        -softplus_neg_logits
+        + a
+        + x * (torch.log(mu + eps) - log_theta_mu_eps)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+    return torch.where(x < 1e-8, case_zero, case_nonzero)
+
+
+def log_poisson(x: torch.Tensor, rate: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``log Poisson(x; rate)`` elementwise."""
+    return x * torch.log(rate + eps) - rate - torch.lgamma(x + 1)
+
+
+def log_mixture_nb(
+    x: torch.Tensor,
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    theta1: torch.Tensor,
+    mixture_logits: torch.Tensor,
+    theta2: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Two-component NB mixture; ``sigmoid(mixture_logits)`` = P(component 1)."""
+    log1 = log_nb_positive(x, mu1, theta1, eps)
+    log2 = log_nb_positive(x, mu2, theta1 if theta2 is None else theta2, eps)
+    stacked = torch.stack([log1, log2 - mixture_logits], dim=0)
+    return torch.logsumexp(stacked, dim=0) - F.softplus(-mixture_logits)

@@ -1,0 +1,301 @@
+"""The SCVI variational autoencoder: pure torch, no AnnData."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._constants import REGISTRY_KEYS
+from ..distributions import (
+    NegativeBinomial,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+    log_nb_positive,
+    log_poisson,
+    log_zinb_positive,
+    nb_log_likelihood,
+    poisson_log_likelihood,
+    zinb_log_likelihood,
+)
+from ..nn import CountDecoder, Encoder
+from ._base import LossOutput, kl_normal_normal, kl_normal_standard
+from ._vae_config import VAEConfig
+
+__all__ = ["VAE"]
+
+_K = REGISTRY_KEYS
+
+
+class VAE(nn.Module):
+    """Variational autoencoder for counts (the SCVI model, ``models.md`` §1).
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    config
+        Architecture (:class:`~cellvi.module.VAEConfig`).
+    n_batch, n_labels
+        Number of batch and label categories.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_cats_per_cov
+        Category counts of the extra categorical covariates.
+    library_log_means, library_log_vars
+        Per-batch mean and variance of the log library size, shape ``(1, n_batch)``;
+        required when the library size is learned.
+    use_size_factor_key
+        Library size comes from registered size factors (``l = log sf``).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        config: VAEConfig | None = None,
+        *,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: Sequence[int] = (),
+        library_log_means: torch.Tensor | None = None,
+        library_log_vars: torch.Tensor | None = None,
+        use_size_factor_key: bool = False,
+    ):
+        super().__init__()
+        cfg = config or VAEConfig()
+        self.config = cfg
+        self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
+        self.n_continuous_cov = n_continuous_cov
+        self.use_size_factor_key = use_size_factor_key
+        self.observed_library = cfg.use_observed_lib_size or use_size_factor_key
+        if not self.observed_library:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError(
+                    "use_observed_lib_size=False needs library_log_means and library_log_vars."
+                )
+            self.register_buffer("library_log_means", torch.as_tensor(library_log_means).float())
+            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars).float())
+
+        if cfg.dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(n_input))
+        elif cfg.dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(n_input, n_batch))
+        elif cfg.dispersion == "gene-label":
+            self.px_r = nn.Parameter(torch.randn(n_input, n_labels))
+        else:  # gene-cell: predicted by the decoder
+            self.px_r = None
+
+        self.use_batch_embedding = cfg.batch_representation == "embedding"
+        if self.use_batch_embedding:
+            self.batch_embedding = nn.Embedding(n_batch, cfg.batch_embedding_dim)
+            batch_cats: list[int] = []
+        else:
+            batch_cats = [n_batch]
+        cat_list = batch_cats + list(n_cats_per_cov)
+        emb_dim = cfg.batch_embedding_dim if self.use_batch_embedding else 0
+        enc_bn = cfg.use_batch_norm in ("encoder", "both")
+        dec_bn = cfg.use_batch_norm in ("decoder", "both")
+        enc_ln = cfg.use_layer_norm in ("encoder", "both")
+        dec_ln = cfg.use_layer_norm in ("decoder", "both")
+        enc_cov = cfg.encode_covariates
+        encoder_kwargs = {
+            "n_cat_list": cat_list if enc_cov else [],
+            "n_cont": n_continuous_cov if enc_cov else 0,
+            "n_layers": cfg.n_layers,
+            "n_hidden": cfg.n_hidden,
+            "dropout_rate": cfg.dropout_rate,
+            "use_batch_norm": enc_bn,
+            "use_layer_norm": enc_ln,
+            "inject_covariates": cfg.deeply_inject_covariates,
+            "var_eps": cfg.var_eps,
+        }
+        n_enc_in = n_input + (emb_dim if enc_cov else 0)
+        self.z_encoder = Encoder(
+            n_enc_in, cfg.n_latent, distribution=cfg.latent_distribution, **encoder_kwargs
+        )
+        self.l_encoder = (
+            None
+            if self.observed_library
+            else Encoder(n_enc_in, 1, **{**encoder_kwargs, "n_layers": 1})
+        )
+        self.decoder = CountDecoder(
+            cfg.n_latent + emb_dim,
+            n_input,
+            n_cat_list=cat_list,
+            n_cont=n_continuous_cov,
+            n_layers=cfg.n_layers,
+            n_hidden=cfg.n_hidden,
+            inject_covariates=cfg.deeply_inject_covariates,
+            use_batch_norm=dec_bn,
+            use_layer_norm=dec_ln,
+            scale_activation="softplus" if use_size_factor_key else "softmax",
+            gene_cell_dispersion=cfg.dispersion == "gene-cell",
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _covariates(self, tensors: dict[str, torch.Tensor], batch_index: torch.Tensor):
+        """Categorical covariate list and continuous covariates of a minibatch."""
+        cat = [] if self.use_batch_embedding else [batch_index]
+        if _K.CAT_COVS_KEY in tensors:
+            cat_covs = tensors[_K.CAT_COVS_KEY]
+            cat = cat + list(cat_covs.split(1, dim=1))
+        cont = tensors.get(_K.CONT_COVS_KEY)
+        return cat, cont
+
+    def _with_embedding(self, h: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        emb = self.batch_embedding(batch_index.reshape(-1))  # (cells, emb_dim)
+        if h.dim() == 3:
+            emb = emb.expand(h.shape[0], *emb.shape)
+        return torch.cat([h, emb], dim=-1)
+
+    # --------------------------------------------------------------- inference
+    def inference(
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1
+    ) -> dict[str, torch.Tensor | None]:
+        """Encode a minibatch: ``qz_m``, ``qz_v``, ``z``, ``ql_m``, ``ql_v``, ``library``."""
+        x = tensors[_K.X_KEY]
+        batch_index = tensors[_K.BATCH_KEY]
+        x_in = torch.log1p(x) if self.config.log_variational else x
+        cat, cont = self._covariates(tensors, batch_index)
+        if self.config.encode_covariates:
+            if self.use_batch_embedding:
+                x_in = self._with_embedding(x_in, batch_index)
+            enc_cat, enc_cont = cat, cont
+        else:
+            enc_cat, enc_cont = [], None
+        qz_m, qz_v, z = self.z_encoder(x_in, *enc_cat, cont=enc_cont)
+        ql_m = ql_v = None
+        if self.use_size_factor_key:
+            library = torch.log(tensors[_K.SIZE_FACTOR_KEY])
+        elif self.observed_library:
+            library = torch.log(x.sum(dim=1, keepdim=True))
+        else:
+            ql_m, ql_v, library = self.l_encoder(x_in, *enc_cat, cont=enc_cont)
+        if n_samples > 1:
+            qz_m_s = qz_m.expand(n_samples, *qz_m.shape)
+            qz_v_s = qz_v.expand(n_samples, *qz_v.shape)
+            z = qz_m_s + qz_v_s.sqrt() * torch.randn_like(qz_m_s)
+            if self.config.latent_distribution == "ln":
+                z = torch.softmax(z, dim=-1)
+            if ql_m is None:
+                library = library.expand(n_samples, *library.shape)
+            else:
+                library = ql_m + ql_v.sqrt() * torch.randn(
+                    n_samples, *ql_m.shape, device=ql_m.device
+                )
+        return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "ql_m": ql_m, "ql_v": ql_v, "library": library}
+
+    # -------------------------------------------------------------- generative
+    def dispersion(self, px: dict, batch_index: torch.Tensor, labels: torch.Tensor | None):
+        """Inverse dispersion θ, shape ``(genes,)`` or broadcastable to ``(cells, genes)``."""
+        d = self.config.dispersion
+        if d == "gene":
+            return self.px_r.exp()
+        if d == "gene-batch":
+            return F.embedding(batch_index.reshape(-1), self.px_r.T).exp()
+        if d == "gene-label":
+            return F.embedding(labels.reshape(-1), self.px_r.T).exp()
+        return px["dispersion_logit"].exp()
+
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        transform_batch: int | None = None,
+    ) -> dict:
+        """Decode ``z``: returns the decoder outputs plus ``theta`` and the likelihood name."""
+        batch_index = tensors[_K.BATCH_KEY]
+        if transform_batch is not None:
+            batch_index = torch.full_like(batch_index, int(transform_batch))
+        cat, cont = self._covariates(tensors, batch_index)
+        z_in = self._with_embedding(z, batch_index) if self.use_batch_embedding else z
+        px = self.decoder(
+            z_in,
+            library,
+            *cat,
+            cont=cont,
+            need_dropout=self.config.gene_likelihood == "zinb",
+        )
+        labels = tensors.get(_K.LABELS_KEY)
+        px["theta"] = (
+            None
+            if self.config.gene_likelihood == "poisson"
+            else self.dispersion(px, batch_index, labels)
+        )
+        return px
+
+    def likelihood(self, px: dict):
+        """The count distribution p(x | z, l) as a torch ``Distribution``."""
+        lik = self.config.gene_likelihood
+        if lik == "zinb":
+            return ZeroInflatedNegativeBinomial(
+                mu=px["rate"],
+                theta=px["theta"],
+                zi_logits=px["dropout_logits"],
+                scale=px["scale"],
+            )
+        if lik == "nb":
+            return NegativeBinomial(mu=px["rate"], theta=px["theta"], scale=px["scale"])
+        return Poisson(rate=px["rate"], scale=px["scale"])
+
+    def log_likelihood(self, x: torch.Tensor, px: dict) -> torch.Tensor:
+        """``log p(x | z, l)`` summed over genes, shape ``(..., cells)``.
+
+        For a plain ``(cells, genes)`` minibatch this uses the fused kernels of
+        :mod:`cellvi.distributions` (hand-written gradients, log-gamma only at nonzeros);
+        with a leading sample axis it falls back to the elementwise formulas.
+        """
+        lik = self.config.gene_likelihood
+        theta = px["theta"]
+        if px["log_rate"].dim() == 2:
+            if lik == "zinb":
+                return zinb_log_likelihood(x, px["log_rate"], theta, px["dropout_logits"])
+            if lik == "nb":
+                return nb_log_likelihood(x, px["log_rate"], theta)
+            return poisson_log_likelihood(x, px["log_rate"])
+        if lik == "zinb":
+            ll = log_zinb_positive(x, px["rate"], theta, px["dropout_logits"])
+        elif lik == "nb":
+            ll = log_nb_positive(x, px["rate"], theta)
+        else:
+            ll = log_poisson(x, px["rate"])
+        return ll.sum(dim=-1)
+
+    # -------------------------------------------------------------------- loss
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Negative ELBO of a minibatch (``models.md`` §1)."""
+        x = tensors[_K.X_KEY]
+        reconst = -self.log_likelihood(x, generative_outputs)
+        kl_z = kl_normal_standard(inference_outputs["qz_m"], inference_outputs["qz_v"])
+        if self.observed_library:
+            kl_l = torch.zeros_like(kl_z)
+        else:
+            batch = tensors[_K.BATCH_KEY].reshape(-1)
+            prior_m = self.library_log_means[0, batch].unsqueeze(-1)
+            prior_v = self.library_log_vars[0, batch].unsqueeze(-1)
+            kl_l = kl_normal_normal(
+                inference_outputs["ql_m"], inference_outputs["ql_v"], prior_m, prior_v
+            )
+        loss = torch.mean(reconst + kl_weight * kl_z + kl_l)
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconst,
+            kl_local=kl_z + kl_l,
+            kl_global=torch.zeros((), device=x.device),
+        )
+
+    def forward(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> LossOutput:
+        """Inference, generative pass and loss in one call (what a training step runs)."""
+        inf = self.inference(tensors)
+        gen = self.generative(inf["z"], inf["library"], tensors)
+        return self.loss(tensors, inf, gen, kl_weight=kl_weight)

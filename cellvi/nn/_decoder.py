@@ -1,0 +1,103 @@
+"""Decoders p(x | z) for count data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._fc import FCLayers
+
+__all__ = ["CountDecoder"]
+
+
+class CountDecoder(nn.Module):
+    """Decode ``z`` into the parameters of a count likelihood.
+
+    The normalised expression ``ρ = softmax(W h)`` is returned in log space as well, so the
+    likelihood can use ``log μ = l + log ρ`` without a lossy ``log(exp(·))`` round trip.
+
+    Parameters
+    ----------
+    n_input, n_output
+        Latent width (plus any extra inputs) and number of genes.
+    n_cat_list, n_cont
+        Covariates injected into the FC stack.
+    n_layers, n_hidden, inject_covariates, use_batch_norm, use_layer_norm
+        FC stack settings; decoder dropout is always 0.
+    scale_activation
+        ``"softmax"`` (ρ sums to 1) or ``"softplus"`` (size-factor models).
+    gene_cell_dispersion
+        Add a head that predicts a per-cell, per-gene dispersion.
+    activation
+        Activation class of the FC stack.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        *,
+        n_cat_list: Sequence[int] = (),
+        n_cont: int = 0,
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        inject_covariates: bool = True,
+        use_batch_norm: bool = False,
+        use_layer_norm: bool = False,
+        scale_activation: str = "softmax",
+        gene_cell_dispersion: bool = False,
+        activation: type[nn.Module] = nn.ReLU,
+    ):
+        super().__init__()
+        self.scale_activation = scale_activation
+        self.px_decoder = FCLayers(
+            n_input,
+            n_hidden,
+            n_cat_list=n_cat_list,
+            n_cont=n_cont,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=0.0,
+            inject_covariates=inject_covariates,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            activation=activation,
+        )
+        self.px_scale_decoder = nn.Linear(n_hidden, n_output)
+        self.px_r_decoder = nn.Linear(n_hidden, n_output) if gene_cell_dispersion else None
+        self.px_dropout_decoder = nn.Linear(n_hidden, n_output)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        *cat_list: torch.Tensor,
+        cont: torch.Tensor | None = None,
+        need_dropout: bool = True,
+    ) -> dict[str, torch.Tensor | None]:
+        """Decode.
+
+        Returns a dict with ``scale`` (ρ), ``log_scale``, ``rate`` (μ = e^l ρ), ``log_rate``,
+        ``dispersion_logit`` (log θ for gene-cell dispersion, else None) and
+        ``dropout_logits`` (zero-inflation logits, or None when not needed).
+        """
+        h = self.px_decoder(z, *cat_list, cont=cont)
+        logits = self.px_scale_decoder(h)
+        if self.scale_activation == "softmax":
+            log_scale = torch.log_softmax(logits, dim=-1)
+            scale = log_scale.exp()
+        else:
+            scale = F.softplus(logits)
+            log_scale = torch.log(scale + 1e-30)
+        log_rate = library + log_scale
+        return {
+            "scale": scale,
+            "log_scale": log_scale,
+            "rate": log_rate.exp(),
+            "log_rate": log_rate,
+            "dispersion_logit": self.px_r_decoder(h) if self.px_r_decoder is not None else None,
+            "dropout_logits": self.px_dropout_decoder(h) if need_dropout else None,
+        }

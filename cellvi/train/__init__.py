@@ -1,0 +1,24 @@
+"""Training: plans, trainer runner, callbacks, progress display, structured configs."""
+
+from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping
+from ._config import UNSET, TrainerConfig, TrainingPlanConfig, build_dataclass, config_to_kwargs
+from ._plan import TrainingPlan
+from ._progress import EpochProgress
+from ._runner import RunResult, TrainingInterrupted, default_run_dir, run_training
+
+__all__ = [
+    "BestModelCheckpoint",
+    "EpochProgress",
+    "HistoryWriter",
+    "LoudEarlyStopping",
+    "RunResult",
+    "TrainerConfig",
+    "TrainingInterrupted",
+    "TrainingPlan",
+    "TrainingPlanConfig",
+    "UNSET",
+    "build_dataclass",
+    "config_to_kwargs",
+    "default_run_dir",
+    "run_training",
+]

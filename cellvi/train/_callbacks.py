@@ -1,0 +1,170 @@
+"""Callbacks: per-epoch history on disk, loud early stopping, best-model checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+__all__ = ["HistoryWriter", "LoudEarlyStopping", "BestModelCheckpoint"]
+
+logger = logging.getLogger("cellvi")
+
+
+class HistoryWriter(pl.Callback):
+    """Writes every epoch's metrics to ``<run_dir>/history.csv`` as soon as they are final.
+
+    The file is rewritten atomically each epoch (it is small), so a killed process leaves
+    the history up to its last finished epoch on disk.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__()
+        self.path = Path(run_dir) / "history.csv"
+
+    def on_epoch_metrics(self, trainer, pl_module, row: dict) -> None:
+        if not trainer.is_global_zero:
+            return
+        rows = pl_module.history_rows
+        columns = ["epoch"] + sorted({k for r in rows for k in r} - {"epoch"})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+class LoudEarlyStopping(EarlyStopping):
+    """Lightning's early stopping plus a warm-up and a report of why and when it stopped.
+
+    Parameters
+    ----------
+    warmup_epochs
+        Validation checks during the first ``warmup_epochs`` epochs never stop training.
+    **kwargs
+        ``monitor``, ``min_delta``, ``patience``, ``mode`` of Lightning's ``EarlyStopping``.
+    """
+
+    def __init__(self, *, warmup_epochs: int = 0, **kwargs):
+        super().__init__(check_finite=True, **kwargs)
+        self.warmup_epochs = warmup_epochs
+        self.best_epoch: int | None = None
+        self.stop_reason: str | None = None
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if trainer.current_epoch < self.warmup_epochs:
+            return
+        before = self.best_score.clone()
+        super()._run_early_stopping_check(trainer)
+        if self.best_score is not None and not bool(before == self.best_score):
+            self.best_epoch = trainer.current_epoch
+        if trainer.should_stop and self.stop_reason is None:
+            value = trainer.callback_metrics.get(self.monitor)
+            self.stop_reason = (
+                f"{self.monitor} did not improve by more than {abs(self.min_delta)} for "
+                f"{self.patience} checks"
+                if value is not None and math.isfinite(float(value))
+                else f"{self.monitor} became non-finite"
+            )
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(best_epoch=self.best_epoch, stop_reason=self.stop_reason)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_epoch = state_dict.pop("best_epoch", None)
+        self.stop_reason = state_dict.pop("stop_reason", None)
+        super().load_state_dict(state_dict)
+
+    def report(self) -> str | None:
+        """A sentence for the user, or None if training was not stopped early."""
+        if self.stop_reason is None:
+            return None
+        best = float(self.best_score)
+        return (
+            f"Early stopping at epoch {self.stopped_epoch + 1}: {self.stop_reason}. Best "
+            f"{self.monitor}={best:.6g} at epoch {(self.best_epoch or 0) + 1}."
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        message = self.report()
+        if message and trainer.is_global_zero:
+            logger.info(message)
+
+
+class BestModelCheckpoint(ModelCheckpoint):
+    """Keeps the best model by ``monitor`` as a cellvi model directory (not a pickle).
+
+    Each saved checkpoint is a directory written by ``save_fn(path)`` (the model's own safe
+    ``save``), so it loads back with ``Model.load`` into a usable model. ``best_model_path``
+    points at that directory.
+
+    Parameters
+    ----------
+    save_fn
+        Callable writing a model directory at the given path.
+    load_fn
+        Callable loading the weights of a saved directory into the live module (used by
+        ``load_best_on_end``).
+    load_best_on_end
+        Load the best weights into the model when training ends.
+    dirpath, monitor, mode
+        As in Lightning's ``ModelCheckpoint`` (``save_top_k`` is 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        save_fn: Callable[[str], None],
+        load_fn: Callable[[str], None],
+        dirpath: str | Path,
+        monitor: str = "validation_loss",
+        mode: str = "min",
+        load_best_on_end: bool = False,
+    ):
+        super().__init__(
+            dirpath=str(dirpath),
+            filename="epoch={epoch}-step={step}-" + monitor + "={" + monitor + ":.6g}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=False,
+            save_weights_only=False,
+        )
+        self.save_fn = save_fn
+        self.load_fn = load_fn
+        self.load_best_on_end = load_best_on_end
+        self.FILE_EXTENSION = ""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            self.save_fn(filepath)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero and os.path.isdir(filepath):
+            import shutil
+
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.load_best_on_end and self.best_model_path:
+            self.load_fn(self.best_model_path)
+            logger.info("Loaded the best weights from %s", self.best_model_path)
+
+    def summary(self) -> str:
+        """JSON line describing the best checkpoint."""
+        score = None if self.best_model_score is None else float(self.best_model_score)
+        return json.dumps({"best_model_path": self.best_model_path, "best_model_score": score})

@@ -1,0 +1,215 @@
+"""Structured configs of training plans and trainers (one place for every default)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainingPlanConfig", "TrainerConfig", "UNSET", "config_to_kwargs"]
+
+
+class _Unset:
+    """Sentinel for "argument not given" (``None`` may be a meaningful value)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+_OPTIMIZERS = ("Adam", "AdamW", "Custom")
+
+
+@dataclass(frozen=True)
+class TrainingPlanConfig:
+    """Optimiser, KL warm-up and scheduler settings of :class:`~cellvi.train.TrainingPlan`.
+
+    Parameters
+    ----------
+    optimizer
+        ``"Adam"`` (default), ``"AdamW"`` or ``"Custom"`` (needs ``optimizer_creator``).
+    optimizer_creator
+        Callable ``params -> torch.optim.Optimizer`` for ``optimizer="Custom"``.
+    lr, weight_decay, eps
+        Adam(W) settings: 1e-3, 1e-6, 0.01.
+    n_epochs_kl_warmup
+        Epochs over which the KL weight rises from ``min_kl_weight`` to ``max_kl_weight``
+        (400). Takes precedence over ``n_steps_kl_warmup``.
+    n_steps_kl_warmup
+        Step-based warm-up, used only when ``n_epochs_kl_warmup`` is None or 0.
+    min_kl_weight, max_kl_weight
+        Warm-up range (0 → 1).
+    reduce_lr_on_plateau
+        Reduce the learning rate when ``lr_scheduler_metric`` stops improving.
+    lr_factor, lr_patience, lr_threshold, lr_min
+        ReduceLROnPlateau settings (0.6, 30, 0.0, 0.0).
+    lr_scheduler_metric
+        Metric the scheduler monitors (``"elbo_validation"``).
+    check_gradients
+        Check that gradients are finite after every backward pass (cheap; on by default) so a
+        NaN is caught at the step where it appears.
+    compile
+        Wrap the module in ``torch.compile``.
+    loss_kwargs
+        Extra keyword arguments for the module's ``loss``.
+    """
+
+    optimizer: str = "Adam"
+    optimizer_creator: Callable | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_epochs_kl_warmup: int | None = 400
+    n_steps_kl_warmup: int | None = None
+    min_kl_weight: float = 0.0
+    max_kl_weight: float = 1.0
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    check_gradients: bool = True
+    compile: bool = False
+    loss_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(
+                f"optimizer={self.optimizer!r} is not supported; use one of {list(_OPTIMIZERS)}."
+            )
+        if self.optimizer == "Custom" and self.optimizer_creator is None:
+            raise ValueError('optimizer="Custom" needs optimizer_creator=<callable(params)>.')
+        if self.min_kl_weight > self.max_kl_weight:
+            raise ValueError(
+                f"min_kl_weight={self.min_kl_weight} is larger than "
+                f"max_kl_weight={self.max_kl_weight}."
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive.")
+        for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 or None.")
+
+    def to_kwargs(self) -> dict:
+        """Field values as a dict (``loss_kwargs`` kept as one entry)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Runtime controls of a training run (defaults of ``training.md`` §4).
+
+    Parameters
+    ----------
+    check_val_every_n_epoch
+        Validate every N epochs; ``None`` = never, unless early stopping, checkpointing or an
+        LR scheduler needs it (then 1).
+    early_stopping, early_stopping_monitor, early_stopping_min_delta,
+    early_stopping_patience, early_stopping_mode, early_stopping_warmup_epochs
+        Early stopping (off; ``"elbo_validation"``, 0.0, 45 validation checks, ``"min"``, 0).
+    enable_checkpointing, checkpointing_monitor
+        Keep the best model by ``checkpointing_monitor`` (``"validation_loss"``).
+    load_best_on_end
+        With checkpointing: load the best weights when training ends.
+    save_resume_checkpoint
+        Write ``last.ckpt`` in the run directory after every epoch so an interrupted run can
+        be resumed exactly with ``ckpt_path`` (on by default).
+    enable_progress_bar
+        Show the progress bar (subject to ``cellvi.settings``).
+    gradient_clip_val
+        Clip the gradient norm at this value (off).
+    strategy, num_nodes, precision, deterministic
+        Passed to Lightning.
+    run_dir
+        Directory of this run (history, checkpoints); default
+        ``<settings.logging_dir>/<model>_<timestamp>``.
+    extra_kwargs
+        Further Lightning ``Trainer`` arguments (checked against its signature).
+    """
+
+    check_val_every_n_epoch: int | None = None
+    early_stopping: bool = False
+    early_stopping_monitor: str = "elbo_validation"
+    early_stopping_min_delta: float = 0.0
+    early_stopping_patience: int = 45
+    early_stopping_mode: str = "min"
+    early_stopping_warmup_epochs: int = 0
+    enable_checkpointing: bool = False
+    checkpointing_monitor: str = "validation_loss"
+    load_best_on_end: bool = False
+    save_resume_checkpoint: bool = True
+    enable_progress_bar: bool = True
+    gradient_clip_val: float | None = None
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    deterministic: bool | None = None
+    run_dir: str | None = None
+    extra_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.early_stopping_mode not in ("min", "max"):
+            raise ValueError(
+                f"early_stopping_mode={self.early_stopping_mode!r}: use 'min' or 'max'."
+            )
+        if self.early_stopping_patience < 1:
+            raise ValueError(
+                f"early_stopping_patience={self.early_stopping_patience} must be >= 1."
+            )
+        cv = self.check_val_every_n_epoch
+        if cv is not None and (not isinstance(cv, int) or cv < 1):
+            raise ValueError(f"check_val_every_n_epoch={cv!r} must be a positive integer or None.")
+
+    def to_kwargs(self) -> dict:
+        """Field values with ``extra_kwargs`` flattened first (named fields win)."""
+        out = dict(self.extra_kwargs)
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        out.pop("extra_kwargs")
+        return out
+
+
+def config_to_kwargs(config: Any, name: str) -> dict:
+    """Expand a config given as a mapping or an object with ``to_kwargs()``."""
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    if callable(getattr(config, "to_kwargs", None)):
+        out = config.to_kwargs()
+        if not isinstance(out, Mapping):
+            raise TypeError(f"{name}.to_kwargs() must return a dict, got {type(out).__name__}.")
+        return dict(out)
+    raise TypeError(
+        f"{name} must be a mapping or an object with to_kwargs(), got {type(config).__name__}."
+    )
+
+
+def build_dataclass(cls, values: Mapping, name: str):
+    """Instantiate ``cls`` from ``values``, naming unknown keys with a 'did you mean'."""
+    import difflib
+
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, valid, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"{name} got unknown argument(s) {', '.join(hints)}. Valid: {', '.join(valid)}."
+        )
+    return cls(**values)

@@ -1,0 +1,248 @@
+"""The training plan: optimiser, KL warm-up, per-epoch ELBO metrics, NaN guardrail."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import lightning.pytorch as pl
+import torch
+
+from .._constants import REGISTRY_KEYS
+from ..errors import NonFiniteLossError
+from ..module import LossOutput
+from ._config import TrainingPlanConfig
+
+__all__ = ["TrainingPlan"]
+
+logger = logging.getLogger("cellvi")
+
+# Sums kept per split during an epoch: loss, reconstruction, kl_local, kl_global, batches, cells
+_N_STATS = 6
+
+
+class TrainingPlan(pl.LightningModule):
+    """Trains a cellvi module with the ELBO; owns the optimiser, KL warm-up and metrics.
+
+    Metrics are accumulated on the device during an epoch (no per-step logging, no host
+    synchronisation beyond the finiteness check) and logged once per epoch under the names of
+    ``training.md`` §3: ``train_loss``, ``elbo_train``, ``reconstruction_loss_train``,
+    ``kl_local_train``, ``kl_global_train``, ``kl_weight`` and their ``_validation`` twins.
+
+    Parameters
+    ----------
+    module
+        A cellvi module whose ``forward(tensors, kl_weight)`` returns a ``LossOutput``.
+    config
+        Optimiser and warm-up settings.
+    batch_categories
+        Names of the batch categories (used to describe a minibatch in error messages).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        config: TrainingPlanConfig | None = None,
+        *,
+        batch_categories: list | None = None,
+    ):
+        super().__init__()
+        self.module = module
+        self.config = config or TrainingPlanConfig()
+        self.batch_categories = batch_categories
+        self.n_obs_training: int | None = None
+        self.n_obs_validation: int | None = None
+        self.history_rows: list[dict] = []
+        self._stats: dict[str, torch.Tensor] = {}
+        self._val_row: dict[str, float] = {}
+        self._last_good_state = None
+        self._current_batch: dict = {}
+        self._current_batch_idx = -1
+        self._forward = (
+            torch.compile(module, **{"dynamic": False}) if self.config.compile else module
+        )
+
+    METRIC_STEMS = ("elbo", "reconstruction_loss", "kl_local", "kl_global")
+
+    def metric_names(self, *, validation: bool) -> list[str]:
+        """Names this plan logs per epoch (with ``validation``, the validation ones too)."""
+        names = ["train_loss", *(f"{m}_train" for m in self.METRIC_STEMS), "kl_weight"]
+        if validation:
+            names += ["validation_loss", *(f"{m}_validation" for m in self.METRIC_STEMS)]
+        return names
+
+    # ----------------------------------------------------------------- warm-up
+    @property
+    def kl_weight(self) -> float:
+        """KL weight of the current epoch (or step), ``training.md`` §2."""
+        cfg = self.config
+        lo, hi = cfg.min_kl_weight, cfg.max_kl_weight
+        if cfg.n_epochs_kl_warmup:
+            n, t = cfg.n_epochs_kl_warmup, self.current_epoch
+        elif cfg.n_steps_kl_warmup:
+            n, t = cfg.n_steps_kl_warmup, self.global_step
+        else:
+            return hi
+        return lo + (hi - lo) * t / n if t < n else hi
+
+    # ------------------------------------------------------------------- steps
+    def _accumulate(self, split: str, out: LossOutput) -> None:
+        row = torch.stack(
+            [
+                out.loss.detach(),
+                out.reconstruction_loss.detach().sum(),
+                out.kl_local.detach().sum(),
+                out.kl_global.detach().to(out.loss.device),
+                torch.ones((), device=out.loss.device),
+                torch.tensor(float(out.n_obs), device=out.loss.device),
+            ]
+        )
+        if split in self._stats:
+            self._stats[split] += row
+        else:
+            self._stats[split] = row
+
+    def training_step(self, batch, batch_idx):
+        out = self._forward(batch, kl_weight=self.kl_weight, **self.config.loss_kwargs)
+        if not bool(torch.isfinite(out.loss)):
+            self._raise_nonfinite("loss", batch, batch_idx)
+        self._accumulate("train", out)
+        return out.loss
+
+    def on_after_backward(self) -> None:
+        if not self.config.check_gradients:
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            self._raise_nonfinite("gradient", self._current_batch, self._current_batch_idx)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._current_batch, self._current_batch_idx = batch, batch_idx
+
+    def validation_step(self, batch, batch_idx):
+        out = self.module(batch, kl_weight=self.kl_weight, **self.config.loss_kwargs)
+        self._accumulate("validation", out)
+
+    # ------------------------------------------------------------ epoch metrics
+    def on_train_epoch_start(self) -> None:
+        self._stats.pop("train", None)
+        if self._last_good_state is None:
+            self._snapshot()
+
+    def on_validation_epoch_start(self) -> None:
+        self._stats.pop("validation", None)
+
+    def _epoch_metrics(self, split: str, n_obs_split: int | None) -> dict[str, float]:
+        stats = self._stats.get(split)
+        if stats is None:
+            return {}
+        if self.trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats.clone(), reduce_op="sum")
+        loss, rec, kl_l, kl_g, n_batches, n_cells = (float(v) for v in stats.cpu())
+        n_split = n_obs_split or n_cells
+        kl_global = kl_g / n_batches
+        return {
+            f"{split}_loss": loss / n_batches,
+            f"elbo_{split}": (rec + kl_l) / n_cells + kl_global / n_split,
+            f"reconstruction_loss_{split}": rec / n_cells,
+            f"kl_local_{split}": kl_l / n_cells,
+            f"kl_global_{split}": kl_global,
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self._epoch_metrics("validation", self.n_obs_validation)
+        for name, value in metrics.items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+        self._val_row = metrics
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self._epoch_metrics("train", self.n_obs_training)
+        metrics["kl_weight"] = float(self.kl_weight)
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == "train_loss")
+        row = {"epoch": int(self.current_epoch), **metrics, **self._val_row}
+        self._val_row = {}
+        self.history_rows.append(row)
+        self._snapshot()
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, "on_epoch_metrics", None)
+            if hook is not None:
+                hook(self.trainer, self, row)
+
+    # --------------------------------------------------------------- guardrail
+    def _snapshot(self) -> None:
+        """Remember the current (finite) weights so a NaN can be rolled back."""
+        self._last_good_state = copy.deepcopy(self.module.state_dict())
+
+    def restore_last_good_state(self) -> bool:
+        """Load the last finite weights into the module; True if there were any."""
+        if self._last_good_state is None:
+            return False
+        self.module.load_state_dict(self._last_good_state)
+        return True
+
+    def _raise_nonfinite(self, what: str, batch: dict, batch_idx: int) -> None:
+        cells = batch.get(REGISTRY_KEYS.INDICES_KEY)
+        cell_text = ""
+        if cells is not None:
+            ids = cells.reshape(-1)[:10].tolist()
+            cell_text = f" Cells (positions in the AnnData) of this minibatch start with {ids}."
+        batch_codes = batch.get(REGISTRY_KEYS.BATCH_KEY)
+        batch_text = ""
+        if batch_codes is not None:
+            codes = sorted(set(batch_codes.reshape(-1).tolist()))
+            names = [self.batch_categories[c] if self.batch_categories else c for c in codes]
+            batch_text = f" Batch categories in it: {names}."
+        x = batch.get(REGISTRY_KEYS.X_KEY)
+        x_text = ""
+        if x is not None:
+            x_text = f" Largest count in it: {float(x.max()):.6g}."
+            if not math.isfinite(float(x.sum())):
+                x_text += " The input itself contains NaN/inf."
+        raise NonFiniteLossError(
+            f"The training {what} became NaN/inf at epoch {self.current_epoch}, step "
+            f"{self.global_step} (minibatch {batch_idx} of the epoch).{batch_text}{cell_text}"
+            f"{x_text} The weights were rolled back to the last finite state (end of the "
+            "previous epoch). Likely causes: the matrix is not raw counts (check layer=), a "
+            "learning rate that is too high (lower plan_kwargs={'lr': ...}), a very small "
+            "batch_size, or no gradient clipping (try gradient_clip_val=1.0)."
+        )
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        cfg = self.config
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if cfg.optimizer == "Custom":
+            optimizer = cfg.optimizer_creator(params)
+        else:
+            cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
+            optimizer = cls(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        if not cfg.reduce_lr_on_plateau:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="min",
+            factor=cfg.lr_factor,
+            patience=cfg.lr_patience,
+            threshold=cfg.lr_threshold,
+            threshold_mode="abs",
+            min_lr=cfg.lr_min,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": cfg.lr_scheduler_metric},
+        }
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cellvi_history_rows"] = [dict(r) for r in self.history_rows]
+        checkpoint["cellvi_rng"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]
+        rng = checkpoint.get("cellvi_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])

@@ -1,0 +1,260 @@
+"""Run one training: build the Lightning trainer, fit, and keep everything if it fails."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from .._settings import settings
+from ..errors import TrainingError
+from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping
+from ._config import TrainerConfig
+from ._plan import TrainingPlan
+from ._progress import EpochProgress
+
+__all__ = ["RunResult", "run_training", "TrainingInterrupted", "default_run_dir"]
+
+logger = logging.getLogger("cellvi")
+
+
+class TrainingInterrupted(TrainingError):
+    """Training was stopped by Ctrl-C (SIGINT) or a scheduler's SIGTERM."""
+
+
+@dataclass
+class RunResult:
+    """What a training run leaves behind, whether it finished or not."""
+
+    history_rows: list[dict]
+    run_dir: Path
+    train_idx: object = None
+    val_idx: object = None
+    test_idx: object = None
+    trainer: pl.Trainer | None = None
+    completed: bool = False
+    resume_checkpoint: Path | None = None
+    early_stopping: str | None = None
+    best_checkpoint: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def default_run_dir(model_name: str) -> Path:
+    """``<settings.logging_dir>/<model>_<timestamp>_<pid>``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return Path(settings.logging_dir) / f"{model_name}_{stamp}_{os.getpid()}"
+
+
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into :class:`TrainingInterrupted` while training runs.
+
+    Lightning answers Ctrl-C with ``sys.exit`` and SIGTERM with a ``SystemExit``; raising our
+    own exception instead lets the runner keep weights and history and say how to resume.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"Training was interrupted by {name}.")
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _validation_needed(cfg: TrainerConfig, plan: TrainingPlan) -> int | None:
+    if cfg.check_val_every_n_epoch is not None:
+        return cfg.check_val_every_n_epoch
+    if cfg.early_stopping or cfg.enable_checkpointing or plan.config.reduce_lr_on_plateau:
+        return 1
+    return None
+
+
+def _check_monitors(cfg: TrainerConfig, plan: TrainingPlan, n_val: int, every: int | None):
+    """Fail before training when a monitored metric would never be logged."""
+    validating = every is not None and n_val > 0
+    available = plan.metric_names(validation=validating)
+    wanted = []
+    if cfg.early_stopping:
+        wanted.append(("early_stopping_monitor", cfg.early_stopping_monitor))
+    if cfg.enable_checkpointing:
+        wanted.append(("checkpointing_monitor", cfg.checkpointing_monitor))
+    if plan.config.reduce_lr_on_plateau:
+        wanted.append(("lr_scheduler_metric", plan.config.lr_scheduler_metric))
+    for arg, metric in wanted:
+        if metric in available:
+            continue
+        if "validation" in metric and n_val == 0:
+            raise ValueError(
+                f"{arg}={metric!r} needs a validation set, but it is empty. Use "
+                "train_size < 1 (e.g. train_size=0.9) or monitor a training metric such as "
+                "'elbo_train'."
+            )
+        raise ValueError(
+            f"{arg}={metric!r} is never logged by this model. Metrics logged: {available}."
+        )
+
+
+def run_training(
+    plan: TrainingPlan,
+    datamodule: pl.LightningDataModule,
+    *,
+    max_epochs: int,
+    accelerator: str = "auto",
+    devices: int | str | list = "auto",
+    config: TrainerConfig | None = None,
+    callbacks: list | None = None,
+    ckpt_path: str | os.PathLike | None = None,
+    run_dir: Path,
+    record: Callable[[RunResult], None],
+    save_fn: Callable[[str], None] | None = None,
+    load_fn: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Fit ``plan`` on ``datamodule`` and hand the outcome to ``record`` (also on failure).
+
+    On any exception (including Ctrl-C and SIGTERM) the module is rolled back to the weights
+    at the end of the last finished epoch, the history of the finished epochs is passed to
+    ``record``, and the exception is re-raised with notes saying what was kept and how to
+    resume from ``<run_dir>/checkpoints/last.ckpt``.
+    """
+    cfg = config or TrainerConfig()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(run_dir)
+    datamodule.setup("fit")
+    n_val = len(getattr(datamodule, "val_idx", []) or [])
+    every = _validation_needed(cfg, plan)
+    _check_monitors(cfg, plan, n_val, every)
+    plan.n_obs_training = len(datamodule.train_idx)
+    plan.n_obs_validation = n_val
+
+    cbs: list = list(callbacks or [])
+    cbs.append(HistoryWriter(run_dir))
+    if cfg.enable_progress_bar and settings.show_progress:
+        cbs.append(EpochProgress())
+    early = None
+    if cfg.early_stopping:
+        early = LoudEarlyStopping(
+            monitor=cfg.early_stopping_monitor,
+            min_delta=cfg.early_stopping_min_delta,
+            patience=cfg.early_stopping_patience,
+            mode=cfg.early_stopping_mode,
+            warmup_epochs=cfg.early_stopping_warmup_epochs,
+        )
+        cbs.append(early)
+    best = None
+    if cfg.enable_checkpointing:
+        if save_fn is None or load_fn is None:
+            raise ValueError("enable_checkpointing needs a model that can save itself.")
+        best = BestModelCheckpoint(
+            save_fn=save_fn,
+            load_fn=load_fn,
+            dirpath=run_dir / "best",
+            monitor=cfg.checkpointing_monitor,
+            load_best_on_end=cfg.load_best_on_end,
+        )
+        cbs.append(best)
+    resume_dir = run_dir / "checkpoints"
+    if cfg.save_resume_checkpoint:
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=resume_dir,
+                save_last=True,
+                save_top_k=0,
+                save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
+        )
+
+    trainer_kwargs = dict(cfg.extra_kwargs)
+    if every is None:
+        trainer_kwargs.update(limit_val_batches=0, check_val_every_n_epoch=1)
+    else:
+        trainer_kwargs["check_val_every_n_epoch"] = every
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        deterministic=cfg.deterministic,
+        gradient_clip_val=cfg.gradient_clip_val,
+        callbacks=cbs,
+        logger=False,
+        enable_checkpointing=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+        **trainer_kwargs,
+    )
+
+    result = RunResult(history_rows=plan.history_rows, run_dir=run_dir, trainer=trainer)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    old_level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        with _interrupts_raise(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+            trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except BaseException as exc:
+        plan.restore_last_good_state()
+        result.history_rows = list(plan.history_rows)
+        last = resume_dir / "last.ckpt"
+        result.resume_checkpoint = last if last.exists() else None
+        record(result)
+        _annotate(exc, result, max_epochs)
+        raise
+    finally:
+        lightning_log.setLevel(old_level)
+    result.history_rows = list(plan.history_rows)
+    result.completed = True
+    result.train_idx = datamodule.train_idx
+    result.val_idx = datamodule.val_idx
+    result.test_idx = datamodule.test_idx
+    last = resume_dir / "last.ckpt"
+    result.resume_checkpoint = last if last.exists() else None
+    result.early_stopping = early.report() if early is not None else None
+    result.best_checkpoint = best.best_model_path if best is not None else None
+    record(result)
+    return result
+
+
+def _annotate(exc: BaseException, result: RunResult, max_epochs: int) -> None:
+    n_done = len(result.history_rows)
+    kept = (
+        f"Kept: the weights at the end of epoch {n_done} and the history of the {n_done} "
+        f"finished epoch(s) (model.history; also {result.run_dir / 'history.csv'})."
+        if n_done
+        else "No epoch had finished, so the model keeps its initial weights."
+    )
+    if result.resume_checkpoint is not None:
+        todo = (
+            f"To resume exactly where it stopped: model.train(max_epochs={max_epochs}, "
+            f"ckpt_path='{result.resume_checkpoint}') with the same other arguments."
+        )
+    else:
+        todo = "No resumable checkpoint was written (no epoch finished)."
+    if hasattr(exc, "add_note"):
+        exc.add_note(kept)
+        exc.add_note(todo)
+    exc.cellvi_history = result.history_rows

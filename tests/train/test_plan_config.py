@@ -1,0 +1,78 @@
+"""Training-plan configuration: warm-up schedule, validation of choices, config merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cellvi.module import VAE, VAEConfig
+from cellvi.train import TrainerConfig, TrainingPlan, TrainingPlanConfig, config_to_kwargs
+
+
+def _plan(**cfg):
+    return TrainingPlan(VAE(5, VAEConfig(n_hidden=4, n_latent=2)), TrainingPlanConfig(**cfg))
+
+
+@pytest.mark.parametrize("epoch, expected", [(0, 0.0), (5, 0.5), (9, 0.9), (10, 1.0), (50, 1.0)])
+def test_kl_weight_rises_linearly_over_warmup_epochs(monkeypatch, epoch, expected):
+    plan = _plan(n_epochs_kl_warmup=10)
+    monkeypatch.setattr(TrainingPlan, "current_epoch", property(lambda self: epoch))
+    assert plan.kl_weight == pytest.approx(expected)
+
+
+def test_kl_weight_uses_steps_only_without_epoch_warmup(monkeypatch):
+    plan = _plan(n_epochs_kl_warmup=None, n_steps_kl_warmup=100, min_kl_weight=0.2)
+    monkeypatch.setattr(TrainingPlan, "global_step", property(lambda self: 50))
+    assert plan.kl_weight == pytest.approx(0.6)
+
+
+def test_kl_weight_is_max_without_warmup():
+    assert _plan(n_epochs_kl_warmup=0, max_kl_weight=0.7).kl_weight == pytest.approx(0.7)
+
+
+def test_plan_config_rejects_min_above_max_kl():
+    with pytest.raises(ValueError, match="min_kl_weight=0.9 is larger than max_kl_weight=0.5"):
+        TrainingPlanConfig(min_kl_weight=0.9, max_kl_weight=0.5)
+
+
+def test_plan_config_rejects_unknown_optimizer():
+    with pytest.raises(ValueError, match="optimizer='SGD' is not supported"):
+        TrainingPlanConfig(optimizer="SGD")
+
+
+def test_custom_optimizer_needs_creator():
+    with pytest.raises(ValueError, match="needs optimizer_creator"):
+        TrainingPlanConfig(optimizer="Custom")
+
+
+def test_custom_optimizer_creator_is_used():
+    plan = _plan(optimizer="Custom", optimizer_creator=lambda p: torch.optim.SGD(p, lr=0.5))
+    assert isinstance(plan.configure_optimizers(), torch.optim.SGD)
+
+
+def test_adam_skips_frozen_parameters():
+    plan = _plan()
+    frozen = next(plan.module.parameters())
+    frozen.requires_grad_(False)
+    optimizer = plan.configure_optimizers()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert all(p is not frozen for p in params)
+
+
+def test_reduce_lr_on_plateau_monitors_configured_metric():
+    out = _plan(reduce_lr_on_plateau=True, lr_scheduler_metric="elbo_train").configure_optimizers()
+    assert out["lr_scheduler"]["monitor"] == "elbo_train"
+    assert isinstance(out["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def test_trainer_config_extra_kwargs_lose_to_named_fields():
+    cfg = TrainerConfig(early_stopping=True, extra_kwargs={"early_stopping": False, "foo": 1})
+    kwargs = cfg.to_kwargs()
+    assert kwargs["early_stopping"] is True and kwargs["foo"] == 1
+
+
+def test_config_to_kwargs_accepts_mappings_and_to_kwargs_objects():
+    assert config_to_kwargs({"lr": 0.1}, "plan_config") == {"lr": 0.1}
+    assert config_to_kwargs(TrainingPlanConfig(lr=0.2), "plan_config")["lr"] == 0.2
+    with pytest.raises(TypeError, match="plan_config must be a mapping or an object with"):
+        config_to_kwargs(42, "plan_config")
