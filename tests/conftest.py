@@ -15,3 +15,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent (only present in the development checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging_dir(tmp_path, monkeypatch):
+    """Each test writes its run directories under its own tmp_path."""
+    import cellvi
+
+    with cellvi.settings.override(logging_dir=tmp_path / "cellvi_log", progress_bar_style="none"):
+        yield
+
+
+@pytest.fixture
+def sim_small():
+    """600 cells x 100 genes, 3 types, 2 batches (fixed seed)."""
+    import cellvi
+
+    return cellvi.data.simulate(n_cells=600, n_genes=100, n_batches=2, n_cell_types=3, seed=0)
+
+
+@pytest.fixture
+def sim_tiny():
+    """200 cells x 40 genes, 2 types, 2 batches: API and crash tests."""
+    import cellvi
+
+    return cellvi.data.simulate(
+        n_cells=200, n_genes=40, n_batches=2, n_cell_types=2, n_de_genes_per_type=6, seed=1
+    )

@@ -1,6 +1,6 @@
 """Training: plans, trainer runner, callbacks, progress display, structured configs."""
 
-from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping
+from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
 from ._config import UNSET, TrainerConfig, TrainingPlanConfig, build_dataclass, config_to_kwargs
 from ._plan import TrainingPlan
 from ._progress import EpochProgress
@@ -11,6 +11,7 @@ __all__ = [
     "EpochProgress",
     "HistoryWriter",
     "LoudEarlyStopping",
+    "ResumeCheckpoint",
     "RunResult",
     "TrainerConfig",
     "TrainingInterrupted",

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 
-__all__ = ["HistoryWriter", "LoudEarlyStopping", "BestModelCheckpoint"]
+__all__ = ["HistoryWriter", "LoudEarlyStopping", "BestModelCheckpoint", "ResumeCheckpoint"]
 
 logger = logging.getLogger("cellvi")
 
@@ -168,3 +168,26 @@ class BestModelCheckpoint(ModelCheckpoint):
         """JSON line describing the best checkpoint."""
         score = None if self.best_model_score is None else float(self.best_model_score)
         return json.dumps({"best_model_path": self.best_model_path, "best_model_score": score})
+
+
+class ResumeCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` after every epoch: everything needed to resume exactly.
+
+    The file holds the weights, optimiser and scheduler state, loop counters, the split,
+    callback states, the history so far and the RNG state. It is written to a temporary
+    name and renamed, so a kill during the write leaves the previous checkpoint intact.
+    As a Lightning ``Checkpoint`` it runs after the plan has finalised the epoch's metrics.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.last_path = self.dirpath / "last.ckpt"
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        tmp = self.dirpath / "last.ckpt.tmp"
+        trainer.save_checkpoint(str(tmp))
+        if trainer.is_global_zero:
+            os.replace(tmp, self.last_path)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .._settings import settings
 from ..errors import TrainingError
-from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping
+from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
 from ._config import TrainerConfig
 from ._plan import TrainingPlan
 from ._progress import EpochProgress
@@ -26,6 +25,14 @@ from ._progress import EpochProgress
 __all__ = ["RunResult", "run_training", "TrainingInterrupted", "default_run_dir"]
 
 logger = logging.getLogger("cellvi")
+
+# Lightning's start-up chatter (device availability, tips) is not useful to cellvi users.
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric",
+    "lightning.fabric.utilities.rank_zero",
+)
 
 
 class TrainingInterrupted(TrainingError):
@@ -138,9 +145,11 @@ def run_training(
     cfg = config or TrainerConfig()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(run_dir)
     datamodule.setup("fit")
-    n_val = len(getattr(datamodule, "val_idx", []) or [])
+    val_idx = getattr(datamodule, "val_idx", None)
+    n_val = 0 if val_idx is None else len(val_idx)
     every = _validation_needed(cfg, plan)
     _check_monitors(cfg, plan, n_val, every)
+    plan.module.train()
     plan.n_obs_training = len(datamodule.train_idx)
     plan.n_obs_validation = n_val
 
@@ -172,16 +181,12 @@ def run_training(
         cbs.append(best)
     resume_dir = run_dir / "checkpoints"
     if cfg.save_resume_checkpoint:
-        cbs.append(
-            ModelCheckpoint(
-                dirpath=resume_dir,
-                save_last=True,
-                save_top_k=0,
-                save_on_train_epoch_end=True,
-                enable_version_counter=False,
-            )
-        )
+        cbs.append(ResumeCheckpoint(resume_dir))
 
+    quiet = [logging.getLogger(n) for n in _LIGHTNING_LOGGERS]
+    old_levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.WARNING)
     trainer_kwargs = dict(cfg.extra_kwargs)
     if every is None:
         trainer_kwargs.update(limit_val_batches=0, check_val_every_n_epoch=1)
@@ -208,9 +213,6 @@ def run_training(
     )
 
     result = RunResult(history_rows=plan.history_rows, run_dir=run_dir, trainer=trainer)
-    lightning_log = logging.getLogger("lightning.pytorch")
-    old_level = lightning_log.level
-    lightning_log.setLevel(logging.WARNING)
     try:
         with _interrupts_raise(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -225,7 +227,8 @@ def run_training(
         _annotate(exc, result, max_epochs)
         raise
     finally:
-        lightning_log.setLevel(old_level)
+        for log, level in zip(quiet, old_levels, strict=True):
+            log.setLevel(level)
     result.history_rows = list(plan.history_rows)
     result.completed = True
     result.train_idx = datamodule.train_idx

@@ -1,0 +1,51 @@
+"""Latent representations."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._batches import eval_mode, inference_batches
+
+__all__ = ["get_latent_representation"]
+
+
+def get_latent_representation(
+    model,
+    adata=None,
+    indices=None,
+    give_mean: bool = True,
+    mc_samples: int = 5000,
+    batch_size: int | None = None,
+    return_dist: bool = False,
+):
+    """Posterior of ``z`` per cell (``analysis.md`` §2).
+
+    Returns an array ``(n_cells, n_latent)``: the posterior mean (for a logistic-normal latent,
+    the mean of the softmax over ``mc_samples`` draws), or one draw when ``give_mean=False``;
+    with ``return_dist=True`` a tuple ``(means, variances)`` of the Gaussian.
+    """
+    module = model.module
+    means, variances, out = [], [], []
+    ln = module.config.latent_distribution == "ln"
+    with eval_mode(module):
+        for batch in inference_batches(model, adata, indices, batch_size):
+            inf = module.inference(batch)
+            qz_m, qz_v = inf["qz_m"], inf["qz_v"]
+            if return_dist:
+                means.append(qz_m.cpu())
+                variances.append(qz_v.cpu())
+                continue
+            if give_mean:
+                if ln:
+                    draws = qz_m + qz_v.sqrt() * torch.randn(
+                        mc_samples, *qz_m.shape, device=qz_m.device
+                    )
+                    out.append(torch.softmax(draws, dim=-1).mean(0).cpu())
+                else:
+                    out.append(qz_m.cpu())
+            else:
+                out.append(inf["z"].cpu())
+    if return_dist:
+        return torch.cat(means).numpy(), torch.cat(variances).numpy()
+    return torch.cat(out).numpy() if out else np.zeros((0, module.config.n_latent), np.float32)

@@ -1,0 +1,42 @@
+"""Data registration: fields, the AnnData manager, input checks.
+
+``simulate`` and ``synthetic_iid`` (from :mod:`cellvi.simulate`) are also available here.
+"""
+
+from ._checks import check_count_matrix, check_var_names
+from ._fields import (
+    BaseField,
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LabelsWithUnlabeledObsField,
+    LayerField,
+    NumericalJointObsField,
+    NumericalObsField,
+    ObsmField,
+)
+from ._manager import AnnDataManager, SummaryStats
+
+__all__ = [
+    "AnnDataManager",
+    "BaseField",
+    "CategoricalJointObsField",
+    "CategoricalObsField",
+    "LabelsWithUnlabeledObsField",
+    "LayerField",
+    "NumericalJointObsField",
+    "NumericalObsField",
+    "ObsmField",
+    "SummaryStats",
+    "check_count_matrix",
+    "check_var_names",
+    "simulate",
+    "synthetic_iid",
+]
+
+
+def __getattr__(name: str):
+    if name in ("simulate", "synthetic_iid"):
+        from .. import simulate as _simulate
+
+        return getattr(_simulate, name)
+    raise AttributeError(f"module 'cellvi.data' has no attribute {name!r}")

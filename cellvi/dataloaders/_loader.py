@@ -1,0 +1,68 @@
+"""Data loaders: one dataset call per minibatch, no per-cell Python work."""
+
+from __future__ import annotations
+
+import torch
+
+from .._settings import settings
+from ._samplers import BatchIndexSampler
+from ._tensors import TensorStore
+
+__all__ = ["make_dataloader", "StoreDataset"]
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """A dataset whose items are whole minibatches: ``dataset[idx_tensor]`` → dict."""
+
+    def __init__(self, store: TensorStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return self.store.n_obs
+
+    def __getitem__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.store.gather(idx)
+
+
+def make_dataloader(
+    store: TensorStore,
+    indices,
+    batch_size: int,
+    shuffle: bool,
+    *,
+    drop_last: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_dataset_tail: bool = False,
+    num_workers: int | None = None,
+    persistent_workers: bool | None = None,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` yielding minibatch dicts gathered from ``store``.
+
+    Torch's automatic batching is off: the sampler yields index batches and the dataset
+    gathers each in one vectorised call.
+    """
+    sampler = BatchIndexSampler(
+        indices,
+        batch_size,
+        shuffle,
+        drop_last=drop_last,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_dataset_tail=drop_dataset_tail,
+    )
+    workers = settings.dl_num_workers if num_workers is None else num_workers
+    persistent = (
+        settings.dl_persistent_workers if persistent_workers is None else persistent_workers
+    )
+    return torch.utils.data.DataLoader(
+        StoreDataset(store),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=persistent and workers > 0,
+        pin_memory=pin_memory,
+    )

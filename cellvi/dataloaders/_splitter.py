@@ -1,0 +1,242 @@
+"""Train/validation/test splitting as a Lightning data module (``data.md`` §2)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from .._settings import settings
+from ..errors import InvalidDataError, TrainingWarning
+from ._loader import make_dataloader
+from ._tensors import TensorStore
+
+__all__ = ["DataSplitter", "split_sizes"]
+
+
+def split_sizes(n_obs: int, train_size: float, validation_size: float | None) -> tuple[int, int]:
+    """``(n_train, n_val)``: ``ceil(train_size * n)``; validation ``floor`` or the rest."""
+    if not 0 < train_size <= 1:
+        raise ValueError(f"train_size={train_size} must be in (0, 1].")
+    n_train = math.ceil(train_size * n_obs)
+    if validation_size is None:
+        n_val = n_obs - n_train
+    else:
+        if not 0 <= validation_size < 1:
+            raise ValueError(f"validation_size={validation_size} must be in [0, 1).")
+        if train_size + validation_size > 1:
+            raise ValueError(
+                f"train_size + validation_size = {train_size + validation_size:.3g} exceeds 1."
+            )
+        n_val = math.floor(validation_size * n_obs)
+    return n_train, n_val
+
+
+class DataSplitter(pl.LightningDataModule):
+    """Split cells into train/validation/test sets and serve fast loaders for each.
+
+    Parameters
+    ----------
+    manager
+        The data manager (anything with ``data_registry``/``get_from_registry``).
+    train_size
+        Fraction of training cells (default 0.9).
+    validation_size
+        Fraction of validation cells (default: all the rest).
+    shuffle_set_split
+        Permute cells before splitting (seeded).
+    batch_size
+        Minibatch size (default ``settings.batch_size``).
+    drop_last
+        Drop a short final training batch.
+    seed
+        Split and shuffle seed (default ``settings.seed``, i.e. 0: reproducible).
+    external_indexing
+        ``[train, validation, test]`` position arrays replacing the random split.
+    distributed_sampler
+        Shard training batches across DDP ranks.
+    drop_dataset_tail
+        With ``distributed_sampler``: drop instead of repeat the uneven tail.
+    num_workers, pin_memory
+        Loader settings.
+    store
+        A prebuilt :class:`TensorStore` (else built once from the manager).
+    """
+
+    def __init__(
+        self,
+        manager,
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        seed: int | None = None,
+        external_indexing: list | None = None,
+        distributed_sampler: bool = False,
+        drop_dataset_tail: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool = False,
+        store: TensorStore | None = None,
+    ):
+        super().__init__()
+        self.manager = manager
+        self.train_size_is_default = train_size is None or train_size == 0
+        self.train_size = 0.9 if self.train_size_is_default else float(train_size)
+        self.validation_size = validation_size
+        self.shuffle_set_split = shuffle_set_split
+        self.batch_size = batch_size or settings.batch_size
+        self.drop_last = drop_last
+        self.split_seed = settings.seed if seed is None else seed
+        if self.split_seed is None:
+            self.split_seed = int(np.random.SeedSequence().entropy % (2**31))
+        self.external_indexing = external_indexing
+        self.distributed_sampler = distributed_sampler
+        self.drop_dataset_tail = drop_dataset_tail
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._store = store
+        self.n_obs = int(manager.summary_stats["n_cells"])
+        self.train_idx = self.val_idx = self.test_idx = None
+        if external_indexing is None:
+            self.n_train, self.n_val = split_sizes(self.n_obs, self.train_size, validation_size)
+            self._apply_last_batch_rule()
+
+    def _apply_last_batch_rule(self) -> None:
+        if self.n_train < 2:
+            raise InvalidDataError(
+                f"Only {self.n_train} training cell(s) out of {self.n_obs}; training needs at "
+                "least 2. Use more cells or a larger train_size."
+            )
+        r = self.n_train % self.batch_size
+        if self.drop_last or r not in (1, 2):
+            return
+        if not self.train_size_is_default:
+            warnings.warn(
+                f"The last training minibatch has {r} cell(s) (n_train={self.n_train}, "
+                f"batch_size={self.batch_size}); cellvi merges a 1-cell batch into the previous "
+                "one. Adjust train_size or batch_size to avoid tiny batches.",
+                TrainingWarning,
+                stacklevel=4,
+            )
+            return
+        self.n_train -= r
+        self.n_val += r
+        warnings.warn(
+            f"Moved {r} cell(s) from training to validation so the last training minibatch is "
+            f"not tiny (n_train={self.n_train}, batch_size={self.batch_size}).",
+            TrainingWarning,
+            stacklevel=4,
+        )
+
+    # ----------------------------------------------------------------- split
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_idx is not None:
+            return
+        if self.external_indexing is not None:
+            self.train_idx, self.val_idx, self.test_idx = self._check_external()
+            return
+        order = np.arange(self.n_obs, dtype=np.int64)
+        if self.shuffle_set_split:
+            order = np.random.RandomState(self.split_seed).permutation(self.n_obs)
+        self.val_idx = order[: self.n_val].astype(np.int64)
+        self.train_idx = order[self.n_val : self.n_val + self.n_train].astype(np.int64)
+        self.test_idx = order[self.n_val + self.n_train :].astype(np.int64)
+
+    def _check_external(self):
+        sets = list(self.external_indexing)
+        if not isinstance(self.external_indexing, list | tuple) or not 1 <= len(sets) <= 3:
+            raise ValueError("external_indexing must be a list [train, validation, test].")
+        sets += [np.array([], dtype=np.int64)] * (3 - len(sets))
+        arrays = [np.asarray(s if s is not None else [], dtype=np.int64).ravel() for s in sets]
+        names = ("train", "validation", "test")
+        for name, arr in zip(names, arrays, strict=True):
+            if len(np.unique(arr)) != len(arr):
+                raise ValueError(f"external_indexing: the {name} set has duplicated indices.")
+            if arr.size and (arr.min() < 0 or arr.max() >= self.n_obs):
+                raise ValueError(f"external_indexing: {name} indices outside [0, {self.n_obs}).")
+        for i in range(3):
+            for j in range(i + 1, 3):
+                if np.intersect1d(arrays[i], arrays[j]).size:
+                    raise ValueError(
+                        f"external_indexing: the {names[i]} and {names[j]} sets overlap."
+                    )
+        covered = sum(a.size for a in arrays)
+        if covered != self.n_obs:
+            raise ValueError(
+                f"external_indexing covers {covered} of {self.n_obs} cells; every cell must be "
+                "in exactly one set."
+            )
+        if arrays[0].size < 2:
+            raise InvalidDataError("external_indexing: the training set needs at least 2 cells.")
+        r = arrays[0].size % self.batch_size
+        if r in (1, 2) and not self.drop_last:
+            warnings.warn(
+                f"The last training minibatch has {r} cell(s); consider another batch_size.",
+                TrainingWarning,
+                stacklevel=4,
+            )
+        return arrays
+
+    # --------------------------------------------------------------- loaders
+    @property
+    def store(self) -> TensorStore:
+        if self._store is None:
+            self._store = TensorStore.from_manager(self.manager)
+        return self._store
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.distributed_sampler and self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def _loader(self, indices, shuffle: bool, train: bool):
+        rank, world = self._rank_world() if train else (0, 1)
+        return make_dataloader(
+            self.store,
+            indices,
+            self.batch_size,
+            shuffle,
+            drop_last=self.drop_last if train else False,
+            seed=self.split_seed,
+            rank=rank,
+            world_size=world,
+            drop_dataset_tail=self.drop_dataset_tail,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_idx, shuffle=True, train=True)
+
+    def val_dataloader(self):
+        if self.val_idx is None or len(self.val_idx) == 0:
+            return []
+        return self._loader(self.val_idx, shuffle=False, train=False)
+
+    def test_dataloader(self):
+        if self.test_idx is None or len(self.test_idx) == 0:
+            return []
+        return self._loader(self.test_idx, shuffle=False, train=False)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Split indices and seed (tensors, so checkpoints load with ``weights_only``)."""
+        if self.train_idx is None:
+            return {}
+        return {
+            "split_seed": int(self.split_seed),
+            "train_idx": torch.as_tensor(self.train_idx),
+            "val_idx": torch.as_tensor(self.val_idx),
+            "test_idx": torch.as_tensor(self.test_idx),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.split_seed = int(state["split_seed"])
+        self.train_idx = state["train_idx"].numpy().astype(np.int64)
+        self.val_idx = state["val_idx"].numpy().astype(np.int64)
+        self.test_idx = state["test_idx"].numpy().astype(np.int64)

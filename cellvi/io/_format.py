@@ -1,0 +1,109 @@
+"""The cellvi model file: ``{prefix}model.pt`` with tensors and plain data, no pickle."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import CellviWarning, ModelFileError
+from ._atomic import atomic_directory
+
+__all__ = ["FORMAT_VERSION", "write_model_dir", "read_model_file"]
+
+FORMAT_VERSION = "1.0"
+
+
+def write_model_dir(
+    dir_path,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    var_names: list[str] | None,
+    attr_dict: dict,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, Callable[[Path], None]] | None = None,
+) -> Path:
+    """Write a model directory atomically.
+
+    Parameters
+    ----------
+    dir_path
+        Target directory.
+    state_dict
+        Module weights (moved to CPU).
+    var_names
+        Feature names.
+    attr_dict
+        Plain (JSON-like) model attributes, e.g. from :func:`~cellvi.io.to_plain`.
+    prefix
+        Prepended to file names.
+    overwrite
+        Replace an existing directory (all its old files go).
+    extra_files
+        ``{file name: writer(path)}`` for further files (e.g. ``adata.h5ad``).
+    """
+    from .. import __version__
+
+    content = {
+        "model_state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "var_names": [str(v) for v in (var_names or [])],
+        "attr_dict": attr_dict,
+        "format_version": FORMAT_VERSION,
+        "cellvi_version": __version__,
+    }
+    with atomic_directory(dir_path, overwrite) as tmp:
+        torch.save(content, tmp / f"{prefix or ''}model.pt")
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+    return Path(dir_path)
+
+
+def read_model_file(
+    dir_path, prefix: str | None = None, map_location="cpu", allow_pickle: bool = False
+) -> dict:
+    """Read ``{prefix}model.pt`` without executing code.
+
+    Raises
+    ------
+    ModelFileError
+        Missing, corrupt, pickled (unless ``allow_pickle``) or of an unknown major version.
+    """
+    path = Path(dir_path) / f"{prefix or ''}model.pt"
+    if not path.is_file():
+        contents = (
+            sorted(p.name for p in Path(dir_path).iterdir()) if Path(dir_path).is_dir() else None
+        )
+        where = (
+            f"the directory contains {contents}" if contents is not None else "no such directory"
+        )
+        raise ModelFileError(f"No model file at {path} ({where}). Is prefix= right?")
+    if allow_pickle:
+        warnings.warn(
+            f"Reading {path} with allow_pickle=True: a pickled file can run arbitrary code. Do "
+            "this only for files you trust.",
+            CellviWarning,
+            stacklevel=2,
+        )
+    try:
+        content = torch.load(path, map_location=map_location, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        raise ModelFileError(
+            f"{path} contains Python objects that cellvi refuses to execute: it is not a cellvi "
+            "model file, or it may be malicious. Only if you trust its source, pass "
+            f"allow_pickle=True. ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ModelFileError(f"{path} is corrupt or truncated: {err}") from err
+    if not isinstance(content, dict) or "model_state_dict" not in content:
+        raise ModelFileError(f"{path} is not a cellvi model file (no model_state_dict).")
+    version = str(content.get("format_version", "0.0"))
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise ModelFileError(
+            f"{path} has format version {version}; this cellvi reads {FORMAT_VERSION}. Upgrade "
+            "cellvi (pip install -U cellvi) to read newer files."
+        )
+    return content

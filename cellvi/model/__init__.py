@@ -1,0 +1,5 @@
+"""User-facing models (thin classes over data managers, modules and training plans)."""
+
+from ._scvi import SCVI
+
+__all__ = ["SCVI"]

@@ -1,0 +1,322 @@
+"""The one base class of user-facing models: data bookkeeping, device, history, training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._settings import settings
+from ..data import AnnDataManager
+from ..errors import SetupError
+from ._registry import ManagerStore
+
+__all__ = ["BaseModel", "history_from_rows", "append_history"]
+
+logger = logging.getLogger("cellvi")
+
+
+def history_from_rows(rows: Sequence[dict], *, first_epoch: int = 0) -> dict[str, pd.DataFrame]:
+    """Per-metric DataFrames (index ``epoch``) from per-epoch rows."""
+    out: dict[str, pd.DataFrame] = {}
+    names = sorted({k for r in rows for k in r} - {"epoch"})
+    for name in names:
+        epochs = [first_epoch + r["epoch"] for r in rows if name in r]
+        values = [r[name] for r in rows if name in r]
+        frame = pd.DataFrame({name: values}, index=pd.Index(epochs, name="epoch"))
+        out[name] = frame
+    return out
+
+
+def append_history(
+    old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]
+) -> dict[str, pd.DataFrame]:
+    """Concatenate a later run's history after an earlier one; metrics new in either are kept."""
+    if not old:
+        return new
+    offset = 1 + max(int(df.index.max()) for df in old.values() if len(df))
+    merged = dict(old)
+    for name, frame in new.items():
+        shifted = frame.copy()
+        shifted.index = pd.Index(shifted.index + offset, name="epoch")
+        merged[name] = pd.concat([old[name], shifted]) if name in old else shifted
+    return merged
+
+
+class BaseModel:
+    """Shared machinery of cellvi models; subclasses add ``setup_anndata`` and the module.
+
+    Subclasses define ``_module_from_manager`` (or ``_module_from_summary``) and the
+    fields of their setup. Learned state ends in ``_`` and is set only by training or
+    loading.
+    """
+
+    _store: ClassVar[ManagerStore]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._store = ManagerStore(cls.__name__)
+
+    def __init__(self, adata=None, *, registry: dict | None = None):
+        self.adata = adata
+        self.adata_manager: AnnDataManager | None = None
+        if adata is not None:
+            self.adata_manager = self._store.get(adata)
+            self.registry_ = self.adata_manager.registry
+        elif registry is not None:
+            self.registry_ = registry
+        else:
+            raise SetupError(
+                f"{type(self).__name__} needs an AnnData set up with "
+                f"{type(self).__name__}.setup_anndata, or registry= from a data module."
+            )
+        self.is_trained_ = False
+        self.history_: dict[str, pd.DataFrame] = {}
+        self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
+        self.run_dir_: str | None = None
+        self._history_before_failed_run: dict | None = None
+        self.module: torch.nn.Module | None = None
+
+    # ----------------------------------------------------------------- setup
+    @classmethod
+    def _register_manager(cls, manager: AnnDataManager) -> None:
+        cls._store.add(manager)
+
+    @property
+    def summary_stats(self) -> dict:
+        """Counts describing the registered data (``n_cells``, ``n_vars``, ``n_batch`` ...)."""
+        regs = self.registry_["field_registries"]
+        out: dict[str, Any] = {}
+        for field in regs.values():
+            out.update(field.get("summary_stats", {}))
+        return out
+
+    @property
+    def registry(self) -> dict:
+        """The data registry the model was built with (plain, JSON-like)."""
+        return self.registry_
+
+    def get_state_registry(self, key: str) -> dict:
+        """State of one registered field (categories, column names, ...)."""
+        return self.registry_["field_registries"][key]["state_registry"]
+
+    def get_setup_arg(self, name: str):
+        """One argument of the setup call, as the user passed it."""
+        return self.registry_["setup_args"][name]
+
+    def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
+        """Print how ``adata`` (default: the model's AnnData) is registered."""
+        manager = self.adata_manager if adata is None else self._manager_for(adata)
+        if manager is None:
+            raise SetupError("This model has no AnnData; pass adata= to view its setup.")
+        manager.view_registry(hide_state_registries=hide_state_registries)
+
+    def _manager_for(self, adata) -> AnnDataManager:
+        """The manager of ``adata`` for this model, transferring the setup when needed."""
+        if adata is None or adata is self.adata:
+            if self.adata_manager is None:
+                raise SetupError("This model has no AnnData; pass adata=.")
+            self.adata_manager.validate()
+            return self.adata_manager
+        manager = self._store.get(adata, required=False)
+        if manager is None or manager.registry["setup_args"] != self.registry_["setup_args"]:
+            manager = self._transfer_setup(adata)
+        return manager
+
+    def _transfer_setup(self, adata, **kwargs) -> AnnDataManager:
+        if adata.is_view:
+            raise SetupError(
+                "The AnnData is a view; pass a copy (adata[idx].copy()) so cellvi can add its "
+                "columns without modifying the parent object."
+            )
+        if self.adata_manager is not None:
+            manager = self.adata_manager.transfer_fields(adata, **kwargs)
+        else:
+            manager = self._build_manager(self.registry_["setup_args"])
+            manager.register_fields(adata, source_registry=self.registry_, **kwargs)
+        self._register_manager(manager)
+        return manager
+
+    @classmethod
+    def _build_manager(cls, setup_args: dict) -> AnnDataManager:
+        raise NotImplementedError
+
+    def _tensor_store(self, manager: AnnDataManager):
+        """The registered arrays of ``manager`` as contiguous tensors (built once per manager)."""
+        from ..dataloaders import TensorStore
+
+        cached = getattr(self, "_store_cache", None)
+        if cached is not None and cached[0] is manager:
+            return cached[1]
+        store = TensorStore.from_manager(manager)
+        self._store_cache = (manager, store)
+        return store
+
+    # ---------------------------------------------------------------- device
+    @property
+    def device(self) -> torch.device:
+        """Device of the module's parameters."""
+        return next(self.module.parameters()).device
+
+    def to_device(self, device: str | torch.device) -> None:
+        """Move the module to ``device`` (e.g. ``"cpu"``, ``"cuda:0"``)."""
+        self.module.to(torch.device(device))
+
+    # ------------------------------------------------------------ save/load
+    def save(
+        self,
+        dir_path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        anndata_write_kwargs: dict | None = None,
+    ):
+        """Save the model as a directory (``model.pt`` plus optionally ``adata.h5ad``).
+
+        The file holds tensors and JSON-like data only and is read back without executing
+        code. The directory is written to a temporary sibling first and swapped in, so an
+        interrupted save never leaves a half-written model.
+
+        Parameters
+        ----------
+        dir_path
+            Target directory.
+        prefix
+            Prepended to file names (``"ref_"`` → ``ref_model.pt``).
+        overwrite
+            Replace an existing directory (its stale files do not survive).
+        save_anndata
+            Also write the model's AnnData.
+        anndata_write_kwargs
+            Passed to ``AnnData.write_h5ad``.
+        """
+        from ._save_load import save_model
+
+        return save_model(
+            self,
+            dir_path,
+            prefix=prefix,
+            overwrite=overwrite,
+            save_anndata=save_anndata,
+            anndata_write_kwargs=anndata_write_kwargs,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path,
+        adata=None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        check_var_names: str = "error",
+        allow_pickle: bool = False,
+    ):
+        """Load a saved model; ``adata`` is validated against the saved setup.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            Data to attach (None: the saved ``adata.h5ad`` if any, else registry only).
+        accelerator, device
+            Where to put the weights (one device).
+        prefix
+            File-name prefix used at save time.
+        check_var_names
+            ``"error"`` (default) or ``"warn"`` when gene names/order differ.
+        allow_pickle
+            Read files that contain pickled Python objects (unsafe; only for files you
+            trust).
+        """
+        from ._save_load import load_model
+
+        return load_model(
+            cls,
+            dir_path,
+            adata,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            check_var_names=check_var_names,
+            allow_pickle=allow_pickle,
+        )
+
+    @classmethod
+    def load_registry(cls, dir_path, prefix: str | None = None) -> dict:
+        """The data registry of a saved model, without building it."""
+        from ._save_load import load_registry
+
+        return load_registry(dir_path, prefix)
+
+    def _load_weights_from(self, dir_path) -> None:
+        """Load the weights of a saved model directory into this model's module."""
+        from ..io import read_model_file
+
+        content = read_model_file(dir_path)
+        self.module.load_state_dict(content["model_state_dict"])
+
+    # --------------------------------------------------------------- history
+    @property
+    def is_trained(self) -> bool:
+        """Whether ``train`` finished at least once (or a trained model was loaded)."""
+        return self.is_trained_
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch metrics: ``{name: DataFrame}`` indexed by ``epoch``."""
+        return self.history_
+
+    @property
+    def train_indices(self) -> np.ndarray | None:
+        """Positions of the training cells of the last run."""
+        return self.train_indices_
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        """Positions of the validation cells of the last run."""
+        return self.validation_indices_
+
+    @property
+    def test_indices(self) -> np.ndarray | None:
+        """Positions of the test cells of the last run."""
+        return self.test_indices_
+
+    def _record_run(self, result, *, resumed: bool) -> None:
+        """Fold a run's outcome into the model (called on success and on failure)."""
+        if resumed and self._history_before_failed_run is not None:
+            base = self._history_before_failed_run
+        else:
+            base = self.history_
+        new = history_from_rows(result.history_rows)
+        self.history_ = append_history(base, new)
+        self.run_dir_ = str(result.run_dir)
+        if result.completed:
+            self._history_before_failed_run = None
+            self.train_indices_ = np.asarray(result.train_idx)
+            self.validation_indices_ = np.asarray(result.val_idx)
+            self.test_indices_ = np.asarray(result.test_idx)
+            self.is_trained_ = True
+            self.trainer = result.trainer
+        else:
+            self._history_before_failed_run = base
+        self.module.eval()
+
+    def __repr__(self) -> str:
+        stats = self.summary_stats
+        return (
+            f"{type(self).__name__} on {stats.get('n_cells', '?')} cells x "
+            f"{stats.get('n_vars', '?')} genes, {stats.get('n_batch', 1)} batch(es); "
+            f"trained: {self.is_trained_}"
+        )
+
+
+def seed_torch(offset: int = 0) -> None:
+    """Seed torch's global generator from ``settings.seed`` (no-op when it is None)."""
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed + offset)

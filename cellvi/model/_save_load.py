@@ -1,0 +1,163 @@
+"""Save and load models as versioned, pickle-free directories (``persistence.md``)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CellviWarning, ModelFileError
+from ..io import from_plain, read_model_file, to_plain, write_model_dir
+
+__all__ = ["save_model", "load_model", "load_registry", "resolve_device"]
+
+logger = logging.getLogger("cellvi")
+
+# attributes saved with every model (learned state ends in "_")
+_SAVED_ATTRS = (
+    "registry_",
+    "init_params_",
+    "is_trained_",
+    "history_",
+    "train_indices_",
+    "validation_indices_",
+    "test_indices_",
+    "run_dir_",
+)
+
+
+def resolve_device(accelerator: str = "auto", device: int | str = "auto") -> torch.device:
+    """One torch device from Lightning-style ``accelerator``/``device`` (single device only)."""
+    if (
+        isinstance(device, list | tuple)
+        or device == -1
+        or (isinstance(device, str) and ("," in device or device == "-1"))
+    ):
+        raise ValueError(
+            f"device={device!r}: loading needs a single device, e.g. device=0 or 'cpu'."
+        )
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"accelerator={accelerator!r} but no CUDA device is available.")
+        index = 0 if device == "auto" else int(device)
+        return torch.device(f"cuda:{index}")
+    if accelerator == "mps":
+        return torch.device("mps")
+    raise ValueError(f"accelerator={accelerator!r}: use 'auto', 'cpu', 'gpu' or 'mps'.")
+
+
+def save_model(
+    model,
+    dir_path: str | Path,
+    *,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    save_anndata: bool = False,
+    anndata_write_kwargs: dict | None = None,
+) -> Path:
+    """Write ``model`` to ``dir_path`` atomically (see :meth:`BaseModel.save`)."""
+    attrs = {name: getattr(model, name, None) for name in _SAVED_ATTRS}
+    attrs["model_class"] = type(model).__name__
+    extra = {}
+    if save_anndata:
+        if model.adata is None:
+            warnings.warn(
+                "save_anndata=True but the model has no AnnData; only the model is saved.",
+                CellviWarning,
+                stacklevel=3,
+            )
+        else:
+            adata = model.adata
+            kwargs = dict(anndata_write_kwargs or {})
+            extra[f"{prefix or ''}adata.h5ad"] = lambda path: adata.write_h5ad(path, **kwargs)
+    var_names = model.registry_["field_registries"]["X"]["state_registry"]["column_names"]
+    state = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
+    return write_model_dir(
+        dir_path,
+        state_dict=state,
+        var_names=list(var_names),
+        attr_dict=to_plain(attrs),
+        prefix=prefix,
+        overwrite=overwrite,
+        extra_files=extra or None,
+    )
+
+
+def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
+    """The data registry of a saved model, without building the model."""
+    content = read_model_file(dir_path, prefix=prefix)
+    return from_plain(content["attr_dict"])["registry_"]
+
+
+def load_model(
+    cls,
+    dir_path: str | Path,
+    adata=None,
+    *,
+    accelerator: str = "auto",
+    device: int | str = "auto",
+    prefix: str | None = None,
+    check_var_names: str = "error",
+    allow_pickle: bool = False,
+):
+    """Rebuild a model of class ``cls`` from ``dir_path`` (see :meth:`BaseModel.load`)."""
+    torch_device = resolve_device(accelerator, device)
+    content = read_model_file(dir_path, prefix=prefix, allow_pickle=allow_pickle)
+    attrs = from_plain(content["attr_dict"])
+    registry = attrs["registry_"]
+    saved_class = registry.get("model_name", attrs.get("model_class"))
+    if saved_class != cls.__name__:
+        raise ModelFileError(
+            f"{dir_path} holds a {saved_class} model; load it with "
+            f"cellvi.model.{saved_class}.load, not {cls.__name__}.load."
+        )
+    if adata is None:
+        path = Path(dir_path) / f"{prefix or ''}adata.h5ad"
+        if path.exists():
+            import anndata
+
+            adata = anndata.read_h5ad(path)
+        else:
+            warnings.warn(
+                f"No AnnData given and none saved in {dir_path}: the model is loaded without "
+                "data. Pass adata= to compute outputs.",
+                CellviWarning,
+                stacklevel=3,
+            )
+            adata = False
+    if adata is not False:
+        manager = cls._build_manager(registry["setup_args"])
+        manager.register_fields(adata, source_registry=registry, check_var_names=check_var_names)
+        cls._register_manager(manager)
+    init = attrs["init_params_"]
+    model = cls(
+        adata if adata is not False else None,
+        registry=None if adata is not False else registry,
+        **init["non_kwargs"],
+        **init.get("kwargs", {}),
+    )
+    for name in _SAVED_ATTRS:
+        if name in attrs and name not in ("registry_", "init_params_"):
+            value = attrs[name]
+            if name.endswith("indices_") and value is not None:
+                value = np.asarray(value, dtype=np.int64)
+            setattr(model, name, value)
+    model.registry_ = registry if adata is False else model.registry_
+    state = {k: v for k, v in content["model_state_dict"].items()}
+    try:
+        model.module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(
+            f"The weights in {dir_path} do not fit the {cls.__name__} architecture stored with "
+            f"them: {err}"
+        ) from err
+    model.module.to(torch_device)
+    model.module.eval()
+    return model

@@ -1,0 +1,298 @@
+"""SCVI: the user-facing single-cell variational autoencoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import analysis
+from .._constants import REGISTRY_KEYS
+from ..data import (
+    AnnDataManager,
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+    NumericalObsField,
+)
+from ..module import VAE, VAEConfig
+from ..train import UNSET
+from ._base import BaseModel, seed_torch
+from ._training import train_unsupervised
+
+__all__ = ["SCVI"]
+
+_K = REGISTRY_KEYS
+
+
+class SCVI(BaseModel):
+    """Single-cell variational inference (Lopez et al. 2018) for UMI counts.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`SCVI.setup_anndata`.
+    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
+    latent_distribution, use_observed_lib_size, log_variational, encode_covariates,
+    deeply_inject_covariates, batch_representation, use_batch_norm, use_layer_norm
+        Architecture; see :class:`~cellvi.module.VAEConfig` for meanings and defaults.
+    registry
+        A data registry (from a data module or a saved model) when ``adata`` is None.
+
+    Examples
+    --------
+    >>> import cellvi
+    >>> adata = cellvi.data.simulate(n_cells=200, n_genes=50, seed=0)
+    >>> cellvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    >>> model = cellvi.model.SCVI(adata, n_latent=5)
+    >>> model.summary_stats["n_batch"]
+    2
+    """
+
+    def __init__(
+        self,
+        adata=None,
+        *,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        latent_distribution: str = "normal",
+        use_observed_lib_size: bool = True,
+        log_variational: bool = True,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        batch_representation: str = "one-hot",
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+        registry: dict | None = None,
+    ):
+        super().__init__(adata, registry=registry)
+        self.config_ = VAEConfig(
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution,
+            use_observed_lib_size=use_observed_lib_size,
+            log_variational=log_variational,
+            encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            batch_representation=batch_representation,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+        )
+        self.init_params_ = {"non_kwargs": self.config_.to_dict(), "kwargs": {}}
+        self.module = self._build_module()
+
+    def _build_module(self) -> VAE:
+        stats = self.summary_stats
+        n_batch = stats.get("n_batch", 1)
+        library_means = library_vars = None
+        if not self.config_.use_observed_lib_size:
+            library_means, library_vars = self._library_priors(n_batch)
+        cat_state = self.registry_["field_registries"].get(_K.CAT_COVS_KEY, {})
+        n_cats = cat_state.get("state_registry", {}).get("n_cats_per_key", [])
+        seed_torch()
+        return VAE(
+            stats["n_vars"],
+            self.config_,
+            n_batch=n_batch,
+            n_labels=stats.get("n_labels", 1),
+            n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
+            n_cats_per_cov=list(n_cats),
+            library_log_means=library_means,
+            library_log_vars=library_vars,
+            use_size_factor_key=_K.SIZE_FACTOR_KEY in self._data_keys(),
+        )
+
+    def _data_keys(self) -> set[str]:
+        regs = self.registry_["field_registries"]
+        return {k for k, v in regs.items() if v.get("data_registry")}
+
+    def _library_priors(self, n_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the log library size per batch (empty batch → 0, 1)."""
+        if self.adata_manager is None:
+            return torch.zeros(1, n_batch), torch.ones(1, n_batch)
+        x = self.adata_manager.get_from_registry(_K.X_KEY)
+        totals = np.asarray(x.sum(axis=1)).ravel()
+        batch = np.asarray(self.adata_manager.get_from_registry(_K.BATCH_KEY)).ravel()
+        means, variances = np.zeros((1, n_batch)), np.ones((1, n_batch))
+        log_totals = np.log(totals)
+        for b in range(n_batch):
+            values = log_totals[batch == b]
+            if values.size:
+                means[0, b] = values.mean()
+                variances[0, b] = values.var()
+        return torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(
+            variances, dtype=torch.float32
+        )
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def _build_manager(cls, setup_args: dict) -> AnnDataManager:
+        fields = [
+            LayerField(_K.X_KEY, setup_args.get("layer"), is_count_data=True),
+            CategoricalObsField(_K.BATCH_KEY, setup_args.get("batch_key")),
+            CategoricalObsField(_K.LABELS_KEY, setup_args.get("labels_key")),
+            NumericalObsField(_K.SIZE_FACTOR_KEY, setup_args.get("size_factor_key"), positive=True),
+            CategoricalJointObsField(_K.CAT_COVS_KEY, setup_args.get("categorical_covariate_keys")),
+            NumericalJointObsField(_K.CONT_COVS_KEY, setup_args.get("continuous_covariate_keys")),
+        ]
+        return AnnDataManager(
+            fields,
+            {
+                "model_name": cls.__name__,
+                "setup_method_name": "setup_anndata",
+                "setup_args": setup_args,
+            },
+        )
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Register ``adata`` for SCVI (``data.md`` §1).
+
+        Checks the counts over the whole matrix and every covariate before anything trains,
+        writes integer codes into ``adata.obs``/``adata.obsm`` (``_cellvi_*`` keys) and
+        remembers the setup for models built on this object.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts in ``X`` or in ``layers[layer]``.
+        layer
+            Layer holding the counts (None: ``X``).
+        batch_key
+            ``obs`` column with the batch of each cell.
+        labels_key
+            ``obs`` column with cell labels (used by ``dispersion="gene-label"``).
+        size_factor_key
+            ``obs`` column with positive size factors replacing the observed library size.
+        categorical_covariate_keys, continuous_covariate_keys
+            Further ``obs`` columns injected as nuisance covariates.
+
+        Raises
+        ------
+        cellvi.errors.MissingKeyError
+            A layer or column does not exist (the message lists what exists).
+        cellvi.errors.InvalidDataError
+            Negative/NaN/inf counts, cells with zero counts, NaN categories, ...
+        """
+        setup_args = {
+            "layer": layer,
+            "batch_key": batch_key,
+            "labels_key": labels_key,
+            "size_factor_key": size_factor_key,
+            "categorical_covariate_keys": categorical_covariate_keys,
+            "continuous_covariate_keys": continuous_covariate_keys,
+        }
+        manager = cls._build_manager(setup_args)
+        manager.register_fields(adata)
+        cls._register_manager(manager)
+
+    # --------------------------------------------------------------- outputs
+    def get_latent_representation(
+        self,
+        adata=None,
+        indices=None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+    ):
+        """Posterior mean (or a draw, or the Gaussian's parameters) of ``z`` per cell.
+
+        See :func:`cellvi.analysis.get_latent_representation`.
+        """
+        return analysis.get_latent_representation(
+            self, adata, indices, give_mean, mc_samples, batch_size, return_dist
+        )
+
+    # ------------------------------------------------------------------ train
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | str | list = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int | None = None,
+        early_stopping: bool = UNSET,
+        check_val_every_n_epoch: int | None = UNSET,
+        datasplitter_kwargs: dict | None = None,
+        plan_config=None,
+        plan_kwargs: dict | None = None,
+        trainer_config=None,
+        callbacks: list | None = None,
+        ckpt_path: str | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train the model (``training.md`` §1).
+
+        Parameters
+        ----------
+        max_epochs
+            Number of epochs; None uses ``min(round(20000 / n_cells * 400), 400)``, never
+            fewer than 10.
+        accelerator, devices
+            Lightning device selection (``"auto"``, ``"cpu"``, ``"gpu"``; counts or lists).
+        train_size, validation_size
+            Split fractions (default 0.9 train, rest validation).
+        shuffle_set_split
+            Shuffle cells before splitting (seeded by ``cellvi.settings.seed``).
+        batch_size
+            Minibatch size (default ``cellvi.settings.batch_size``, 128).
+        early_stopping
+            Stop when ``early_stopping_monitor`` stops improving. Only overrides a
+            ``trainer_config`` value when given.
+        check_val_every_n_epoch
+            Validation frequency (None: never, unless a monitor needs it).
+        datasplitter_kwargs
+            Further :class:`~cellvi.dataloaders.DataSplitter` arguments.
+        plan_config, plan_kwargs
+            :class:`~cellvi.train.TrainingPlanConfig` (or mapping) and overrides
+            (``lr``, ``n_epochs_kl_warmup``, ``reduce_lr_on_plateau``, ...).
+        trainer_config
+            :class:`~cellvi.train.TrainerConfig` (or mapping).
+        callbacks
+            Extra Lightning callbacks.
+        ckpt_path
+            Resume an interrupted run from its ``last.ckpt`` (same ``max_epochs``).
+        **trainer_kwargs
+            Fields of :class:`~cellvi.train.TrainerConfig` (``early_stopping_patience``,
+            ``enable_checkpointing``, ``gradient_clip_val`` ...) or Lightning ``Trainer``
+            arguments; unknown names raise ``TypeError`` listing the valid ones.
+        """
+        train_unsupervised(
+            self,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            datasplitter_kwargs=datasplitter_kwargs,
+            plan_config=plan_config,
+            plan_kwargs=plan_kwargs,
+            trainer_config=trainer_config,
+            callbacks=callbacks,
+            ckpt_path=ckpt_path,
+            trainer_kwargs=trainer_kwargs,
+        )

@@ -1,0 +1,205 @@
+"""``model.train()`` for unsupervised models: resolve configs, split, plan, run."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+
+from .._settings import settings
+from ..dataloaders import DataSplitter
+from ..errors import TrainingWarning
+from ..train import (
+    UNSET,
+    TrainerConfig,
+    TrainingPlan,
+    TrainingPlanConfig,
+    build_dataclass,
+    config_to_kwargs,
+    default_run_dir,
+    run_training,
+)
+from ._base import seed_torch
+
+__all__ = ["default_max_epochs", "resolve_trainer_config", "train_unsupervised"]
+
+logger = logging.getLogger("cellvi")
+
+MIN_DEFAULT_EPOCHS = 10
+
+
+def default_max_epochs(n_obs: int) -> int:
+    """Epoch heuristic ``min(round(20000 / n_obs * 400), 400)``, floored at 10.
+
+    The floor is cellvi's fix of a budget trap: the reference heuristic gives 1 epoch from
+    8M cells on, which silently leaves the model barely trained.
+    """
+    heuristic = min(round(20_000 / max(n_obs, 1) * 400), 400)
+    if heuristic < MIN_DEFAULT_EPOCHS:
+        logger.info(
+            "max_epochs defaults to %d (the cell-count heuristic gives %d for %d cells).",
+            MIN_DEFAULT_EPOCHS,
+            heuristic,
+            n_obs,
+        )
+    return max(heuristic, MIN_DEFAULT_EPOCHS)
+
+
+def _lightning_trainer_args() -> set[str]:
+    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def resolve_trainer_config(
+    trainer_config: Any, explicit: dict[str, Any], trainer_kwargs: dict[str, Any]
+) -> TrainerConfig:
+    """Merge config object < ``trainer_kwargs`` < explicit arguments that were really given."""
+    values = config_to_kwargs(trainer_config, "trainer_config")
+    extra = dict(values.pop("extra_kwargs", {}) or {})
+    fields = set(TrainerConfig.__dataclass_fields__)
+    lightning_args = _lightning_trainer_args()
+    for name, value in trainer_kwargs.items():
+        if name in fields:
+            values[name] = value
+        elif name in lightning_args:
+            extra[name] = value
+        else:
+            import difflib
+
+            valid = sorted(fields | lightning_args)
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"train() got an unknown argument {name!r}.{hint} Valid trainer arguments are "
+                f"cellvi's {sorted(fields)} and Lightning Trainer's arguments."
+            )
+    reserved = {"max_epochs", "accelerator", "devices", "logger", "callbacks"} & set(extra)
+    for name in reserved - {"callbacks"}:
+        extra.pop(name)
+    values.update({k: v for k, v in explicit.items() if v is not UNSET})
+    values["extra_kwargs"] = extra
+    return build_dataclass(TrainerConfig, values, "trainer_config")
+
+
+def _adapt_kl_warmup(
+    plan_values: dict, user_set: bool, max_epochs: int, n_steps_per_epoch: int
+) -> None:
+    """Make sure the KL weight can reach its maximum within the run (or say it won't)."""
+    n_epochs = plan_values.get("n_epochs_kl_warmup", 400)
+    n_steps = plan_values.get("n_steps_kl_warmup")
+    total_steps = max_epochs * n_steps_per_epoch
+    if n_epochs:
+        too_long, unit, total = n_epochs > max_epochs, "epochs", max_epochs
+        length = n_epochs
+    elif n_steps:
+        too_long, unit, total = n_steps > total_steps, "steps", total_steps
+        length = n_steps
+    else:
+        return
+    if not too_long:
+        return
+    if user_set:
+        reached = (
+            plan_values.get("min_kl_weight", 0.0)
+            + (plan_values.get("max_kl_weight", 1.0) - plan_values.get("min_kl_weight", 0.0))
+            * (total - 1)
+            / length
+        )
+        warnings.warn(
+            f"The KL warm-up lasts {length} {unit} but training runs {total} {unit}, so the KL "
+            f"weight only reaches {reached:.3g}. Shorten the warm-up (plan_kwargs="
+            f"{{'n_{unit}_kl_warmup': ...}}) or train longer.",
+            TrainingWarning,
+            stacklevel=4,
+        )
+        return
+    adapted = max(1, math.floor(0.75 * total))
+    plan_values[f"n_{unit}_kl_warmup"] = adapted
+    logger.info(
+        "KL warm-up shortened from %d to %d %s so the KL weight reaches its maximum within "
+        "max_epochs=%d.",
+        length,
+        adapted,
+        unit,
+        max_epochs,
+    )
+
+
+def train_unsupervised(
+    model,
+    *,
+    max_epochs: int | None,
+    accelerator: str,
+    devices,
+    train_size: float | None,
+    validation_size: float | None,
+    shuffle_set_split: bool,
+    batch_size: int | None,
+    early_stopping: Any,
+    check_val_every_n_epoch: Any,
+    datasplitter_kwargs: dict | None,
+    plan_config: Any,
+    plan_kwargs: dict | None,
+    trainer_config: Any,
+    callbacks: list | None,
+    ckpt_path: str | None,
+    trainer_kwargs: dict,
+) -> None:
+    """Train ``model`` (see ``SCVI.train`` for the arguments)."""
+    manager = model.adata_manager
+    n_obs = manager.summary_stats["n_cells"]
+    if max_epochs is None:
+        max_epochs = default_max_epochs(n_obs)
+    elif not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ValueError(f"max_epochs={max_epochs!r} must be a positive integer or None.")
+    batch_size = settings.batch_size if batch_size is None else batch_size
+
+    cfg = resolve_trainer_config(
+        trainer_config,
+        {"early_stopping": early_stopping, "check_val_every_n_epoch": check_val_every_n_epoch},
+        trainer_kwargs,
+    )
+    plan_values = config_to_kwargs(plan_config, "plan_config")
+    plan_values.update(plan_kwargs or {})
+    user_set_warmup = "n_epochs_kl_warmup" in plan_values or "n_steps_kl_warmup" in plan_values
+
+    strategy = cfg.strategy
+    distributed = (isinstance(strategy, str) and "ddp" in strategy) or (
+        not isinstance(strategy, str) and "DDP" in type(strategy).__name__
+    )
+    splitter = DataSplitter(
+        manager,
+        train_size=train_size,
+        validation_size=validation_size,
+        shuffle_set_split=shuffle_set_split,
+        batch_size=batch_size,
+        distributed_sampler=distributed,
+        **(datasplitter_kwargs or {}),
+    )
+    splitter.setup("fit")
+    steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
+    _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch)
+    plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
+    batch_state = model.get_state_registry("batch")
+    plan = TrainingPlan(
+        model.module, plan_cfg, batch_categories=list(batch_state["categorical_mapping"])
+    )
+    if ckpt_path is None:
+        seed_torch()  # dropout and reparameterisation draws (a resume restores its own RNG)
+    run_training(
+        plan,
+        splitter,
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        config=cfg,
+        callbacks=callbacks,
+        ckpt_path=ckpt_path,
+        run_dir=default_run_dir(type(model).__name__),
+        record=lambda result: model._record_run(result, resumed=ckpt_path is not None),
+        save_fn=lambda path: model.save(path, overwrite=True),
+        load_fn=model._load_weights_from,
+    )

@@ -1,0 +1,129 @@
+"""Failures keep work, resume is exact, NaNs are caught at their step, seeds reproduce."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from cellvi.errors import NonFiniteLossError, TrainingError
+from cellvi.model import SCVI
+
+
+def _model(adata):
+    SCVI.setup_anndata(adata, batch_key="batch")
+    return SCVI(adata, n_hidden=16, n_latent=4)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+class _SignalAtEpoch(pl.Callback):
+    def __init__(self, epoch, signum=signal.SIGTERM):
+        self.epoch, self.signum = epoch, signum
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_keeps_finished_epochs_and_names_the_resume_checkpoint(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(TrainingError, match="interrupted by SIGTERM") as info:
+        model.train(max_epochs=5, callbacks=[_SignalAtEpoch(3)])
+    notes = "\n".join(info.value.__notes__)
+    assert "end of epoch 3" in notes and "ckpt_path=" in notes and "last.ckpt" in notes
+    assert list(model.history["elbo_train"].index) == [0, 1, 2]
+    assert not model.is_trained
+    assert len(info.value.cellvi_history) == 3
+
+
+def test_ctrl_c_is_caught_without_exiting_the_process(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(TrainingError, match="interrupted by SIGINT"):
+        model.train(max_epochs=4, callbacks=[_SignalAtEpoch(1, signal.SIGINT)])
+    assert list(model.history["elbo_train"].index) == [0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted_run(sim_tiny):
+    kwargs = {
+        "max_epochs": 4,
+        "check_val_every_n_epoch": 1,
+        "plan_kwargs": {"n_epochs_kl_warmup": 3},
+    }
+    reference = _model(sim_tiny.copy())
+    reference.train(**kwargs)
+
+    model = _model(sim_tiny.copy())
+    with pytest.raises(TrainingError) as info:
+        model.train(**kwargs, callbacks=[_SignalAtEpoch(2)])
+    ckpt = next(
+        n.split("ckpt_path='")[1].split("'")[0] for n in info.value.__notes__ if "ckpt_path" in n
+    )
+    model.train(**kwargs, ckpt_path=ckpt)
+
+    for name, ref_value in _weights(reference).items():
+        torch.testing.assert_close(_weights(model)[name], ref_value, rtol=0, atol=0, msg=name)
+    for metric in ("elbo_train", "elbo_validation", "kl_weight"):
+        np.testing.assert_array_equal(model.history[metric].index, reference.history[metric].index)
+        np.testing.assert_allclose(model.history[metric][metric], reference.history[metric][metric])
+    np.testing.assert_array_equal(model.train_indices, reference.train_indices)
+
+
+class _PoisonAt(pl.Callback):
+    """Puts a NaN into a decoder weight at a given step, and records the weights before."""
+
+    def __init__(self, epoch, batch_idx):
+        self.epoch, self.batch_idx = epoch, batch_idx
+        self.epoch_end_weights = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch - 1:
+            self.epoch_end_weights = {
+                k: v.clone() for k, v in pl_module.module.state_dict().items()
+            }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
+            with torch.no_grad():
+                pl_module.module.decoder.px_scale_decoder.weight[0, 0] = float("nan")
+
+
+def test_nan_loss_is_caught_at_its_step_and_weights_roll_back(sim_tiny):
+    model = _model(sim_tiny)
+    poison = _PoisonAt(epoch=1, batch_idx=0)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"epoch 1, step 2 .*Batch categories in it: \['batch_0', 'batch_1'\].*not raw counts",
+    ):
+        model.train(max_epochs=3, batch_size=96, callbacks=[poison])
+    for name, value in poison.epoch_end_weights.items():
+        torch.testing.assert_close(model.module.state_dict()[name], value, msg=name)
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+    assert list(model.history["elbo_train"].index) == [0]
+
+
+def test_same_seed_gives_identical_latents(sim_tiny):
+    latents = []
+    for _ in range(2):
+        model = _model(sim_tiny.copy())
+        model.train(max_epochs=3)
+        latents.append(model.get_latent_representation())
+    np.testing.assert_array_equal(latents[0], latents[1])
+
+
+def test_different_seed_gives_different_latents(sim_tiny):
+    import cellvi
+
+    model = _model(sim_tiny.copy())
+    model.train(max_epochs=2)
+    with cellvi.settings.override(seed=7):
+        other = _model(sim_tiny.copy())
+        other.train(max_epochs=2)
+    assert not np.allclose(model.get_latent_representation(), other.get_latent_representation())

@@ -1,0 +1,142 @@
+"""SCVI training: history, indices, repeated training, budget traps, argument precedence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cellvi
+from cellvi.errors import TrainingWarning
+from cellvi.model import SCVI
+from cellvi.model._training import default_max_epochs
+
+
+def _model(adata, **kwargs):
+    SCVI.setup_anndata(adata, batch_key="batch")
+    return SCVI(adata, n_hidden=16, n_latent=4, **kwargs)
+
+
+def test_train_records_history_indices_and_trained_flag(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=3, plan_kwargs={"n_epochs_kl_warmup": 2}, check_val_every_n_epoch=1)
+    assert model.is_trained
+    for name in (
+        "train_loss",
+        "elbo_train",
+        "reconstruction_loss_train",
+        "kl_local_train",
+        "kl_global_train",
+        "kl_weight",
+        "elbo_validation",
+        "validation_loss",
+    ):
+        assert name in model.history, name
+        assert list(model.history[name].index) == [0, 1, 2]
+        assert model.history[name].index.name == "epoch"
+    assert model.history["kl_weight"]["kl_weight"].tolist() == [0.0, 0.5, 1.0]
+    n = sim_tiny.n_obs
+    all_idx = np.concatenate([model.train_indices, model.validation_indices, model.test_indices])
+    assert sorted(all_idx.tolist()) == list(range(n))
+    assert len(model.train_indices) == int(np.ceil(0.9 * n))
+
+
+def test_history_is_written_to_run_dir_every_epoch(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=2)
+    import pandas as pd
+
+    on_disk = pd.read_csv(f"{model.run_dir_}/history.csv")
+    assert on_disk["epoch"].tolist() == [0, 1]
+    np.testing.assert_allclose(on_disk["elbo_train"], model.history["elbo_train"]["elbo_train"])
+
+
+def test_validation_metrics_absent_by_default(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=1)
+    assert "elbo_validation" not in model.history
+
+
+def test_training_again_appends_history(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=2)
+    model.train(max_epochs=3)
+    assert list(model.history["elbo_train"].index) == [0, 1, 2, 3, 4]
+
+
+def test_elbo_improves_with_training(sim_small):
+    model = _model(sim_small)
+    model.train(max_epochs=30, plan_kwargs={"n_epochs_kl_warmup": 10})
+    elbo = model.history["elbo_train"]["elbo_train"]
+    assert elbo.iloc[-1] < 0.8 * elbo.iloc[0]
+
+
+def test_early_stopping_without_validation_set_fails_before_training(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(ValueError, match="needs a validation set, but it is empty"):
+        model.train(max_epochs=2, train_size=1.0, early_stopping=True)
+    assert not model.is_trained and model.history == {}
+
+
+def test_unknown_monitor_is_an_error_listing_metrics(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(ValueError, match="'elbo_valdation' is never logged.*elbo_validation"):
+        model.train(max_epochs=2, early_stopping=True, early_stopping_monitor="elbo_valdation")
+
+
+def test_unknown_trainer_argument_suggests_the_right_one(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(TypeError, match="'early_stoping'.*Did you mean 'early_stopping'"):
+        model.train(max_epochs=1, early_stoping=True)
+
+
+def test_unknown_plan_argument_suggests_the_right_one(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(TypeError, match=r"'learning_rate'.*Valid: .*\blr\b"):
+        model.train(max_epochs=1, plan_kwargs={"learning_rate": 1e-3})
+
+
+def test_explicit_argument_overrides_config_only_when_given(sim_tiny):
+    model = _model(sim_tiny)
+    config = cellvi.train.TrainerConfig(
+        early_stopping=True,
+        early_stopping_patience=1,
+        check_val_every_n_epoch=1,
+        early_stopping_min_delta=1e9,  # nothing counts as improvement: stop after 1 check
+    )
+    model.train(max_epochs=20, trainer_config=config)
+    assert len(model.history["elbo_train"]) < 20  # config's early stopping stayed on
+    model2 = _model(sim_tiny)
+    model2.train(max_epochs=4, trainer_config=config, early_stopping=False)
+    assert len(model2.history["elbo_train"]) == 4
+
+
+def test_default_epochs_never_collapse_to_one():
+    assert default_max_epochs(1_000) == 400
+    assert default_max_epochs(100_000) == 80
+    assert default_max_epochs(10_000_000) == 10
+
+
+def test_kl_warmup_longer_than_training_is_shortened_by_default(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=8)
+    weights = model.history["kl_weight"]["kl_weight"].tolist()
+    assert weights[-1] == 1.0  # warm-up adapted to 6 epochs (0.75 x 8)
+
+
+def test_kl_warmup_set_by_user_and_too_long_warns(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.warns(TrainingWarning, match="KL weight only reaches 0.02"):
+        model.train(max_epochs=3, plan_kwargs={"n_epochs_kl_warmup": 100})
+
+
+def test_latent_representation_shapes_and_determinism(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=2)
+    z = model.get_latent_representation()
+    assert z.shape == (sim_tiny.n_obs, 4)
+    np.testing.assert_array_equal(z, model.get_latent_representation())
+    mean, var = model.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(mean, z)
+    assert (var > 0).all()
+    sub = model.get_latent_representation(indices=[3, 1, 2], batch_size=2)
+    np.testing.assert_allclose(sub, z[[3, 1, 2]], rtol=1e-5, atol=1e-6)
