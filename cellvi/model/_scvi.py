@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -86,7 +88,11 @@ class SCVI(BaseModel):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
         )
-        self.init_params_ = {"non_kwargs": self.config_.to_dict(), "kwargs": {}}
+        accepted = set(inspect.signature(type(self).__init__).parameters)
+        self.init_params_ = {
+            "non_kwargs": {k: v for k, v in self.config_.to_dict().items() if k in accepted},
+            "kwargs": {},
+        }
         self.module = self._build_module()
 
     def _build_module(self) -> VAE:

@@ -166,7 +166,9 @@ def test_poisson_and_mixture_sample_means():
     assert float(pois.sample().mean()) == pytest.approx(3.0, abs=0.03)
     assert pois.mu is pois.rate
     mix = NegativeBinomialMixture(
-        torch.full((100_000,), 2.0), torch.full((100_000,), 20.0), torch.full((100_000,), 5.0),
+        torch.full((100_000,), 2.0),
+        torch.full((100_000,), 20.0),
+        torch.full((100_000,), 5.0),
         torch.zeros(100_000),
     )
     assert float(mix.sample().mean()) == pytest.approx(11.0, rel=0.03)
