@@ -111,7 +111,7 @@ class DataSplitter(pl.LightningDataModule):
                 "least 2. Use more cells or a larger train_size."
             )
         r = self.n_train % self.batch_size
-        if self.drop_last or r not in (1, 2):
+        if self.drop_last or r not in (1, 2) or self.n_train - r < 2:
             return
         if not self.train_size_is_default:
             warnings.warn(

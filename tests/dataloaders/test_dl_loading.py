@@ -1,0 +1,183 @@
+"""Tensor stores, samplers and the splitter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellvi.dataloaders import (
+    BatchIndexSampler,
+    DataSplitter,
+    TensorStore,
+    make_dataloader,
+    split_sizes,
+)
+from cellvi.errors import TrainingWarning
+
+
+class FakeManager:
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.data_registry = {k: {} for k in arrays}
+        self.summary_stats = {"n_cells": next(iter(arrays.values())).shape[0]}
+
+    def get_from_registry(self, key):
+        return self.arrays[key]
+
+
+def _counts(n=50, g=30, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, g)) < 0.2) * rng.integers(1, 20, (n, g))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense", "int32csr"])
+def test_gather_equals_scipy_indexing(fmt):
+    dense = _counts()
+    matrix = {
+        "csr": sp.csr_matrix(dense.astype(np.float32)),
+        "csc": sp.csc_matrix(dense.astype(np.float32)),
+        "dense": dense.astype(np.float32),
+        "int32csr": sp.csr_matrix(dense.astype(np.int32)),
+    }[fmt]
+    store = TensorStore({"X": matrix, "batch": np.arange(50) % 3})
+    idx = torch.tensor([7, 0, 49, 7, 13])
+    batch = store.gather(idx)
+    np.testing.assert_array_equal(batch["X"].numpy(), dense[idx.numpy()].astype(np.float32))
+    assert batch["X"].dtype == torch.float32 and batch["batch"].dtype == torch.int64
+    assert batch["batch"].shape == (5, 1)
+    np.testing.assert_array_equal(batch["ind_x"].ravel().numpy(), idx.numpy())
+
+
+def test_gather_handles_empty_rows():
+    matrix = sp.csr_matrix((4, 6), dtype=np.float32)
+    assert TensorStore({"X": matrix}).gather(torch.tensor([1, 2]))["X"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n, batch_size", [(257, 128), (129, 128), (10, 3), (5, 5)])
+def test_no_single_cell_batch_and_every_cell_once(n, batch_size):
+    sampler = BatchIndexSampler(np.arange(n), batch_size, shuffle=True, seed=3)
+    batches = list(sampler)
+    assert all(len(b) > 1 for b in batches)
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))
+    assert len(sampler) == len(batches)
+
+
+def test_drop_last_drops_short_batch():
+    batches = list(BatchIndexSampler(np.arange(10), 4, shuffle=False, drop_last=True))
+    assert [len(b) for b in batches] == [4, 4]
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = BatchIndexSampler(np.arange(100), 10, shuffle=True, seed=1)
+    b = BatchIndexSampler(np.arange(100), 10, shuffle=True, seed=1)
+    a.set_epoch(3)
+    b.load_state_dict({"seed": 1, "epoch": 3})
+    assert torch.equal(torch.cat(list(a)), torch.cat(list(b)))
+    b.set_epoch(4)
+    assert not torch.equal(torch.cat(list(a)), torch.cat(list(b)))
+
+
+def test_distributed_shards_are_disjoint_and_cover_the_set():
+    shards = [
+        torch.cat(list(BatchIndexSampler(np.arange(11), 2, True, seed=0, rank=r, world_size=2)))
+        for r in range(2)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 6  # ceil(11 / 2), one index repeated
+    assert set(shards[0].tolist()) | set(shards[1].tolist()) == set(range(11))
+    dropped = [
+        torch.cat(
+            list(
+                BatchIndexSampler(
+                    np.arange(11), 2, True, rank=r, world_size=2, drop_dataset_tail=True
+                )
+            )
+        )
+        for r in range(2)
+    ]
+    assert not set(dropped[0].tolist()) & set(dropped[1].tolist())
+
+
+def test_loader_with_a_worker_process_yields_the_same_batches():
+    store = TensorStore({"X": sp.csr_matrix(_counts().astype(np.float32))})
+    plain = [b["X"] for b in make_dataloader(store, np.arange(50), 16, shuffle=True, num_workers=0)]
+    worker = [
+        b["X"] for b in make_dataloader(store, np.arange(50), 16, shuffle=True, num_workers=1)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(plain, worker, strict=True))
+
+
+@pytest.mark.parametrize(
+    "n, train, val, expected",
+    [
+        (100, 0.9, None, (90, 10)),
+        (101, 0.9, None, (91, 10)),
+        (100, 0.7, 0.2, (70, 20)),
+        (7, 0.5, 0.25, (4, 1)),
+    ],
+)
+def test_split_sizes_follow_ceil_and_floor(n, train, val, expected):
+    assert split_sizes(n, train, val) == expected
+
+
+def test_split_size_errors():
+    with pytest.raises(ValueError, match=r"train_size=1.5 must be in \(0, 1\]"):
+        split_sizes(10, 1.5, None)
+    with pytest.raises(ValueError, match="exceeds 1"):
+        split_sizes(10, 0.8, 0.5)
+
+
+def _splitter(n=300, **kwargs):
+    return DataSplitter(
+        FakeManager({"X": sp.csr_matrix(_counts(n=n).astype(np.float32) + 1)}), **kwargs
+    )
+
+
+def test_split_is_reproducible_and_partitions_cells():
+    a, b = _splitter(), _splitter()
+    a.setup(), b.setup()
+    np.testing.assert_array_equal(a.train_idx, b.train_idx)
+    all_idx = np.concatenate([a.train_idx, a.val_idx, a.test_idx])
+    assert sorted(all_idx.tolist()) == list(range(300))
+    c = _splitter(seed=5)
+    c.setup()
+    assert not np.array_equal(a.train_idx, c.train_idx)
+
+
+def test_default_split_moves_tiny_last_batch_to_validation():
+    # n_train = ceil(0.9 * 143) = 129 = 128 + 1 -> one cell moves to validation
+    with pytest.warns(TrainingWarning, match="Moved 1 cell"):
+        s = _splitter(n=143)
+    s.setup()
+    assert (len(s.train_idx), len(s.val_idx)) == (128, 15)
+
+
+def test_explicit_train_size_only_warns_about_tiny_last_batch():
+    with pytest.warns(TrainingWarning, match="last training minibatch has 1"):
+        s = _splitter(n=129, train_size=1.0)
+    s.setup()
+    assert len(s.train_idx) == 129
+
+
+def test_external_indexing_checks():
+    with pytest.raises(ValueError, match="the train and validation sets overlap"):
+        _splitter(n=10, external_indexing=[np.arange(6), np.arange(5, 10), []]).setup()
+    with pytest.raises(ValueError, match="covers 8 of 10 cells"):
+        _splitter(n=10, external_indexing=[np.arange(6), np.arange(6, 8)]).setup()
+    with pytest.raises(ValueError, match="train set has duplicated"):
+        _splitter(n=10, external_indexing=[np.array([0, 0, 1]), np.arange(2, 10)]).setup()
+    s = _splitter(n=10, external_indexing=[np.arange(7), np.arange(7, 10)])
+    s.setup()
+    np.testing.assert_array_equal(s.val_idx, [7, 8, 9])
+
+
+def test_splitter_state_dict_round_trip():
+    a = _splitter(seed=11)
+    a.setup()
+    b = _splitter(seed=0)
+    b.load_state_dict(a.state_dict())
+    b.setup()
+    np.testing.assert_array_equal(a.train_idx, b.train_idx)
+    assert b.split_seed == 11
+    assert all(isinstance(v, torch.Tensor | int) for v in a.state_dict().values())
