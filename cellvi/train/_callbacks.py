@@ -100,6 +100,12 @@ class LoudEarlyStopping(EarlyStopping):
         message = self.report()
         if message and trainer.is_global_zero:
             logger.info(message)
+            from .._settings import settings
+
+            if settings.show_progress:
+                from rich.console import Console
+
+                Console().print(message)
 
 
 class BestModelCheckpoint(ModelCheckpoint):

@@ -1,0 +1,67 @@
+"""The ``cellvi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellvi", description="Single-cell variational inference."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    quick = sub.add_parser("quickstart", help="end-to-end run on simulated data with ground truth")
+    quick.add_argument("--out", default="cellvi_quickstart", help="output directory")
+    quick.add_argument("--n-cells", type=int, default=6000)
+    quick.add_argument("--n-genes", type=int, default=1000)
+    quick.add_argument("--max-epochs", type=int, default=150)
+    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    sim = sub.add_parser("simulate", help="write a simulated data set with its ground truth")
+    sim.add_argument("output", help="path of the .h5ad to write")
+    sim.add_argument("--n-cells", type=int, default=2000)
+    sim.add_argument("--n-genes", type=int, default=500)
+    sim.add_argument("--n-batches", type=int, default=2)
+    sim.add_argument("--n-cell-types", type=int, default=3)
+    sim.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cellvi`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "quickstart":
+            from ._quickstart import run_quickstart
+
+            run_quickstart(
+                args.out,
+                n_cells=args.n_cells,
+                n_genes=args.n_genes,
+                max_epochs=args.max_epochs,
+                seed=args.seed,
+                overwrite=args.overwrite,
+            )
+        elif args.command == "simulate":
+            from ..simulate import simulate
+
+            adata = simulate(
+                n_cells=args.n_cells,
+                n_genes=args.n_genes,
+                n_batches=args.n_batches,
+                n_cell_types=args.n_cell_types,
+                seed=args.seed,
+            )
+            adata.write_h5ad(args.output)
+            print(f"Wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.output}")
+    except (FileExistsError, ValueError, KeyError) as err:
+        print(f"cellvi {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
