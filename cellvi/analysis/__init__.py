@@ -1,10 +1,27 @@
 """Downstream analyses on fitted models: latent space, expression, DE, diagnostics."""
 
 from ._batches import eval_mode, inference_batches, resolve_indices
+from ._de import differential_expression, estimate_delta, estimate_pseudocount, fdr_calls
+from ._diagnostics import get_elbo, get_marginal_ll, get_reconstruction_error
+from ._expression import (
+    get_likelihood_parameters,
+    get_normalized_expression,
+    posterior_predictive_sample,
+)
 from ._latent import get_latent_representation
 from ._metrics import batch_mixing, knn_indices, knn_label_accuracy
 
 __all__ = [
+    "differential_expression",
+    "estimate_delta",
+    "estimate_pseudocount",
+    "fdr_calls",
+    "get_elbo",
+    "get_likelihood_parameters",
+    "get_marginal_ll",
+    "get_normalized_expression",
+    "get_reconstruction_error",
+    "posterior_predictive_sample",
     "batch_mixing",
     "eval_mode",
     "get_latent_representation",

@@ -227,6 +227,129 @@ class SCVI(BaseModel):
             self, adata, indices, give_mean, mc_samples, batch_size, return_dist
         )
 
+    def get_normalized_expression(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        gene_list=None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+    ):
+        """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`."""
+        return analysis.get_normalized_expression(
+            self,
+            adata,
+            indices,
+            transform_batch,
+            gene_list,
+            library_size,
+            n_samples,
+            n_samples_overall,
+            weights,
+            batch_size,
+            return_mean,
+            return_numpy,
+        )
+
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        n_samples: int = 1,
+        gene_list=None,
+        batch_size: int | None = None,
+    ):
+        """Counts drawn from the posterior predictive; see :mod:`cellvi.analysis`."""
+        return analysis.posterior_predictive_sample(
+            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
+        )
+
+    def get_likelihood_parameters(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict:
+        """``mean``, ``dispersions`` and ``dropout`` of p(x | z) per cell and gene."""
+        return analysis.get_likelihood_parameters(
+            self, adata, indices, n_samples, give_mean, batch_size
+        )
+
+    def get_elbo(self, adata=None, indices=None, batch_size=None, return_mean: bool = True):
+        """ELBO (KL weight 1); higher is better."""
+        return analysis.get_elbo(self, adata, indices, batch_size, return_mean)
+
+    def get_reconstruction_error(
+        self, adata=None, indices=None, batch_size=None, return_mean: bool = True
+    ) -> dict:
+        """Negative log-likelihood of the counts; lower is better."""
+        return analysis.get_reconstruction_error(self, adata, indices, batch_size, return_mean)
+
+    def get_marginal_ll(
+        self,
+        adata=None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size=None,
+        return_mean: bool = True,
+        n_mc_samples_per_pass: int = 1,
+    ):
+        """Importance-sampled log-likelihood of the data under the model."""
+        return analysis.get_marginal_ll(
+            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
+        )
+
+    def differential_expression(
+        self,
+        adata=None,
+        groupby=None,
+        group1=None,
+        group2=None,
+        idx1=None,
+        idx2=None,
+        mode: str = "vanilla",
+        delta: float | None = 0.25,
+        batch_size=None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1=None,
+        batchid2=None,
+        fdr_target: float = 0.05,
+        n_samples_overall: int = 5000,
+        pseudocounts: float | None = None,
+        test_mode: str = "three",
+    ):
+        """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`."""
+        return analysis.differential_expression(
+            self,
+            adata,
+            groupby,
+            group1,
+            group2,
+            idx1,
+            idx2,
+            mode=mode,
+            delta=delta,
+            batch_size=batch_size,
+            all_stats=all_stats,
+            batch_correction=batch_correction,
+            batchid1=batchid1,
+            batchid2=batchid2,
+            fdr_target=fdr_target,
+            n_samples_overall=n_samples_overall,
+            pseudocounts=pseudocounts,
+            test_mode=test_mode,
+        )
+
     # ------------------------------------------------------------------ train
     def train(
         self,

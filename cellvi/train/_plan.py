@@ -219,7 +219,13 @@ class TrainingPlan(pl.LightningModule):
             optimizer = cfg.optimizer_creator(params)
         else:
             cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
-            optimizer = cls(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            # the fused kernel updates all parameters in one pass (same maths, less overhead)
+            fused = bool(params) and all(
+                p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params
+            )
+            optimizer = cls(
+                params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+            )
         if not cfg.reduce_lr_on_plateau:
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -1,0 +1,92 @@
+"""Fit diagnostics: ELBO, reconstruction error, importance-sampled marginal likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .._constants import REGISTRY_KEYS
+from ._batches import eval_mode, inference_batches
+
+__all__ = ["get_elbo", "get_reconstruction_error", "get_marginal_ll"]
+
+
+def _per_cell_losses(model, adata, indices, batch_size):
+    rec, kl = [], []
+    with eval_mode(model.module):
+        for batch in inference_batches(model, adata, indices, batch_size):
+            out = model.module(batch, kl_weight=1.0)
+            rec.append(out.reconstruction_loss.cpu())
+            kl.append(out.kl_local.cpu())
+    return torch.cat(rec).numpy(), torch.cat(kl).numpy()
+
+
+def get_elbo(model, adata=None, indices=None, batch_size=None, return_mean: bool = True):
+    """ELBO per cell, ``-(reconstruction + local KL)`` with KL weight 1; higher is better."""
+    rec, kl = _per_cell_losses(model, adata, indices, batch_size)
+    elbo = -(rec + kl)
+    return float(elbo.mean()) if return_mean else elbo
+
+
+def get_reconstruction_error(
+    model, adata=None, indices=None, batch_size=None, return_mean: bool = True
+):
+    """Negative log-likelihood: ``{"reconstruction_loss": value}``; lower is better."""
+    rec, _ = _per_cell_losses(model, adata, indices, batch_size)
+    return {"reconstruction_loss": float(rec.mean()) if return_mean else rec}
+
+
+def _log_normal(x, mean, var):
+    return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).sum(-1)
+
+
+def get_marginal_ll(
+    model,
+    adata=None,
+    indices=None,
+    n_mc_samples: int = 1000,
+    batch_size=None,
+    return_mean: bool = True,
+    n_mc_samples_per_pass: int = 1,
+):
+    """Importance-sampled ``log p(x)`` (``models.md`` §1): K draws from q, split in passes.
+
+    ``logsumexp_k[log p(z_k) + log p(x | z_k, l_k) − log q(z_k | x) (+ library terms)] − log K``.
+    """
+    module = model.module
+    if module.config.latent_distribution == "ln":
+        raise ValueError("get_marginal_ll needs latent_distribution='normal'.")
+    per_pass = max(1, min(n_mc_samples_per_pass, n_mc_samples))
+    results = []
+    with eval_mode(module):
+        for batch in inference_batches(model, adata, indices, batch_size):
+            log_w = []
+            done = 0
+            while done < n_mc_samples:
+                k = min(per_pass, n_mc_samples - done)
+                inf = module.inference(batch, n_samples=max(k, 2))
+                z = inf["z"][:k]
+                library = inf["library"][:k]
+                gen = module.generative(z, library, batch)
+                ll = module.log_likelihood(batch[REGISTRY_KEYS.X_KEY], gen)
+                qz_m, qz_v = inf["qz_m"], inf["qz_v"]
+                log_pz = _log_normal(z, torch.zeros_like(qz_m), torch.ones_like(qz_v))
+                log_qz = _log_normal(z, qz_m, qz_v)
+                w = log_pz + ll - log_qz
+                if inf["ql_m"] is not None:
+                    b = batch[REGISTRY_KEYS.BATCH_KEY].reshape(-1)
+                    prior_m = module.library_log_means[0, b].unsqueeze(-1)
+                    prior_v = module.library_log_vars[0, b].unsqueeze(-1)
+                    w = (
+                        w
+                        + _log_normal(library, prior_m, prior_v)
+                        - _log_normal(library, inf["ql_m"], inf["ql_v"])
+                    )
+                log_w.append(w)
+                done += k
+            stacked = torch.cat(log_w, dim=0)  # (K, cells)
+            results.append((torch.logsumexp(stacked, 0) - math.log(n_mc_samples)).cpu())
+    values = torch.cat(results).numpy()
+    return float(np.mean(values)) if return_mean else values

@@ -1,0 +1,190 @@
+"""Expression-level outputs: normalized expression, posterior predictive samples,
+likelihood parameters (``analysis.md`` §3)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .._constants import REGISTRY_KEYS
+from ..errors import CellviWarning
+from ._batches import eval_mode, inference_batches, resolve_indices
+
+__all__ = [
+    "transform_batch_codes",
+    "get_normalized_expression",
+    "posterior_predictive_sample",
+    "get_likelihood_parameters",
+]
+
+
+def transform_batch_codes(model, transform_batch) -> list[int | None]:
+    """Batch names (or a list of them) → codes; None keeps each cell's own batch."""
+    if transform_batch is None:
+        return [None]
+    names = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+    mapping = list(model.get_state_registry(REGISTRY_KEYS.BATCH_KEY)["categorical_mapping"])
+    codes = []
+    for name in names:
+        if name not in mapping:
+            raise ValueError(
+                f"transform_batch={name!r} is not a batch of this model; batches: {mapping}."
+            )
+        codes.append(mapping.index(name))
+    return codes
+
+
+def _gene_mask(model, gene_list) -> np.ndarray | None:
+    if gene_list is None:
+        return None
+    names = pd.Index(model.registry_["field_registries"]["X"]["state_registry"]["column_names"])
+    missing = [g for g in gene_list if g not in names]
+    if missing:
+        raise KeyError(f"gene_list has genes the model does not know: {missing[:5]}")
+    return np.flatnonzero(names.isin(gene_list))
+
+
+def _decode(module, batch, n_samples, codes, quantity):
+    """Average over transform batches of ``quantity`` ('scale' or 'rate'), (S?, cells, genes)."""
+    inf = module.inference(batch, n_samples=n_samples)
+    total = None
+    for code in codes:
+        gen = module.generative(inf["z"], inf["library"], batch, transform_batch=code)
+        value = gen[quantity]
+        total = value if total is None else total + value
+    return total / len(codes)
+
+
+def get_normalized_expression(
+    model,
+    adata=None,
+    indices=None,
+    transform_batch=None,
+    gene_list=None,
+    library_size: float | str = 1,
+    n_samples: int = 1,
+    n_samples_overall: int | None = None,
+    weights: str | None = None,
+    batch_size: int | None = None,
+    return_mean: bool = True,
+    return_numpy: bool | None = None,
+    seed: int | None = 0,
+):
+    """Decoded expression ρ × ``library_size`` per cell (``analysis.md`` §3).
+
+    ``library_size="latent"`` returns the rate μ = e^l ρ. With ``n_samples > 1`` and
+    ``return_mean=False`` the result is an array ``(n_samples, n_cells, n_genes)``.
+    ``n_samples_overall=M`` returns ``M`` rows drawn uniformly from the cells' posterior
+    (the sampler DE uses). Results for several ``transform_batch`` values are averaged.
+    """
+    if weights not in (None, "uniform"):
+        raise ValueError(
+            f"weights={weights!r}: cellvi supports uniform resampling only ('uniform' or None)."
+        )
+    module = model.module
+    codes = transform_batch_codes(model, transform_batch)
+    genes = _gene_mask(model, gene_list)
+    manager = model._manager_for(adata)
+    cell_idx = resolve_indices(indices, manager.summary_stats["n_cells"])
+    if n_samples_overall is not None:
+        if n_samples != 1:
+            raise ValueError("n_samples_overall needs n_samples=1.")
+        rng = np.random.default_rng(seed)
+        cell_idx = rng.choice(cell_idx, size=n_samples_overall, replace=True)
+        return_mean, return_numpy = True, True
+    quantity = "rate" if library_size == "latent" else "scale"
+    factor = 1.0 if library_size == "latent" else float(library_size)
+    chunks = []
+    with torch.random.fork_rng(devices=[]), eval_mode(module):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for batch in inference_batches(model, adata, cell_idx, batch_size):
+            value = _decode(module, batch, n_samples, codes, quantity) * factor
+            if genes is not None:
+                value = value[..., torch.as_tensor(genes, device=value.device)]
+            if n_samples > 1 and return_mean:
+                value = value.mean(0)
+            chunks.append(value.cpu().numpy())
+    axis = 1 if (n_samples > 1 and not return_mean) else 0
+    result = np.concatenate(chunks, axis=axis)
+    if n_samples > 1 and not return_mean:
+        if return_numpy is False:
+            warnings.warn(
+                "return_mean=False with n_samples > 1 returns an array (samples, cells, genes).",
+                CellviWarning,
+                stacklevel=3,
+            )
+        return result
+    if return_numpy:
+        return result
+    gene_names = model.registry_["field_registries"]["X"]["state_registry"]["column_names"]
+    columns = gene_names if genes is None else [gene_names[i] for i in genes]
+    obs_names = manager.adata.obs_names[cell_idx]
+    return pd.DataFrame(result, index=obs_names, columns=columns)
+
+
+def posterior_predictive_sample(
+    model,
+    adata=None,
+    indices=None,
+    transform_batch=None,
+    n_samples: int = 1,
+    gene_list=None,
+    batch_size: int | None = None,
+):
+    """Counts drawn from p(x | z) with z ~ q(z | x): sparse ``(cells, genes)`` or, for several
+    samples, a dense array ``(cells, genes, n_samples)``."""
+    module = model.module
+    codes = transform_batch_codes(model, transform_batch)
+    genes = _gene_mask(model, gene_list)
+    out = []
+    with eval_mode(module):
+        for batch in inference_batches(model, adata, indices, batch_size):
+            inf = module.inference(batch, n_samples=n_samples)
+            draws = 0
+            for code in codes:
+                gen = module.generative(inf["z"], inf["library"], batch, transform_batch=code)
+                draws = draws + module.likelihood(gen).sample()
+            draws = draws / len(codes)
+            if genes is not None:
+                draws = draws[..., torch.as_tensor(genes)]
+            out.append(draws.cpu().numpy())
+    if n_samples == 1:
+        return sp.csr_matrix(np.concatenate(out, axis=0))
+    return np.moveaxis(np.concatenate(out, axis=1), 0, -1)
+
+
+def get_likelihood_parameters(
+    model,
+    adata=None,
+    indices=None,
+    n_samples: int = 1,
+    give_mean: bool = False,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """``mean`` (μ), ``dispersions`` (θ; not for Poisson) and ``dropout`` (π; ZINB only)."""
+    module = model.module
+    lik = module.config.gene_likelihood
+    parts: dict[str, list] = {"mean": [], "dispersions": [], "dropout": []}
+    with eval_mode(module):
+        for batch in inference_batches(model, adata, indices, batch_size):
+            inf = module.inference(batch, n_samples=n_samples)
+            gen = module.generative(inf["z"], inf["library"], batch)
+            mean = gen["rate"]
+            parts["mean"].append(mean)
+            if lik != "poisson":
+                parts["dispersions"].append(gen["theta"].expand_as(mean))
+            if lik == "zinb":
+                parts["dropout"].append(torch.sigmoid(gen["dropout_logits"]))
+    axis = 1 if n_samples > 1 else 0
+    result = {}
+    for key, values in parts.items():
+        if not values:
+            continue
+        array = torch.cat(values, dim=axis).cpu().numpy()
+        result[key] = array.mean(0) if (give_mean and n_samples > 1) else array
+    return result
