@@ -2,6 +2,7 @@
 
 from ._loader import StoreDataset, make_dataloader
 from ._samplers import BatchIndexSampler
+from ._semisupervised import LabeledStream, SemiSupervisedDataSplitter
 from ._splitter import DataSplitter, split_sizes
 from ._tensors import CSRTensor, TensorStore
 
@@ -9,6 +10,8 @@ __all__ = [
     "BatchIndexSampler",
     "CSRTensor",
     "DataSplitter",
+    "LabeledStream",
+    "SemiSupervisedDataSplitter",
     "StoreDataset",
     "TensorStore",
     "make_dataloader",

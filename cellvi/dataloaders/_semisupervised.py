@@ -1,0 +1,130 @@
+"""Semi-supervised splitting (``data.md`` §2.2): labeled and unlabeled cells split apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._constants import REGISTRY_KEYS
+from ._splitter import DataSplitter, split_sizes
+
+__all__ = ["SemiSupervisedDataSplitter", "LabeledStream"]
+
+
+class LabeledStream:
+    """Per-epoch labeled minibatches, at most ``n_samples_per_label`` cells per class.
+
+    The subset is redrawn from ``(seed, epoch)`` each epoch; iteration cycles so it can be
+    zipped with the (longer) stream of all cells.
+    """
+
+    def __init__(self, store, indices, labels, batch_size, n_samples_per_label, seed):
+        self.store, self.indices, self.labels = store, np.asarray(indices), np.asarray(labels)
+        self.batch_size, self.n_per_label, self.seed = batch_size, n_samples_per_label, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def subset(self) -> np.ndarray:
+        """Labeled cells used this epoch (capped per class, shuffled)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.n_per_label is None:
+            chosen = self.indices
+        else:
+            parts = []
+            for label in np.unique(self.labels):
+                cells = self.indices[self.labels == label]
+                take = min(self.n_per_label, len(cells))
+                parts.append(rng.choice(cells, size=take, replace=False))
+            chosen = np.concatenate(parts)
+        return rng.permutation(chosen)
+
+    def cycle(self):
+        while True:
+            cells = self.subset()
+            for start in range(0, len(cells), self.batch_size):
+                yield self.store.gather(torch.as_tensor(cells[start : start + self.batch_size]))
+
+
+class _PairedLoader:
+    """Yields ``{"full": batch, "labeled": batch}``: every training minibatch with a labeled
+    minibatch drawn from the cycling labeled stream."""
+
+    def __init__(self, full_loader, labeled: LabeledStream):
+        self.full_loader, self.labeled = full_loader, labeled
+        self.sampler = full_loader.sampler  # Lightning sets the epoch here
+
+    def __len__(self) -> int:
+        return len(self.full_loader)
+
+    def __iter__(self):
+        self.labeled.set_epoch(self.sampler.epoch)
+        stream = self.labeled.cycle()
+        for batch in self.full_loader:
+            yield {"full": batch, "labeled": next(stream)}
+
+
+class SemiSupervisedDataSplitter(DataSplitter):
+    """:class:`DataSplitter` that splits labeled and unlabeled cells separately.
+
+    Both groups are split with the same fractions, so every set keeps the labeled ratio.
+    The training loader pairs each minibatch with a labeled one (capped at
+    ``n_samples_per_label`` cells per class, redrawn every epoch). Without labeled cells it
+    behaves like :class:`DataSplitter`.
+
+    Parameters
+    ----------
+    manager
+        Data manager whose ``labels`` state has an ``unlabeled_category`` (last code).
+    n_samples_per_label
+        Cap of labeled cells per class and epoch (None: all).
+    **kwargs
+        :class:`DataSplitter` arguments.
+    """
+
+    def __init__(self, manager, n_samples_per_label: int | None = None, **kwargs):
+        self.n_samples_per_label = n_samples_per_label
+        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        state = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+        mapping = list(state["categorical_mapping"])
+        unlabeled = state.get("unlabeled_category")
+        code = mapping.index(unlabeled) if unlabeled in mapping else -1
+        self.labels = labels
+        self.labeled_mask = labels != code
+        super().__init__(manager, **kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_idx is not None or self.external_indexing is not None:
+            super().setup(stage)
+            if self.external_indexing is None:
+                return
+        rng = np.random.RandomState(self.split_seed)
+        train, val, test = [], [], []
+        for group in (np.flatnonzero(self.labeled_mask), np.flatnonzero(~self.labeled_mask)):
+            if not len(group):
+                continue
+            n_train, n_val = split_sizes(len(group), self.train_size, self.validation_size)
+            order = rng.permutation(group) if self.shuffle_set_split else group
+            val.append(order[:n_val])
+            train.append(order[n_val : n_val + n_train])
+            test.append(order[n_val + n_train :])
+        self.train_idx, self.val_idx, self.test_idx = (
+            np.concatenate(parts).astype(np.int64) if parts else np.array([], dtype=np.int64)
+            for parts in (train, val, test)
+        )
+
+    def train_dataloader(self):
+        full = super().train_dataloader()
+        labeled = self.train_idx[self.labeled_mask[self.train_idx]]
+        if not len(labeled):
+            return full
+        stream = LabeledStream(
+            self.store,
+            labeled,
+            self.labels[labeled],
+            self.batch_size,
+            self.n_samples_per_label,
+            self.split_seed,
+        )
+        return _PairedLoader(full, stream)

@@ -1,0 +1,63 @@
+"""Semi-supervised splitting keeps the labeled ratio and caps labeled cells per class."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from cellvi.dataloaders import SemiSupervisedDataSplitter
+
+
+class LabelManager:
+    def __init__(self, n=400, seed=0):
+        rng = np.random.default_rng(seed)
+        self.labels = rng.integers(0, 3, n)  # codes 0-2 labeled; 3 = unlabeled
+        self.labels[: n // 2] = 3
+        x = sp.csr_matrix(rng.poisson(2.0, (n, 10)).astype(np.float32) + 1)
+        self.arrays = {"X": x, "labels": self.labels}
+        self.data_registry = {"X": {}, "labels": {}}
+        self.summary_stats = {"n_cells": n}
+
+    def get_from_registry(self, key):
+        return self.arrays[key]
+
+    def get_state_registry(self, key):
+        return {"categorical_mapping": ["A", "B", "C", "unk"], "unlabeled_category": "unk"}
+
+
+def test_every_set_keeps_the_labeled_ratio():
+    manager = LabelManager()
+    splitter = SemiSupervisedDataSplitter(manager, train_size=0.8, validation_size=0.1)
+    splitter.setup()
+    for idx in (splitter.train_idx, splitter.val_idx, splitter.test_idx):
+        assert abs((manager.labels[idx] != 3).mean() - 0.5) < 0.02
+    all_idx = np.concatenate([splitter.train_idx, splitter.val_idx, splitter.test_idx])
+    assert sorted(all_idx.tolist()) == list(range(400))
+
+
+def test_training_batches_pair_with_capped_labeled_batches():
+    manager = LabelManager()
+    splitter = SemiSupervisedDataSplitter(manager, n_samples_per_label=5, batch_size=32)
+    splitter.setup()
+    loader = splitter.train_dataloader()
+    seen = []
+    for step in loader:
+        assert set(step) == {"full", "labeled"}
+        seen.append(step["labeled"]["ind_x"].ravel().numpy())
+    labeled_cells = np.unique(np.concatenate(seen))
+    assert len(labeled_cells) <= 15  # 3 classes x 5 cells
+    assert (manager.labels[labeled_cells] != 3).all()
+    counts = np.bincount(manager.labels[labeled_cells], minlength=3)
+    assert (counts <= 5).all()
+    loader.sampler.set_epoch(1)
+    redrawn = np.unique(np.concatenate([s["labeled"]["ind_x"].ravel().numpy() for s in loader]))
+    assert not np.array_equal(np.sort(redrawn), np.sort(labeled_cells))
+
+
+def test_without_labeled_cells_it_is_a_plain_splitter():
+    manager = LabelManager()
+    manager.labels[:] = 3
+    splitter = SemiSupervisedDataSplitter(manager)
+    splitter.setup()
+    batch = next(iter(splitter.train_dataloader()))
+    assert "X" in batch
