@@ -9,9 +9,19 @@ from ._expression import (
     posterior_predictive_sample,
 )
 from ._latent import get_latent_representation
-from ._metrics import batch_mixing, knn_indices, knn_label_accuracy
+from ._metrics import (
+    adjusted_rand_index,
+    batch_mixing,
+    kmeans,
+    knn_indices,
+    knn_label_accuracy,
+    normalized_mutual_info,
+)
 
 __all__ = [
+    "adjusted_rand_index",
+    "kmeans",
+    "normalized_mutual_info",
     "differential_expression",
     "estimate_delta",
     "estimate_pseudocount",

@@ -87,7 +87,12 @@ def _samples(model, adata, idx, codes, n, seed, batch_size=None):
     """(n, genes) posterior ρ samples of a group; with codes, n/len(codes) per batch."""
     if codes is None:
         return get_normalized_expression(
-            model, adata, idx, n_samples_overall=n, return_numpy=True, seed=seed,
+            model,
+            adata,
+            idx,
+            n_samples_overall=n,
+            return_numpy=True,
+            seed=seed,
             batch_size=batch_size,
         ), None
     per = max(1, n // len(codes))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["knn_label_accuracy", "batch_mixing", "knn_indices"]
+__all__ = [
+    "adjusted_rand_index",
+    "batch_mixing",
+    "kmeans",
+    "knn_indices",
+    "knn_label_accuracy",
+    "normalized_mutual_info",
+]
 
 
 def knn_indices(embedding: np.ndarray, k: int = 15, chunk: int = 2048) -> np.ndarray:
@@ -52,3 +59,65 @@ def batch_mixing(embedding: np.ndarray, batches, cell_types=None, k: int = 15) -
 def _codes(labels) -> tuple[np.ndarray, np.ndarray]:
     uniques, codes = np.unique(np.asarray(labels), return_inverse=True)
     return codes.astype(np.int64), uniques
+
+
+def kmeans(
+    embedding: np.ndarray, n_clusters: int, seed: int = 0, n_iter: int = 100, n_init: int = 5
+) -> np.ndarray:
+    """Lloyd's k-means with k-means++ starts; returns cluster codes (best of ``n_init``)."""
+    x = np.asarray(embedding, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    best, best_inertia = None, np.inf
+    for _ in range(n_init):
+        centers = [x[rng.integers(len(x))]]
+        for _ in range(1, n_clusters):
+            d = ((x[:, None, :] - np.asarray(centers)[None]) ** 2).sum(-1).min(1)
+            centers.append(x[rng.choice(len(x), p=d / d.sum())])
+        centers = np.asarray(centers)
+        for _ in range(n_iter):
+            d = ((x[:, None, :] - centers[None]) ** 2).sum(-1)
+            codes = d.argmin(1)
+            new = np.array(
+                [
+                    x[codes == k].mean(0) if (codes == k).any() else centers[k]
+                    for k in range(n_clusters)
+                ]
+            )
+            if np.allclose(new, centers):
+                break
+            centers = new
+        inertia = d[np.arange(len(x)), codes].sum()
+        if inertia < best_inertia:
+            best, best_inertia = codes, inertia
+    return best
+
+
+def _contingency(a, b) -> np.ndarray:
+    ca, _ = _codes(a)
+    cb, _ = _codes(b)
+    table = np.zeros((ca.max() + 1, cb.max() + 1))
+    np.add.at(table, (ca, cb), 1)
+    return table
+
+
+def adjusted_rand_index(labels_true, labels_pred) -> float:
+    """Adjusted Rand index (1 = identical partitions, ~0 = random)."""
+    table = _contingency(labels_true, labels_pred)
+    comb = lambda v: (v * (v - 1) / 2).sum()  # noqa: E731
+    sum_ij, sum_a, sum_b = comb(table), comb(table.sum(1)), comb(table.sum(0))
+    n = table.sum()
+    expected = sum_a * sum_b / (n * (n - 1) / 2)
+    maximum = (sum_a + sum_b) / 2
+    return float((sum_ij - expected) / (maximum - expected)) if maximum != expected else 1.0
+
+
+def normalized_mutual_info(labels_true, labels_pred) -> float:
+    """Normalized mutual information (arithmetic-mean normalisation)."""
+    p = _contingency(labels_true, labels_pred)
+    p /= p.sum()
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = (p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()
+    ent = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()  # noqa: E731
+    denom = (ent(pa) + ent(pb)) / 2
+    return float(mi / denom) if denom > 0 else 1.0

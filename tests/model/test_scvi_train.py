@@ -140,3 +140,30 @@ def test_latent_representation_shapes_and_determinism(sim_tiny):
     assert (var > 0).all()
     sub = model.get_latent_representation(indices=[3, 1, 2], batch_size=2)
     np.testing.assert_allclose(sub, z[[3, 1, 2]], rtol=1e-5, atol=1e-6)
+
+
+def test_reduce_lr_on_plateau_and_gradient_clipping_train(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(
+        max_epochs=3,
+        plan_kwargs={"reduce_lr_on_plateau": True, "lr_patience": 0, "lr_factor": 0.5},
+        gradient_clip_val=0.5,
+    )
+    assert "elbo_validation" in model.history  # the scheduler switched validation on
+    lrs = [g["lr"] for g in model.trainer.optimizers[0].param_groups]
+    assert lrs[0] <= 1e-3
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal(sim_tiny, capsys):
+    model = _model(sim_tiny)
+    with cellvi.settings.override(progress_bar_style="rich"):
+        model.train(max_epochs=2)
+    out = capsys.readouterr().out
+    assert "Training for 2 epochs" in out and "Epoch 2/2" in out and "elbo_train=" in out
+
+
+def test_progress_is_silent_at_warning_verbosity(sim_tiny, capsys):
+    model = _model(sim_tiny)
+    with cellvi.settings.override(progress_bar_style="rich", verbosity="warning"):
+        model.train(max_epochs=2)
+    assert "Epoch" not in capsys.readouterr().out
