@@ -10,7 +10,11 @@ import torch
 
 from .._settings import settings
 
-__all__ = ["inference_batches", "resolve_indices", "eval_mode"]
+__all__ = ["inference_batches", "resolve_indices", "eval_mode", "INFERENCE_MIN_BATCH"]
+
+# Inference keeps no activations for gradients, so minibatches of 1024 cells cost a few MB
+# (1024 x 2000 genes x 4 bytes = 8 MB per tensor) and run several times faster than 128.
+INFERENCE_MIN_BATCH = 1024
 
 
 def resolve_indices(indices, n_obs: int) -> np.ndarray:
@@ -46,12 +50,13 @@ def inference_batches(
     """Yield minibatches (on the model's device) of the cells ``indices`` of ``adata``.
 
     The data are gathered once into a :class:`~cellvi.dataloaders.TensorStore`; each
-    minibatch is one vectorised gather, so memory grows with ``batch_size`` only.
+    minibatch is one vectorised gather, so memory grows with ``batch_size`` only. Without
+    ``batch_size``, minibatches hold ``max(settings.batch_size, 1024)`` cells.
     """
     manager = model._manager_for(adata)
     store = model._tensor_store(manager)
     idx = resolve_indices(indices, manager.summary_stats["n_cells"])
-    size = batch_size or settings.batch_size
+    size = batch_size or max(settings.batch_size, INFERENCE_MIN_BATCH)
     device = model.device
     for start in range(0, len(idx), size):
         chunk = torch.as_tensor(idx[start : start + size])

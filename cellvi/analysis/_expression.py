@@ -53,8 +53,10 @@ def _decode(module, batch, n_samples, codes, quantity):
     inf = module.inference(batch, n_samples=n_samples)
     total = None
     for code in codes:
-        gen = module.generative(inf["z"], inf["library"], batch, transform_batch=code)
-        value = gen[quantity]
+        gen = module.generative(
+            inf["z"], inf["library"], batch, transform_batch=code, scale_only=True
+        )
+        value = gen["scale"] if quantity == "scale" else module.rate(gen)
         total = value if total is None else total + value
     return total / len(codes)
 
@@ -174,7 +176,7 @@ def get_likelihood_parameters(
         for batch in inference_batches(model, adata, indices, batch_size):
             inf = module.inference(batch, n_samples=n_samples)
             gen = module.generative(inf["z"], inf["library"], batch)
-            mean = gen["rate"]
+            mean = module.rate(gen)
             parts["mean"].append(mean)
             if lik != "poisson":
                 parts["dispersions"].append(gen["theta"].expand_as(mean))

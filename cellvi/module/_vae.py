@@ -206,8 +206,9 @@ class VAE(nn.Module):
         library: torch.Tensor,
         tensors: dict[str, torch.Tensor],
         transform_batch: int | None = None,
+        scale_only: bool = False,
     ) -> dict:
-        """Decode ``z``: returns the decoder outputs plus ``theta`` and the likelihood name."""
+        """Decode ``z`` into the likelihood parameters (``scale_only``: just ρ, for outputs)."""
         batch_index = tensors[_K.BATCH_KEY]
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
@@ -218,8 +219,10 @@ class VAE(nn.Module):
             library,
             *cat,
             cont=cont,
-            need_dropout=self.config.gene_likelihood == "zinb",
+            need_dropout=self.config.gene_likelihood == "zinb" and not scale_only,
         )
+        if scale_only:
+            return px
         labels = tensors.get(_K.LABELS_KEY)
         px["theta"] = (
             None
@@ -228,19 +231,24 @@ class VAE(nn.Module):
         )
         return px
 
+    @staticmethod
+    def rate(px: dict) -> torch.Tensor:
+        """Mean of the counts, μ = e^l ρ."""
+        return px["log_rate"].exp()
+
     def likelihood(self, px: dict):
         """The count distribution p(x | z, l) as a torch ``Distribution``."""
         lik = self.config.gene_likelihood
         if lik == "zinb":
             return ZeroInflatedNegativeBinomial(
-                mu=px["rate"],
+                mu=self.rate(px),
                 theta=px["theta"],
                 zi_logits=px["dropout_logits"],
                 scale=px["scale"],
             )
         if lik == "nb":
-            return NegativeBinomial(mu=px["rate"], theta=px["theta"], scale=px["scale"])
-        return Poisson(rate=px["rate"], scale=px["scale"])
+            return NegativeBinomial(mu=self.rate(px), theta=px["theta"], scale=px["scale"])
+        return Poisson(rate=self.rate(px), scale=px["scale"])
 
     def log_likelihood(self, x: torch.Tensor, px: dict) -> torch.Tensor:
         """``log p(x | z, l)`` summed over genes, shape ``(..., cells)``.
@@ -258,11 +266,11 @@ class VAE(nn.Module):
                 return nb_log_likelihood(x, px["log_rate"], theta)
             return poisson_log_likelihood(x, px["log_rate"])
         if lik == "zinb":
-            ll = log_zinb_positive(x, px["rate"], theta, px["dropout_logits"])
+            ll = log_zinb_positive(x, self.rate(px), theta, px["dropout_logits"])
         elif lik == "nb":
-            ll = log_nb_positive(x, px["rate"], theta)
+            ll = log_nb_positive(x, self.rate(px), theta)
         else:
-            ll = log_poisson(x, px["rate"])
+            ll = log_poisson(x, self.rate(px))
         return ll.sum(dim=-1)
 
     # -------------------------------------------------------------------- loss

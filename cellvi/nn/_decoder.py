@@ -80,7 +80,8 @@ class CountDecoder(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """Decode.
 
-        Returns a dict with ``scale`` (ρ), ``log_scale``, ``rate`` (μ = e^l ρ), ``log_rate``,
+        Returns a dict with ``scale`` (ρ), ``log_scale``, ``log_rate`` (log μ = l + log ρ;
+        the rate itself is computed only where needed, see ``VAE.rate``),
         ``dispersion_logit`` (log θ for gene-cell dispersion, else None) and
         ``dropout_logits`` (zero-inflation logits, or None when not needed).
         """
@@ -96,7 +97,6 @@ class CountDecoder(nn.Module):
         return {
             "scale": scale,
             "log_scale": log_scale,
-            "rate": log_rate.exp(),
             "log_rate": log_rate,
             "dispersion_logit": self.px_r_decoder(h) if self.px_r_decoder is not None else None,
             "dropout_logits": self.px_dropout_decoder(h) if need_dropout else None,
