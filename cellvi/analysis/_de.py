@@ -69,18 +69,30 @@ def _resolve_group(adata, idx) -> np.ndarray:
 
 
 def _raw_stats(x, idx) -> dict[str, np.ndarray]:
+    """Per-gene mean count, detection rate and mean of counts x 1e4 / cell total."""
+    n_genes = x.shape[1]
+    if not sp.issparse(x):
+        sub = np.asarray(x[idx], dtype=np.float64)
+        totals = np.maximum(sub.sum(1), 1)
+        return {
+            "raw_mean": sub.mean(0),
+            "non_zeros_proportion": (sub > 0).mean(0),
+            "raw_normalized_mean": (sub * (1e4 / totals)[:, None]).mean(0),
+        }
     sub = x[idx]
-    totals = np.asarray(sub.sum(axis=1)).ravel()
-    scaled = (
-        sp.diags(1e4 / np.maximum(totals, 1)) @ sub
-        if sp.issparse(sub)
-        else sub * (1e4 / np.maximum(totals, 1))[:, None]
-    )
-    nonzero = (sub > 0).mean(axis=0) if not sp.issparse(sub) else (sub > 0).mean(axis=0)
+    n = max(len(idx), 1)
+    data = sub.data.astype(np.float64)
+    lengths = np.diff(sub.indptr)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    totals = np.maximum(np.bincount(rows, weights=data, minlength=len(lengths)), 1)
+    scaled = data * np.repeat(1e4 / totals, lengths)
     return {
-        "raw_mean": np.asarray(sub.mean(axis=0)).ravel(),
-        "non_zeros_proportion": np.asarray(nonzero).ravel(),
-        "raw_normalized_mean": np.asarray(scaled.mean(axis=0)).ravel(),
+        "raw_mean": np.bincount(sub.indices, weights=data, minlength=n_genes) / n,
+        "non_zeros_proportion": np.bincount(
+            sub.indices, weights=(data != 0).astype(float), minlength=n_genes
+        )
+        / n,
+        "raw_normalized_mean": np.bincount(sub.indices, weights=scaled, minlength=n_genes) / n,
     }
 
 

@@ -177,3 +177,17 @@ def test_fdr_calls_flag_exactly_the_prefix():
     proba = np.array([0.99, 0.2, 0.97, 0.9, 0.5])
     # sorted: .99 .97 .9 .5 .2 -> expected FDR .01 .02 .047 .16 ...
     np.testing.assert_array_equal(fdr_calls(proba, 0.05), [True, False, True, True, False])
+
+
+def test_raw_stats_sparse_equal_dense_with_empty_rows():
+    import scipy.sparse as sp
+
+    from cellvi.analysis._de import _raw_stats
+
+    rng = np.random.default_rng(0)
+    dense = (rng.random((30, 12)) < 0.3) * rng.integers(1, 9, (30, 12))
+    dense[[3, 29]] = 0  # empty rows, including the last one
+    idx = np.array([29, 3, 1, 7, 7])
+    a, b = _raw_stats(sp.csr_matrix(dense), idx), _raw_stats(dense, idx)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key])
