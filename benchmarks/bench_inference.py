@@ -1,7 +1,7 @@
 """Inference speed and DE accuracy: cellvi vs scvi-tools on the same simulated data.
 
 Run: python benchmarks/bench_inference.py --n-cells 20000 --scvi-python /path/venv/bin/python
-Both models (same architecture) are trained for --epochs, then timed on: latent space,
+Both models (same architecture) are trained for --epochs, then timed (best of 3) on: latent space,
 normalized expression (dense DataFrame) and one-vs-rest DE (change mode) for one group. DE
 accuracy is the AUROC of proba_de for planted markers of type_0 (|true LFC| > 1) against
 null genes (|true LFC| < 0.3). Prints seconds, ratios and AUROCs.
@@ -30,16 +30,28 @@ scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
 model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10)
 model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 5})
 out = {}
-t = time.perf_counter(); model.get_latent_representation()
-out["latent"] = time.perf_counter() - t
-t = time.perf_counter(); model.get_normalized_expression()
-out["normalized"] = time.perf_counter() - t
-t = time.perf_counter()
-de = model.differential_expression(groupby="cell_type", group1="type_0", mode="change", silent=True)
-out["de"] = time.perf_counter() - t
+def best(f, repeats=3):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter(); result = f(); times.append(time.perf_counter() - t)
+    return min(times), result
+out["latent"], _ = best(model.get_latent_representation)
+out["normalized"], _ = best(model.get_normalized_expression)
+out["de"], de = best(lambda: model.differential_expression(
+    groupby="cell_type", group1="type_0", mode="change", silent=True))
 out["proba_de"] = de["proba_de"].to_dict()
 print(json.dumps(out))
 """
+
+
+def best_of(f, repeats: int = 3):
+    """Fastest of ``repeats`` calls (the machines are noisy) and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = f()
+        times.append(time.perf_counter() - start)
+    return min(times), result
 
 
 def auroc(scores: pd.Series, lfc: pd.Series) -> float:
@@ -72,15 +84,11 @@ def main() -> None:
             save_resume_checkpoint=False,
         )
     ours = {}
-    t = time.perf_counter()
-    model.get_latent_representation()
-    ours["latent"] = time.perf_counter() - t
-    t = time.perf_counter()
-    model.get_normalized_expression()
-    ours["normalized"] = time.perf_counter() - t
-    t = time.perf_counter()
-    de = model.differential_expression(groupby="cell_type", group1="type_0", mode="change")
-    ours["de"] = time.perf_counter() - t
+    ours["latent"], _ = best_of(model.get_latent_representation)
+    ours["normalized"], _ = best_of(model.get_normalized_expression)
+    ours["de"], de = best_of(
+        lambda: model.differential_expression(groupby="cell_type", group1="type_0", mode="change")
+    )
     ours["auroc"] = auroc(de["proba_de"], lfc)
     row = {"n_cells": args.n_cells, **{f"cellvi_{k}": round(v, 3) for k, v in ours.items()}}
     if args.scvi_python:

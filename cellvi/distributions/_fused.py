@@ -21,6 +21,13 @@ def _nonzero_parts(x: torch.Tensor, theta: torch.Tensor, nonzero: torch.Tensor):
     return rows, cols, x_nz, theta_nz
 
 
+def _at_nonzeros(fn, theta: torch.Tensor, theta_nz: torch.Tensor, rows, cols) -> torch.Tensor:
+    """``fn(θ)`` at the nonzero entries; evaluated once per gene when θ is per gene."""
+    if theta.dim() == 1:
+        return fn(theta)[cols]
+    return fn(theta_nz)
+
+
 def _theta_grad(dense: torch.Tensor, theta: torch.Tensor, rows, cols, sparse: torch.Tensor):
     if theta.dim() == 1:
         return dense.sum(0).index_add(0, cols, sparse)
@@ -39,7 +46,11 @@ class _ZINB(torch.autograd.Function):
         mask = (x > 0).to(x.dtype)
         dense = softplus_a - F.softplus(-zi_logits) + mask * (a - softplus_a) + x * (log_mu - log_t)
         rows, cols, x_nz, th_nz = _nonzero_parts(x, theta, mask.bool())
-        lgammas = torch.lgamma(x_nz + th_nz) - torch.lgamma(x_nz + 1) - torch.lgamma(th_nz)
+        lgammas = (
+            torch.lgamma(x_nz + th_nz)
+            - torch.lgamma(x_nz + 1)
+            - _at_nonzeros(torch.lgamma, theta, th_nz, rows, cols)
+        )
         ll = dense.sum(-1).index_add(0, rows, lgammas)
         ctx.save_for_backward(
             x, mu, t, log_ratio, a, zi_logits, theta, mask, rows, cols, x_nz, th_nz
@@ -56,7 +67,9 @@ class _ZINB(torch.autograd.Function):
         grad_log_mu = g * theta * inv_t * (x - mu * s)
         grad_logits = g * ((1 - mask) * (1 - sig_a) - torch.sigmoid(zi_logits))
         dense_theta = g * (s * (log_ratio + mu * inv_t) - x * inv_t)
-        digammas = (torch.digamma(x_nz + th_nz) - torch.digamma(th_nz)) * grad[rows]
+        digammas = (
+            torch.digamma(x_nz + th_nz) - _at_nonzeros(torch.digamma, theta, th_nz, rows, cols)
+        ) * grad[rows]
         grad_theta = _theta_grad(dense_theta, theta, rows, cols, digammas)
         return None, grad_log_mu, grad_theta, grad_logits
 
@@ -70,7 +83,11 @@ class _NB(torch.autograd.Function):
         log_ratio = theta.log() - log_t
         dense = theta * log_ratio + x * (log_mu - log_t)
         rows, cols, x_nz, th_nz = _nonzero_parts(x, theta, x > 0)
-        lgammas = torch.lgamma(x_nz + th_nz) - torch.lgamma(x_nz + 1) - torch.lgamma(th_nz)
+        lgammas = (
+            torch.lgamma(x_nz + th_nz)
+            - torch.lgamma(x_nz + 1)
+            - _at_nonzeros(torch.lgamma, theta, th_nz, rows, cols)
+        )
         ll = dense.sum(-1).index_add(0, rows, lgammas)
         ctx.save_for_backward(x, mu, t, log_ratio, theta, rows, cols, x_nz, th_nz)
         return ll
@@ -82,7 +99,9 @@ class _NB(torch.autograd.Function):
         inv_t = t.reciprocal()
         grad_log_mu = g * theta * inv_t * (x - mu)
         dense_theta = g * (log_ratio + (mu - x) * inv_t)
-        digammas = (torch.digamma(x_nz + th_nz) - torch.digamma(th_nz)) * grad[rows]
+        digammas = (
+            torch.digamma(x_nz + th_nz) - _at_nonzeros(torch.digamma, theta, th_nz, rows, cols)
+        ) * grad[rows]
         return None, grad_log_mu, _theta_grad(dense_theta, theta, rows, cols, digammas)
 
 
