@@ -1,0 +1,273 @@
+"""Reference mapping (scArches-style): align query genes, grow the model, freeze the rest."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..errors import CellviWarning, ModelFileError
+from ..io import from_plain, read_model_file
+
+__all__ = ["prepare_query_anndata", "load_query_data", "freeze_for_query"]
+
+logger = logging.getLogger("cellvi")
+
+MIN_OVERLAP_WARN = 0.8
+
+
+def _reference_var_names(reference) -> pd.Index:
+    if isinstance(reference, str | Path):
+        return pd.Index(read_model_file(reference)["var_names"])
+    names = reference.registry_["field_registries"]["X"]["state_registry"]["column_names"]
+    return pd.Index(names)
+
+
+def _match_key(query: anndata.AnnData, ref_names: pd.Index) -> tuple[pd.Index, str]:
+    """Query gene identifiers that best match the reference (var_names or a var column)."""
+    candidates = [("var_names", query.var_names)]
+    for column in query.var.columns:
+        if query.var[column].dtype == object or isinstance(
+            query.var[column].dtype, pd.CategoricalDtype
+        ):
+            candidates.append((f"var[{column!r}]", pd.Index(query.var[column].astype(str))))
+    best = max(candidates, key=lambda c: c[1].isin(ref_names).sum())
+    return best[1], best[0]
+
+
+def prepare_query_anndata(
+    adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True
+):
+    """Give the query exactly the reference genes, in reference order.
+
+    Genes are matched by ``var_names`` or, when ``var`` holds another identifier column
+    (Ensembl ids or symbols) that matches more reference genes, by that column; the message
+    says which was used. Missing genes become all-zero columns (in ``X`` and every layer),
+    extra genes are dropped.
+
+    Parameters
+    ----------
+    adata
+        Query AnnData.
+    reference_model
+        Saved model directory or a model instance.
+    return_reference_var_names
+        Only return the reference gene names.
+    inplace
+        Rewrite ``adata`` in place (returns None); otherwise return a new AnnData.
+    """
+    ref_names = _reference_var_names(reference_model)
+    if return_reference_var_names:
+        return ref_names
+    ids, used = _match_key(adata, ref_names)
+    if ids.duplicated().any():
+        ids = pd.Index(ids).where(~ids.duplicated(), ids + "_dup")
+    found = ref_names.isin(ids)
+    n_found = int(found.sum())
+    if n_found == 0:
+        raise ValueError(
+            "None of the reference genes is in the query (compared var_names and var columns). "
+            "Check that both use the same gene identifiers."
+        )
+    share = n_found / len(ref_names)
+    logger.info(
+        "Matched %d of %d reference genes (%.1f%%) by %s.",
+        n_found,
+        len(ref_names),
+        100 * share,
+        used,
+    )
+    if share < MIN_OVERLAP_WARN:
+        warnings.warn(
+            f"Only {n_found} of {len(ref_names)} reference genes ({share:.0%}) are in the query "
+            f"(matched by {used}); the missing ones are filled with zeros, which can bias "
+            "the mapping.",
+            CellviWarning,
+            stacklevel=2,
+        )
+    position = pd.Series(np.arange(len(ids)), index=ids)
+    src = position.reindex(ref_names).to_numpy()  # NaN where missing
+
+    def reorder(matrix):
+        present = ~np.isnan(src)
+        cols = src[present].astype(np.int64)
+        sub = matrix[:, cols]
+        if sp.issparse(sub):
+            out = sp.lil_matrix((matrix.shape[0], len(ref_names)), dtype=matrix.dtype)
+            out = sp.csr_matrix(out)
+            perm = np.flatnonzero(present)
+            sub = sp.csr_matrix(sub)
+            expand = sp.csr_matrix(
+                (np.ones(len(perm)), (np.arange(len(perm)), perm)),
+                shape=(len(perm), len(ref_names)),
+            )
+            return (sub @ expand).astype(matrix.dtype).tocsr()
+        out = np.zeros((matrix.shape[0], len(ref_names)), dtype=matrix.dtype)
+        out[:, present] = np.asarray(sub)
+        return out
+
+    new = anndata.AnnData(
+        X=reorder(adata.X),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=ref_names.copy()),
+        layers={k: reorder(v) for k, v in adata.layers.items()},
+        obsm=dict(adata.obsm),
+        uns={k: v for k, v in adata.uns.items() if not k.startswith("_cellvi_")},
+    )
+    if not inplace:
+        return new
+    adata._init_as_actual(new)
+    return None
+
+
+def _grow(ref: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, list[slice] | None]:
+    """Reference values in the leading block of each grown dimension, new init elsewhere."""
+    if ref.shape == new.shape:
+        return ref.clone(), None
+    if ref.dim() != new.dim() or any(r > n for r, n in zip(ref.shape, new.shape, strict=True)):
+        raise ModelFileError(
+            f"Cannot map a reference tensor of shape {tuple(ref.shape)} onto {tuple(new.shape)}."
+        )
+    out = new.clone()
+    out[tuple(slice(0, r) for r in ref.shape)] = ref
+    return out, [slice(0, r) for r in ref.shape]
+
+
+def freeze_for_query(
+    module: torch.nn.Module,
+    *,
+    unfrozen: bool,
+    freeze_dropout: bool,
+    freeze_expression: bool,
+    freeze_decoder_first_layer: bool,
+    freeze_batchnorm_encoder: bool,
+    freeze_batchnorm_decoder: bool,
+    grown: dict[str, list[slice]],
+) -> None:
+    """Decide what trains during query mapping (``persistence.md`` §3.2 freezing table).
+
+    Covariate columns (``cov_weight``) and batch embeddings always train; the library
+    encoder trains; the first encoder/decoder layers train fully only when asked; BatchNorm
+    follows the switches; everything else is frozen (``requires_grad=False``, so weight decay
+    cannot move it). Tensors grown by surgery keep their new slices trainable through a
+    gradient mask.
+    """
+    if freeze_dropout:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    if unfrozen:
+        return
+    for name, param in module.named_parameters():
+        trainable = (
+            name.endswith("cov_weight")
+            or name.startswith("batch_embedding")
+            or name.startswith("l_encoder")
+            or (not freeze_expression and name.startswith("z_encoder.encoder.blocks.0.linear"))
+            or (
+                not freeze_decoder_first_layer
+                and name.startswith("decoder.px_decoder.blocks.0.linear")
+            )
+        )
+        if "batch_norm" in name:
+            trainable = not (
+                freeze_batchnorm_encoder
+                if "encoder" in name.split(".")[0]
+                else freeze_batchnorm_decoder
+            )
+        if not trainable and name in grown:
+            mask = torch.ones_like(param, dtype=torch.bool)
+            mask[tuple(grown[name])] = False  # reference block stays, new slices train
+            param.register_hook(lambda g, m=mask: g * m)
+            trainable = True
+        param.requires_grad_(trainable)
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            frozen = (
+                freeze_batchnorm_encoder
+                if name.split(".")[0] in ("z_encoder", "l_encoder")
+                else freeze_batchnorm_decoder
+            )
+            if frozen:
+                m.momentum = 0.0  # running statistics stay those of the reference
+
+
+def load_query_data(
+    cls,
+    adata,
+    reference_model,
+    *,
+    accelerator="auto",
+    device="auto",
+    unfrozen=False,
+    freeze_dropout=False,
+    freeze_expression=True,
+    freeze_decoder_first_layer=True,
+    freeze_batchnorm_encoder=True,
+    freeze_batchnorm_decoder=False,
+    check_var_names="error",
+):
+    """Build a model for ``adata`` from a reference, growing covariates (see SCVI docs)."""
+    from ._save_load import resolve_device
+
+    torch_device = resolve_device(accelerator, device)
+    if isinstance(reference_model, str | Path):
+        content = read_model_file(reference_model)
+        attrs = from_plain(content["attr_dict"])
+        registry, init = attrs["registry_"], attrs["init_params_"]
+        ref_state = content["model_state_dict"]
+    else:
+        registry, init = reference_model.registry_, reference_model.init_params_
+        ref_state = copy.deepcopy(reference_model.module.state_dict())
+    if registry.get("model_name") != cls.__name__:
+        raise ModelFileError(
+            f"The reference is a {registry.get('model_name')} model; use "
+            f"cellvi.model.{registry.get('model_name')}.load_query_data."
+        )
+    if getattr(adata, "is_view", False):
+        raise ValueError("The query is a view; pass adata[idx].copy().")
+    manager = cls._build_manager(registry["setup_args"])
+    manager.register_fields(
+        adata,
+        source_registry=registry,
+        extend_categories=True,
+        allow_missing_labels=True,
+        check_var_names=check_var_names,
+    )
+    cls._register_manager(manager)
+    model = cls(adata, **init["non_kwargs"], **init.get("kwargs", {}))
+    new_state = model.module.state_dict()
+    merged, grown = {}, {}
+    for key, value in new_state.items():
+        if key not in ref_state:
+            merged[key] = value
+            continue
+        merged[key], slices = _grow(ref_state[key].to(value.dtype), value)
+        if slices is not None:
+            grown[key] = slices
+    model.module.load_state_dict(merged)
+    if not model.summary_stats.get("n_batch", 1) == len(
+        registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
+    ):
+        logger.info("Query adds batch categories; their columns were appended to the model.")
+    freeze_for_query(
+        model.module,
+        unfrozen=unfrozen,
+        freeze_dropout=freeze_dropout,
+        freeze_expression=freeze_expression,
+        freeze_decoder_first_layer=freeze_decoder_first_layer,
+        freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        grown=grown,
+    )
+    model.module.to(torch_device)
+    model.module.eval()
+    model.is_trained_ = False
+    return model
