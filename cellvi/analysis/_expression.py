@@ -100,7 +100,12 @@ def get_normalized_expression(
         return_mean, return_numpy = True, True
     quantity = "rate" if library_size == "latent" else "scale"
     factor = 1.0 if library_size == "latent" else float(library_size)
-    chunks = []
+    n_genes = len(genes) if genes is not None else manager.summary_stats["n_vars"]
+    per_sample = n_samples > 1 and not return_mean
+    # the result is allocated once and filled minibatch by minibatch (no concatenation copy)
+    shape = (n_samples, len(cell_idx), n_genes) if per_sample else (len(cell_idx), n_genes)
+    result = np.empty(shape, dtype=np.float32)
+    start = 0
     with torch.random.fork_rng(devices=[]), eval_mode(module):
         if seed is not None:
             torch.manual_seed(seed)
@@ -110,9 +115,9 @@ def get_normalized_expression(
                 value = value[..., torch.as_tensor(genes, device=value.device)]
             if n_samples > 1 and return_mean:
                 value = value.mean(0)
-            chunks.append(value.cpu().numpy())
-    axis = 1 if (n_samples > 1 and not return_mean) else 0
-    result = np.concatenate(chunks, axis=axis)
+            stop = start + value.shape[-2]
+            result[..., start:stop, :] = value.cpu().numpy()
+            start = stop
     if n_samples > 1 and not return_mean:
         if return_numpy is False:
             warnings.warn(
