@@ -283,6 +283,7 @@ class BaseModel:
         freeze_decoder_first_layer: bool = True,
         freeze_batchnorm_encoder: bool = True,
         freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
         check_var_names: str = "error",
     ):
         """A model for query cells built from a reference (architecture surgery).
@@ -308,6 +309,8 @@ class BaseModel:
             Keep the first encoder / decoder layer's expression weights frozen.
         freeze_batchnorm_encoder, freeze_batchnorm_decoder
             Freeze BatchNorm parameters and running statistics.
+        freeze_classifier
+            Keep a label classifier (SCANVI) frozen.
         check_var_names
             ``"error"`` or ``"warn"`` when gene names differ.
         """

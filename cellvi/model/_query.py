@@ -150,14 +150,16 @@ def freeze_for_query(
     freeze_batchnorm_encoder: bool,
     freeze_batchnorm_decoder: bool,
     grown: dict[str, list[slice]],
+    freeze_classifier: bool = True,
 ) -> None:
     """Decide what trains during query mapping (``persistence.md`` §3.2 freezing table).
 
     Covariate columns (``cov_weight``) and batch embeddings always train; the library
-    encoder trains; the first encoder/decoder layers train fully only when asked; BatchNorm
-    follows the switches; everything else is frozen (``requires_grad=False``, so weight decay
-    cannot move it). Tensors grown by surgery keep their new slices trainable through a
-    gradient mask.
+    encoder trains; the first encoder/decoder layers train fully only when asked; encoder and
+    decoder BatchNorm follow their switches; a label classifier follows ``freeze_classifier``;
+    everything else (output heads, dispersion, the z1/z2 hierarchy) is frozen
+    (``requires_grad=False``, so weight decay cannot move it). Tensors grown by surgery keep
+    their new slices trainable through a gradient mask.
     """
     if freeze_dropout:
         for m in module.modules():
@@ -165,6 +167,16 @@ def freeze_for_query(
                 m.p = 0.0
     if unfrozen:
         return
+
+    def bn_frozen(name: str) -> bool:
+        if name.startswith("z_encoder"):
+            return freeze_batchnorm_encoder
+        if name.startswith("decoder."):
+            return freeze_batchnorm_decoder
+        if name.startswith("classifier"):
+            return freeze_classifier
+        return not name.startswith("l_encoder")  # z1/z2 hierarchy: frozen
+
     for name, param in module.named_parameters():
         trainable = (
             name.endswith("cov_weight")
@@ -175,13 +187,10 @@ def freeze_for_query(
                 not freeze_decoder_first_layer
                 and name.startswith("decoder.px_decoder.blocks.0.linear")
             )
+            or (not freeze_classifier and name.startswith("classifier"))
         )
         if "batch_norm" in name:
-            trainable = not (
-                freeze_batchnorm_encoder
-                if "encoder" in name.split(".")[0]
-                else freeze_batchnorm_decoder
-            )
+            trainable = not bn_frozen(name)
         if not trainable and name in grown:
             mask = torch.ones_like(param, dtype=torch.bool)
             mask[tuple(grown[name])] = False  # reference block stays, new slices train
@@ -189,14 +198,8 @@ def freeze_for_query(
             trainable = True
         param.requires_grad_(trainable)
     for name, m in module.named_modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            frozen = (
-                freeze_batchnorm_encoder
-                if name.split(".")[0] in ("z_encoder", "l_encoder")
-                else freeze_batchnorm_decoder
-            )
-            if frozen:
-                m.momentum = 0.0  # running statistics stay those of the reference
+        if isinstance(m, torch.nn.BatchNorm1d) and bn_frozen(name):
+            m.momentum = 0.0  # running statistics stay those of the reference
 
 
 def load_query_data(
@@ -212,6 +215,7 @@ def load_query_data(
     freeze_decoder_first_layer=True,
     freeze_batchnorm_encoder=True,
     freeze_batchnorm_decoder=False,
+    freeze_classifier=True,
     check_var_names="error",
 ):
     """Build a model for ``adata`` from a reference, growing covariates (see SCVI docs)."""
@@ -266,6 +270,7 @@ def load_query_data(
         freeze_batchnorm_encoder=freeze_batchnorm_encoder,
         freeze_batchnorm_decoder=freeze_batchnorm_decoder,
         grown=grown,
+        freeze_classifier=freeze_classifier,
     )
     model.module.to(torch_device)
     model.module.eval()

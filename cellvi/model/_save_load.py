@@ -63,7 +63,8 @@ def save_model(
     anndata_write_kwargs: dict | None = None,
 ) -> Path:
     """Write ``model`` to ``dir_path`` atomically (see :meth:`BaseModel.save`)."""
-    attrs = {name: getattr(model, name, None) for name in _SAVED_ATTRS}
+    names = _SAVED_ATTRS + tuple(getattr(type(model), "_EXTRA_SAVED_ATTRS", ()))
+    attrs = {name: getattr(model, name, None) for name in names}
     attrs["model_class"] = type(model).__name__
     extra = {}
     if save_anndata:
@@ -143,7 +144,7 @@ def load_model(
         **init["non_kwargs"],
         **init.get("kwargs", {}),
     )
-    for name in _SAVED_ATTRS:
+    for name in _SAVED_ATTRS + tuple(getattr(cls, "_EXTRA_SAVED_ATTRS", ())):
         if name in attrs and name not in ("registry_", "init_params_"):
             value = attrs[name]
             if name.endswith("indices_") and value is not None:

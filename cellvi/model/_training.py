@@ -147,6 +147,10 @@ def train_unsupervised(
     callbacks: list | None,
     ckpt_path: str | None,
     trainer_kwargs: dict,
+    splitter_cls=None,
+    splitter_kwargs: dict | None = None,
+    make_plan=None,
+    extra_callbacks: list | None = None,
 ) -> None:
     """Train ``model`` (see ``SCVI.train`` for the arguments)."""
     manager = model.adata_manager
@@ -170,8 +174,9 @@ def train_unsupervised(
     distributed = (isinstance(strategy, str) and "ddp" in strategy) or (
         not isinstance(strategy, str) and "DDP" in type(strategy).__name__
     )
-    splitter = DataSplitter(
+    splitter = (splitter_cls or DataSplitter)(
         manager,
+        **(splitter_kwargs or {}),
         train_size=train_size,
         validation_size=validation_size,
         shuffle_set_split=shuffle_set_split,
@@ -183,10 +188,11 @@ def train_unsupervised(
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
     _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch)
     plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
-    batch_state = model.get_state_registry("batch")
-    plan = TrainingPlan(
-        model.module, plan_cfg, batch_categories=list(batch_state["categorical_mapping"])
-    )
+    batch_names = list(model.get_state_registry("batch")["categorical_mapping"])
+    if make_plan is None:
+        plan = TrainingPlan(model.module, plan_cfg, batch_categories=batch_names)
+    else:
+        plan = make_plan(plan_cfg, batch_names)
     if ckpt_path is None:
         seed_torch()  # dropout and reparameterisation draws (a resume restores its own RNG)
     run_training(
@@ -196,7 +202,7 @@ def train_unsupervised(
         accelerator=accelerator,
         devices=devices,
         config=cfg,
-        callbacks=callbacks,
+        callbacks=list(callbacks or []) + list(extra_callbacks or []),
         ckpt_path=ckpt_path,
         run_dir=default_run_dir(type(model).__name__),
         record=lambda result: model._record_run(result, resumed=ckpt_path is not None),

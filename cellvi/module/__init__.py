@@ -1,7 +1,16 @@
 """Generative models as pure torch modules (no AnnData): inference, generative, loss."""
 
 from ._base import LossOutput, kl_normal_normal, kl_normal_standard
+from ._scanvae import SCANVAE
 from ._vae import VAE
 from ._vae_config import CHOICES, VAEConfig
 
-__all__ = ["CHOICES", "LossOutput", "VAE", "VAEConfig", "kl_normal_normal", "kl_normal_standard"]
+__all__ = [
+    "CHOICES",
+    "LossOutput",
+    "SCANVAE",
+    "VAE",
+    "VAEConfig",
+    "kl_normal_normal",
+    "kl_normal_standard",
+]

@@ -5,6 +5,7 @@ from ._config import UNSET, TrainerConfig, TrainingPlanConfig, build_dataclass, 
 from ._plan import TrainingPlan
 from ._progress import EpochProgress
 from ._runner import RunResult, TrainingInterrupted, default_run_dir, run_training
+from ._semisupervised import SemiSupervisedTrainingPlan
 
 __all__ = [
     "BestModelCheckpoint",
@@ -13,6 +14,7 @@ __all__ = [
     "LoudEarlyStopping",
     "ResumeCheckpoint",
     "RunResult",
+    "SemiSupervisedTrainingPlan",
     "TrainerConfig",
     "TrainingInterrupted",
     "TrainingPlan",

@@ -1,0 +1,299 @@
+"""SCANVI: semi-supervised label transfer on top of SCVI."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._constants import REGISTRY_KEYS
+from ..analysis import eval_mode, inference_batches
+from ..data import (
+    AnnDataManager,
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LabelsWithUnlabeledObsField,
+    LayerField,
+    NumericalJointObsField,
+    NumericalObsField,
+)
+from ..dataloaders import SemiSupervisedDataSplitter
+from ..errors import SetupError
+from ..module import SCANVAE
+from ..train import UNSET, SemiSupervisedTrainingPlan
+from ._base import seed_torch
+from ._scvi import SCVI
+from ._training import default_max_epochs, train_unsupervised
+
+__all__ = ["SCANVI"]
+
+_K = REGISTRY_KEYS
+logger = logging.getLogger("cellvi")
+
+
+class SCANVI(SCVI):
+    """Single-cell ANnotation using Variational Inference (Xu et al. 2021).
+
+    Shares SCVI's architecture options and outputs and adds a classifier trained on the
+    labeled cells; ``predict`` transfers labels to the unlabeled ones.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`SCANVI.setup_anndata`.
+    linear_classifier
+        Use a single linear layer as classifier.
+    **architecture
+        The architecture arguments of :class:`SCVI` (``n_hidden``, ``n_latent``, ...).
+    """
+
+    def __init__(
+        self,
+        adata=None,
+        *,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        latent_distribution: str = "normal",
+        use_observed_lib_size: bool = True,
+        log_variational: bool = True,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        batch_representation: str = "one-hot",
+        use_batch_norm: str = "both",
+        use_layer_norm: str = "none",
+        linear_classifier: bool = False,
+        registry: dict | None = None,
+    ):
+        self.linear_classifier = linear_classifier
+        self.was_pretrained_ = False
+        super().__init__(
+            adata,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution,
+            use_observed_lib_size=use_observed_lib_size,
+            log_variational=log_variational,
+            encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            batch_representation=batch_representation,
+            use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm,
+            registry=registry,
+        )
+        self.init_params_["non_kwargs"]["linear_classifier"] = linear_classifier
+        state = self.get_state_registry(_K.LABELS_KEY)
+        self.unlabeled_category_ = state["unlabeled_category"]
+        self.labels_ = [c for c in state["categorical_mapping"] if c != self.unlabeled_category_]
+
+    @property
+    def n_classes(self) -> int:
+        return self.summary_stats["n_labels"] - 1
+
+    def _build_module(self) -> SCANVAE:
+        stats = self.summary_stats
+        base = super()._build_module()  # validates and computes the shared pieces
+        seed_torch()
+        module = SCANVAE(
+            stats["n_vars"],
+            self.config_,
+            n_labels=stats["n_labels"] - 1,
+            linear_classifier=self.linear_classifier,
+            n_batch=stats.get("n_batch", 1),
+            n_continuous_cov=base.n_continuous_cov,
+            n_cats_per_cov=list(self._n_cats_per_cov()),
+            library_log_means=getattr(base, "library_log_means", None),
+            library_log_vars=getattr(base, "library_log_vars", None),
+            use_size_factor_key=base.use_size_factor_key,
+        )
+        return module
+
+    def _n_cats_per_cov(self):
+        reg = self.registry_["field_registries"].get(_K.CAT_COVS_KEY, {})
+        return reg.get("state_registry", {}).get("n_cats_per_key", [])
+
+    @classmethod
+    def _build_manager(cls, setup_args: dict) -> AnnDataManager:
+        fields = [
+            LayerField(_K.X_KEY, setup_args.get("layer"), is_count_data=True),
+            CategoricalObsField(_K.BATCH_KEY, setup_args.get("batch_key")),
+            LabelsWithUnlabeledObsField(
+                _K.LABELS_KEY, setup_args["labels_key"], setup_args["unlabeled_category"]
+            ),
+            NumericalObsField(_K.SIZE_FACTOR_KEY, setup_args.get("size_factor_key"), positive=True),
+            CategoricalJointObsField(_K.CAT_COVS_KEY, setup_args.get("categorical_covariate_keys")),
+            NumericalJointObsField(_K.CONT_COVS_KEY, setup_args.get("continuous_covariate_keys")),
+        ]
+        return AnnDataManager(
+            fields,
+            {
+                "model_name": cls.__name__,
+                "setup_method_name": "setup_anndata",
+                "setup_args": setup_args,
+            },
+        )
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        labels_key: str,
+        unlabeled_category,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Register ``adata`` for SCANVI; cells labeled ``unlabeled_category`` are unlabeled.
+
+        The unlabeled category always gets the highest label code. Other arguments as in
+        :meth:`SCVI.setup_anndata`.
+        """
+        setup_args = {
+            "labels_key": labels_key,
+            "unlabeled_category": unlabeled_category,
+            "layer": layer,
+            "batch_key": batch_key,
+            "size_factor_key": size_factor_key,
+            "categorical_covariate_keys": categorical_covariate_keys,
+            "continuous_covariate_keys": continuous_covariate_keys,
+        }
+        manager = cls._build_manager(setup_args)
+        manager.register_fields(adata)
+        cls._register_manager(manager)
+
+    @classmethod
+    def from_scvi_model(
+        cls,
+        scvi_model: SCVI,
+        unlabeled_category,
+        labels_key: str | None = None,
+        adata=None,
+        linear_classifier: bool = False,
+    ) -> SCANVI:
+        """A SCANVI initialised from a trained SCVI (same setup and architecture, its weights)."""
+        if not scvi_model.is_trained:
+            raise SetupError("from_scvi_model needs a trained SCVI model (call its train()).")
+        args = dict(scvi_model.registry_["setup_args"])
+        labels_key = labels_key or args.get("labels_key")
+        if labels_key is None:
+            raise SetupError(
+                "Give labels_key=: neither it nor the SCVI setup names a labels column."
+            )
+        adata = scvi_model.adata if adata is None else adata
+        args.pop("labels_key", None)
+        cls.setup_anndata(
+            adata, labels_key=labels_key, unlabeled_category=unlabeled_category, **args
+        )
+        model = cls(
+            adata, linear_classifier=linear_classifier, **scvi_model.init_params_["non_kwargs"]
+        )
+        ref = scvi_model.module.state_dict()
+        own = model.module.state_dict()
+        copied = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
+        model.module.load_state_dict(copied, strict=False)
+        skipped = sorted(set(ref) - set(copied))
+        if skipped:
+            logger.info(
+                "from_scvi_model did not copy %d tensors of other shape: %s",
+                len(skipped),
+                skipped[:5],
+            )
+        model.was_pretrained_ = True
+        return model
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        n_samples_per_label: int | None = None,
+        check_val_every_n_epoch: int | None = UNSET,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int | None = None,
+        accelerator: str = "auto",
+        devices="auto",
+        datasplitter_kwargs: dict | None = None,
+        plan_config=None,
+        plan_kwargs: dict | None = None,
+        trainer_config=None,
+        callbacks: list | None = None,
+        ckpt_path: str | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train with the ELBO on all cells plus classification of the labeled ones.
+
+        ``max_epochs=None`` uses the SCVI heuristic h, or ``min(10, max(2, round(h / 3)))``
+        after :meth:`from_scvi_model`. ``plan_kwargs`` may hold ``classification_ratio``
+        (50). Early stopping goes through ``**trainer_kwargs`` (``early_stopping=True``).
+        Other arguments as in :meth:`SCVI.train`.
+        """
+        if max_epochs is None:
+            h = default_max_epochs(self.summary_stats["n_cells"])
+            max_epochs = min(10, max(2, round(h / 3))) if self.was_pretrained_ else h
+        plan_kwargs = dict(plan_kwargs or {})
+        ratio = plan_kwargs.pop("classification_ratio", 50.0)
+        early = trainer_kwargs.pop("early_stopping", UNSET)
+
+        def make_plan(cfg, batch_names):
+            return SemiSupervisedTrainingPlan(
+                self.module,
+                cfg,
+                classification_ratio=ratio,
+                n_classes=self.n_classes,
+                batch_categories=batch_names,
+            )
+
+        train_unsupervised(
+            self,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            batch_size=batch_size,
+            early_stopping=early,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            datasplitter_kwargs=datasplitter_kwargs,
+            plan_config=plan_config,
+            plan_kwargs=plan_kwargs,
+            trainer_config=trainer_config,
+            callbacks=callbacks,
+            ckpt_path=ckpt_path,
+            trainer_kwargs=trainer_kwargs,
+            splitter_cls=SemiSupervisedDataSplitter,
+            splitter_kwargs={"n_samples_per_label": n_samples_per_label},
+            make_plan=make_plan,
+        )
+
+    def predict(
+        self,
+        adata=None,
+        indices=None,
+        soft: bool = False,
+        batch_size: int | None = None,
+        use_posterior_mean: bool = True,
+    ):
+        """Predicted labels (array of names) or, with ``soft``, a DataFrame of probabilities."""
+        probs = []
+        with eval_mode(self.module):
+            for batch in inference_batches(self, adata, indices, batch_size):
+                logits = self.module.classify(batch, use_posterior_mean=use_posterior_mean)
+                probs.append(logits.softmax(-1).cpu())
+        p = torch.cat(probs).numpy()
+        if soft:
+            manager = self._manager_for(adata)
+            idx = np.arange(p.shape[0]) if indices is None else np.asarray(indices)
+            return pd.DataFrame(p, index=manager.adata.obs_names[idx], columns=self.labels_)
+        return np.asarray(self.labels_, dtype=object)[p.argmax(1)]

@@ -1,0 +1,141 @@
+"""Semi-supervised training plan: ELBO on all cells + classification on labeled cells."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .._constants import REGISTRY_KEYS
+from ._config import TrainingPlanConfig
+from ._plan import TrainingPlan
+
+__all__ = ["SemiSupervisedTrainingPlan"]
+
+_N_BINS = 10  # calibration-error bins
+
+
+class SemiSupervisedTrainingPlan(TrainingPlan):
+    """:class:`TrainingPlan` for SCANVI: adds ``classification_ratio`` × cross-entropy.
+
+    Training steps receive ``{"full": batch, "labeled": batch}`` (or a plain batch when no
+    cell is labeled). Logged per epoch, besides the ELBO metrics:
+    ``train_classification_loss``, ``train_accuracy``, ``train_f1_score`` (micro-averaged,
+    equal to accuracy for single-label classes), ``train_calibration_error`` (expected
+    calibration error over 10 confidence bins) and their ``validation_`` twins (computed on
+    the labeled cells of the validation set).
+
+    Parameters
+    ----------
+    module
+        A :class:`~cellvi.module.SCANVAE`.
+    config
+        Optimiser and warm-up settings.
+    classification_ratio
+        Weight of the classification loss (50).
+    n_classes
+        Number of label classes (the unlabeled code is ``n_classes``).
+    batch_categories
+        Batch names for error messages.
+    """
+
+    CLASS_STEMS = ("classification_loss", "accuracy", "f1_score", "calibration_error")
+
+    def __init__(
+        self,
+        module,
+        config: TrainingPlanConfig | None = None,
+        *,
+        classification_ratio: float = 50.0,
+        n_classes: int,
+        batch_categories: list | None = None,
+    ):
+        super().__init__(module, config, batch_categories=batch_categories)
+        self.classification_ratio = classification_ratio
+        self.n_classes = n_classes
+        self._class_stats: dict[str, torch.Tensor] = {}
+
+    def metric_names(self, *, validation: bool) -> list[str]:
+        names = super().metric_names(validation=validation)
+        names += [f"train_{m}" for m in self.CLASS_STEMS]
+        if validation:
+            names += [f"validation_{m}" for m in self.CLASS_STEMS]
+        return names
+
+    def _classification(self, split: str, batch: dict) -> torch.Tensor | None:
+        labels = batch[REGISTRY_KEYS.LABELS_KEY].reshape(-1)
+        keep = labels < self.n_classes
+        if not bool(keep.any()):
+            return None
+        sub = {k: v[keep] for k, v in batch.items()}
+        logits = self.module.classify(sub)
+        y = labels[keep]
+        ce = F.cross_entropy(logits, y)
+        with torch.no_grad():
+            probs = logits.softmax(-1)
+            conf, pred = probs.max(-1)
+            correct = (pred == y).float()
+            bins = torch.clamp((conf * _N_BINS).long(), max=_N_BINS - 1)
+            hist = torch.zeros(3, _N_BINS, device=logits.device)
+            hist[0].index_add_(0, bins, torch.ones_like(conf))
+            hist[1].index_add_(0, bins, conf)
+            hist[2].index_add_(0, bins, correct)
+            row = torch.cat(
+                [
+                    torch.stack(
+                        [
+                            ce.detach() * len(y),
+                            correct.sum(),
+                            torch.tensor(float(len(y)), device=y.device),
+                        ]
+                    ),
+                    hist.reshape(-1),
+                ]
+            )
+        self._class_stats[split] = self._class_stats.get(split, 0) + row
+        return ce
+
+    def training_step(self, batch, batch_idx):
+        full = batch["full"] if "full" in batch else batch
+        loss = super().training_step(full, batch_idx)
+        if "labeled" in batch:
+            ce = self._classification("train", batch["labeled"])
+            if ce is not None:
+                loss = loss + self.classification_ratio * ce
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch["full"] if "full" in batch else batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        with torch.no_grad():
+            self._classification("validation", batch)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._class_stats.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._class_stats.pop("validation", None)
+
+    def _epoch_metrics(self, split: str, n_obs_split: int | None) -> dict[str, float]:
+        metrics = super()._epoch_metrics(split, n_obs_split)
+        stats = self._class_stats.get(split)
+        if stats is None or not metrics:
+            return metrics
+        if self.trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats.clone(), reduce_op="sum")
+        stats = stats.cpu()
+        ce_sum, correct, n = (float(v) for v in stats[:3])
+        count, conf, right = stats[3:].reshape(3, _N_BINS)
+        ece = float((conf - right).abs().sum() / max(n, 1))
+        metrics.update(
+            {
+                f"{split}_classification_loss": ce_sum / n,
+                f"{split}_accuracy": correct / n,
+                f"{split}_f1_score": correct / n,
+                f"{split}_calibration_error": ece,
+            }
+        )
+        return metrics

@@ -1,0 +1,93 @@
+"""SCANVI: label transfer from a few labeled cells, pretraining from SCVI, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cellvi
+from cellvi.errors import InvalidDataError, SetupError
+from cellvi.model import SCANVI, SCVI
+
+
+@pytest.fixture
+def labeled_sim():
+    adata = cellvi.data.simulate(n_cells=800, n_genes=150, n_batches=2, n_cell_types=4, seed=5)
+    rng = np.random.default_rng(0)
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    hidden = rng.random(adata.n_obs) > 0.15  # 15 % of the cells keep their label
+    labels[hidden] = "Unknown"
+    adata.obs["labels"] = labels
+    return adata, hidden
+
+
+def test_scanvi_from_scvi_predicts_hidden_labels(labeled_sim):
+    adata, hidden = labeled_sim
+    SCVI.setup_anndata(adata, batch_key="batch")
+    scvi_model = SCVI(adata, n_latent=10)
+    scvi_model.train(max_epochs=100, plan_kwargs={"n_epochs_kl_warmup": 10})
+    model = SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels")
+    for name, value in scvi_model.module.z_encoder.state_dict().items():
+        torch.testing.assert_close(model.module.z_encoder.state_dict()[name], value)
+    assert model.was_pretrained_
+    model.train(max_epochs=20, check_val_every_n_epoch=1)
+    assert len(model.history["elbo_train"]) == 20
+    acc = model.history["train_accuracy"]["train_accuracy"]
+    assert acc.iloc[-1] >= acc.iloc[0] and "validation_accuracy" in model.history
+    pred = model.predict()
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    # models.md: accuracy on unlabeled cells >= 0.9 (reference 0.99)
+    assert (pred[hidden] == truth[hidden]).mean() >= 0.9
+    soft = model.predict(soft=True)
+    np.testing.assert_allclose(soft.sum(1), 1, rtol=1e-5)
+    assert (soft.columns[soft.to_numpy().argmax(1)] == pred).all()
+    # columns in code order: sorted labels with "Unknown" swapped into the last code
+    assert list(soft.columns) == model.labels_ == ["type_3", "type_0", "type_1", "type_2"]
+
+
+def test_scanvi_setup_puts_unlabeled_last_and_rejects_unseen_labels(labeled_sim, tmp_path):
+    adata, _ = labeled_sim
+    SCANVI.setup_anndata(
+        adata, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
+    )
+    model = SCANVI(adata, n_hidden=16, n_latent=4)
+    assert model.get_state_registry("labels")["categorical_mapping"][-1] == "Unknown"
+    assert model.n_classes == 4
+    model.train(max_epochs=2)
+    model.save(tmp_path / "m")
+    loaded = SCANVI.load(tmp_path / "m", adata=adata.copy())
+    np.testing.assert_array_equal(loaded.predict(), model.predict())
+    other = adata.copy()
+    other.obs["labels"] = other.obs["labels"].replace({"type_0": "type_9"})
+    with pytest.raises(InvalidDataError, match=r"labels the model has not seen: \['type_9'\]"):
+        SCANVI.load(tmp_path / "m", adata=other)
+
+
+def test_from_untrained_scvi_is_refused(labeled_sim):
+    adata, _ = labeled_sim
+    SCVI.setup_anndata(adata)
+    with pytest.raises(SetupError, match="needs a trained SCVI"):
+        SCANVI.from_scvi_model(SCVI(adata), "Unknown", labels_key="labels")
+
+
+def test_scanvi_query_mapping_predicts_labels_of_a_new_batch():
+    adata = cellvi.data.simulate(n_cells=900, n_genes=120, n_batches=3, n_cell_types=3, seed=8)
+    adata.obs["labels"] = adata.obs["cell_type"].astype(str)
+    ref = adata[adata.obs["batch"] != "batch_2"].copy()
+    query = adata[adata.obs["batch"] == "batch_2"].copy()
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    query.obs["labels"] = "Unknown"
+    SCANVI.setup_anndata(ref, labels_key="labels", unlabeled_category="Unknown",
+                         batch_key="batch")
+    reference = SCANVI(ref, n_latent=8)
+    reference.train(max_epochs=60, plan_kwargs={"n_epochs_kl_warmup": 10})
+    q = SCANVI.load_query_data(query, reference)
+    assert q.summary_stats["n_batch"] == 3
+    classifier_before = {k: v.clone() for k, v in q.module.classifier.state_dict().items()}
+    q.train(max_epochs=40, plan_kwargs={"weight_decay": 0.0})
+    for name, value in q.module.classifier.state_dict().items():
+        if not name.endswith("num_batches_tracked"):  # a counter, not a weight
+            assert torch.equal(value, classifier_before[name]), name  # classifier stays frozen
+    # three planted types; the frozen classifier labels the mapped batch
+    assert (q.predict() == truth).mean() >= 0.9
