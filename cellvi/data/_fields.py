@@ -273,12 +273,22 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
         column = self._column(adata_target)
         mapping = list(state["categorical_mapping"])
         unseen = [c for c in self._categories(column) if c not in mapping]
-        if unseen:
+        if unseen and not allow_missing_labels:
             raise InvalidDataError(
                 f"labels column {self.obs_key!r} has labels the model has not seen: "
                 f"{unseen[:5]}. Mark novel cells with the unlabeled category "
                 f"{self.unlabeled_category!r}."
             )
+        if unseen:  # query mapping: novel labels cannot be learned, they count as unlabeled
+            n_cells = int(column.isin(unseen).sum())
+            warnings.warn(
+                f"labels column {self.obs_key!r}: {n_cells} query cell(s) carry labels the "
+                f"reference never saw ({unseen[:5]}); they are treated as "
+                f"{self.unlabeled_category!r} (the column itself is not changed).",
+                CellviWarning,
+                stacklevel=6,
+            )
+            column = column.astype(object).where(~column.isin(unseen), self.unlabeled_category)
         self._encode(adata_target, column, mapping)
         return dict(state)
 

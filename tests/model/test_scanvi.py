@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cellvi
-from cellvi.errors import InvalidDataError, SetupError
+from cellvi.errors import CellviWarning, InvalidDataError, SetupError
 from cellvi.model import SCANVI, SCVI
 
 
@@ -78,12 +78,14 @@ def test_scanvi_query_mapping_predicts_labels_of_a_new_batch():
     query = adata[adata.obs["batch"] == "batch_2"].copy()
     truth = query.obs["cell_type"].astype(str).to_numpy()
     query.obs["labels"] = "Unknown"
-    SCANVI.setup_anndata(ref, labels_key="labels", unlabeled_category="Unknown",
-                         batch_key="batch")
+    query.obs.iloc[:5, query.obs.columns.get_loc("labels")] = "novel_type"
+    SCANVI.setup_anndata(ref, labels_key="labels", unlabeled_category="Unknown", batch_key="batch")
     reference = SCANVI(ref, n_latent=8)
     reference.train(max_epochs=60, plan_kwargs={"n_epochs_kl_warmup": 10})
-    q = SCANVI.load_query_data(query, reference)
+    with pytest.warns(CellviWarning, match=r"5 query cell\(s\) carry labels the reference never"):
+        q = SCANVI.load_query_data(query, reference)
     assert q.summary_stats["n_batch"] == 3
+    assert (q.adata.obs["labels"] == "novel_type").sum() == 5  # user column untouched
     classifier_before = {k: v.clone() for k, v in q.module.classifier.state_dict().items()}
     q.train(max_epochs=40, plan_kwargs={"weight_decay": 0.0})
     for name, value in q.module.classifier.state_dict().items():
