@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .._constants import REGISTRY_KEYS
+from ..module import log_normal
 from ._batches import eval_mode, inference_batches
 
 __all__ = ["get_elbo", "get_reconstruction_error", "get_marginal_ll"]
@@ -36,10 +37,6 @@ def get_reconstruction_error(
     """Negative log-likelihood: ``{"reconstruction_loss": value}``; lower is better."""
     rec, _ = _per_cell_losses(model, adata, indices, batch_size)
     return {"reconstruction_loss": float(rec.mean()) if return_mean else rec}
-
-
-def _log_normal(x, mean, var):
-    return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).sum(-1)
 
 
 def get_marginal_ll(
@@ -72,8 +69,8 @@ def get_marginal_ll(
                 gen = module.generative(z, library, batch)
                 ll = module.log_likelihood(batch[REGISTRY_KEYS.X_KEY], gen)
                 qz_m, qz_v = inf["qz_m"], inf["qz_v"]
-                log_pz = _log_normal(z, torch.zeros_like(qz_m), torch.ones_like(qz_v))
-                log_qz = _log_normal(z, qz_m, qz_v)
+                log_pz = log_normal(z, torch.zeros_like(qz_m), torch.ones_like(qz_v))
+                log_qz = log_normal(z, qz_m, qz_v)
                 w = log_pz + ll - log_qz
                 if inf["ql_m"] is not None:
                     b = batch[REGISTRY_KEYS.BATCH_KEY].reshape(-1)
@@ -81,8 +78,8 @@ def get_marginal_ll(
                     prior_v = module.library_log_vars[0, b].unsqueeze(-1)
                     w = (
                         w
-                        + _log_normal(library, prior_m, prior_v)
-                        - _log_normal(library, inf["ql_m"], inf["ql_v"])
+                        + log_normal(library, prior_m, prior_v)
+                        - log_normal(library, inf["ql_m"], inf["ql_v"])
                     )
                 log_w.append(w)
                 done += k

@@ -100,26 +100,14 @@ class SCANVI(SCVI):
         return self.summary_stats["n_labels"] - 1
 
     def _build_module(self) -> SCANVAE:
-        stats = self.summary_stats
-        base = super()._build_module()  # validates and computes the shared pieces
         seed_torch()
-        module = SCANVAE(
-            stats["n_vars"],
+        return SCANVAE(
+            self.summary_stats["n_vars"],
             self.config_,
-            n_labels=stats["n_labels"] - 1,
+            n_labels=self.summary_stats["n_labels"] - 1,
             linear_classifier=self.linear_classifier,
-            n_batch=stats.get("n_batch", 1),
-            n_continuous_cov=base.n_continuous_cov,
-            n_cats_per_cov=list(self._n_cats_per_cov()),
-            library_log_means=getattr(base, "library_log_means", None),
-            library_log_vars=getattr(base, "library_log_vars", None),
-            use_size_factor_key=base.use_size_factor_key,
+            **self._module_kwargs(),
         )
-        return module
-
-    def _n_cats_per_cov(self):
-        reg = self.registry_["field_registries"].get(_K.CAT_COVS_KEY, {})
-        return reg.get("state_registry", {}).get("n_cats_per_key", [])
 
     @classmethod
     def _build_manager(cls, setup_args: dict) -> AnnDataManager:

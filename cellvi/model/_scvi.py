@@ -95,7 +95,8 @@ class SCVI(BaseModel):
         }
         self.module = self._build_module()
 
-    def _build_module(self) -> VAE:
+    def _module_kwargs(self) -> dict:
+        """Data-dependent arguments of the module, read from the registry."""
         stats = self.summary_stats
         n_batch = stats.get("n_batch", 1)
         library_means = library_vars = None
@@ -103,17 +104,22 @@ class SCVI(BaseModel):
             library_means, library_vars = self._library_priors(n_batch)
         cat_state = self.registry_["field_registries"].get(_K.CAT_COVS_KEY, {})
         n_cats = cat_state.get("state_registry", {}).get("n_cats_per_key", [])
+        return {
+            "n_batch": n_batch,
+            "n_continuous_cov": stats.get("n_extra_continuous_covs", 0),
+            "n_cats_per_cov": list(n_cats),
+            "library_log_means": library_means,
+            "library_log_vars": library_vars,
+            "use_size_factor_key": _K.SIZE_FACTOR_KEY in self._data_keys(),
+        }
+
+    def _build_module(self) -> VAE:
         seed_torch()
         return VAE(
-            stats["n_vars"],
+            self.summary_stats["n_vars"],
             self.config_,
-            n_batch=n_batch,
-            n_labels=stats.get("n_labels", 1),
-            n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
-            n_cats_per_cov=list(n_cats),
-            library_log_means=library_means,
-            library_log_vars=library_vars,
-            use_size_factor_key=_K.SIZE_FACTOR_KEY in self._data_keys(),
+            n_labels=self.summary_stats.get("n_labels", 1),
+            **self._module_kwargs(),
         )
 
     def _data_keys(self) -> set[str]:

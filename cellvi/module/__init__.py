@@ -1,6 +1,6 @@
 """Generative models as pure torch modules (no AnnData): inference, generative, loss."""
 
-from ._base import LossOutput, kl_normal_normal, kl_normal_standard
+from ._base import LossOutput, kl_normal_normal, kl_normal_standard, log_normal
 from ._scanvae import SCANVAE
 from ._vae import VAE
 from ._vae_config import CHOICES, VAEConfig
@@ -13,4 +13,5 @@ __all__ = [
     "VAEConfig",
     "kl_normal_normal",
     "kl_normal_standard",
+    "log_normal",
 ]

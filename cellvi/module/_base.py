@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LossOutput", "kl_normal_standard"]
+__all__ = ["LossOutput", "kl_normal_standard", "kl_normal_normal", "log_normal"]
 
 
 @dataclass
@@ -50,3 +51,8 @@ def kl_normal_normal(
     """KL(N(mean, var) ‖ N(prior_mean, prior_var)) summed over the last axis."""
     ratio = var / prior_var
     return 0.5 * (ratio + (mean - prior_mean).pow(2) / prior_var - 1.0 - ratio.log()).sum(dim=-1)
+
+
+def log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, var) summed over the last axis."""
+    return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).sum(-1)

@@ -10,15 +10,11 @@ from torch.nn import functional as F
 
 from .._constants import REGISTRY_KEYS
 from ..nn import Encoder, FCLayers
-from ._base import LossOutput, kl_normal_normal, kl_normal_standard
+from ._base import LossOutput, kl_normal_normal, kl_normal_standard, log_normal
 from ._vae import VAE
 from ._vae_config import VAEConfig
 
 __all__ = ["SCANVAE"]
-
-
-def _log_normal(x, mean, var):
-    return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).sum(-1)
 
 
 class SCANVAE(VAE):
@@ -108,14 +104,14 @@ class SCANVAE(VAE):
         )
         n, k = z1.shape[0], self.n_classes
         log_px = self.log_likelihood(x, generative_outputs)
-        log_qz1 = _log_normal(z1, qz_m, qz_v)
+        log_qz1 = log_normal(z1, qz_m, qz_v)
         probs = F.softmax(self.classifier(z1), dim=-1)  # q(y | z1), (cells, K)
         ys = torch.arange(k, device=x.device).repeat_interleave(n).reshape(-1, 1)
         z1_rep = z1.repeat(k, 1)  # (K * cells, d), block y = all cells with label y
         qz2_m, qz2_v, z2 = self.encoder_z2_z1(z1_rep, ys)
         h = self.decoder_z1_z2(z2, ys)
         pz1_m, pz1_v = self.pz1_mean(h), self.pz1_var(h).exp() + 1e-4
-        log_pz1 = _log_normal(z1_rep, pz1_m, pz1_v).reshape(k, n).T  # (cells, K)
+        log_pz1 = log_normal(z1_rep, pz1_m, pz1_v).reshape(k, n).T  # (cells, K)
         kl_z2 = kl_normal_standard(qz2_m, qz2_v).reshape(k, n).T
         reconst = -log_px + log_qz1 - (probs * log_pz1).sum(-1)
         kl_y = (probs * (probs.clamp_min(1e-12).log() + math.log(k))).sum(-1)
