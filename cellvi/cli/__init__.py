@@ -20,6 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--max-epochs", type=int, default=150)
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    run = sub.add_parser("run", help="run a workflow described in a TOML file")
+    run.add_argument("workflow", help="path of the workflow .toml")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    val = sub.add_parser("validate", help="score and check a finished run's output folder")
+    val.add_argument("output_dir")
     sim = sub.add_parser("simulate", help="write a simulated data set with its ground truth")
     sim.add_argument("output", help="path of the .h5ad to write")
     sim.add_argument("--n-cells", type=int, default=2000)
@@ -45,6 +50,19 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 overwrite=args.overwrite,
             )
+        elif args.command == "run":
+            from ._run import run_workflow
+
+            out = run_workflow(args.workflow, resume=args.resume)
+            print(f"Finished; outputs in {out}")
+        elif args.command == "validate":
+            import json
+
+            from ._validate import validate_run
+
+            report = validate_run(args.output_dir)
+            print(json.dumps(report, indent=2))
+            return 0 if report["healthy"] else 1
         elif args.command == "simulate":
             from ..simulate import simulate
 

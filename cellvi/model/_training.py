@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,6 +48,15 @@ def default_max_epochs(n_obs: int) -> int:
             n_obs,
         )
     return max(heuristic, MIN_DEFAULT_EPOCHS)
+
+
+def _run_dir_for(model, ckpt_path):
+    """A resumed run continues in the directory of its checkpoint (history.csv goes on)."""
+    if ckpt_path is not None:
+        ckpt = Path(ckpt_path)
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent
+    return default_run_dir(type(model).__name__)
 
 
 def _lightning_trainer_args() -> set[str]:
@@ -204,7 +214,7 @@ def train_unsupervised(
         config=cfg,
         callbacks=list(callbacks or []) + list(extra_callbacks or []),
         ckpt_path=ckpt_path,
-        run_dir=default_run_dir(type(model).__name__),
+        run_dir=_run_dir_for(model, ckpt_path),
         record=lambda result: model._record_run(result, resumed=ckpt_path is not None),
         save_fn=lambda path: model.save(path, overwrite=True),
         load_fn=model._load_weights_from,

@@ -1,0 +1,5 @@
+"""``python -m cellvi.cli``."""
+
+from . import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""``cellvi run workflow.toml``: a declarative, resumable workflow."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from ._schema import load_workflow
+
+__all__ = ["run_workflow", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of cellvi and the packages that determine its results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("cellvi", "torch", "lightning", "anndata", "numpy", "scipy", "pandas"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+class _State:
+    """Which steps of a run are finished (``state.json``), so ``--resume`` can skip them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done = json.loads(path.read_text()) if path.exists() else {}
+
+    def mark(self, step: str, value=True) -> None:
+        self.done[step] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        tmp.replace(self.path)
+
+
+def _load_input(config: dict):
+    import anndata
+
+    import cellvi
+
+    inp = config["input"]
+    if "simulate" in inp:
+        adata = cellvi.data.simulate(**inp["simulate"])
+    else:
+        adata = anndata.read_h5ad(inp["path"])
+    return adata
+
+
+def _last_checkpoint(runs: Path) -> Path | None:
+    candidates = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def run_workflow(path: str | Path, *, resume: bool = False) -> Path:
+    """Run (or resume) the workflow in ``path``; returns the output directory."""
+    import cellvi
+    from cellvi.model import SCANVI, SCVI
+
+    config = load_workflow(path)
+    out = Path(config["outputs"]["dir"])
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty; use --resume to continue that run.")
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out / "state.json")
+    (out / "config.resolved.json").write_text(
+        json.dumps({"workflow": str(path), "config": config, "versions": versions()}, indent=2)
+    )
+    train_cfg = dict(config["train"])
+    seed = train_cfg.pop("seed", 0)
+    model_cls = SCANVI if config["model"].get("name") == "SCANVI" else SCVI
+    model_kwargs = {k: v for k, v in config["model"].items() if k != "name"}
+    with cellvi.settings.override(seed=seed, logging_dir=out / "runs"):
+        adata = _load_input(config)
+        setup = dict(config["setup"])
+        if config["input"].get("layer"):
+            setup["layer"] = config["input"]["layer"]
+        model_cls.setup_anndata(adata, **setup)
+        if state.done.get("train") and (out / "model").exists():
+            model = model_cls.load(out / "model", adata=adata)
+        else:
+            model = model_cls(adata, **model_kwargs)
+            ckpt = _last_checkpoint(out / "runs") if resume else None
+            model.train(**train_cfg, ckpt_path=str(ckpt) if ckpt else None)
+            model.save(out / "model", overwrite=True)
+            state.mark("train")
+        outputs = config["outputs"]
+        if outputs.get("latent"):
+            adata.obsm["X_scVI"] = model.get_latent_representation()
+        if outputs.get("normalized_expression"):
+            adata.layers["cellvi_normalized"] = model.get_normalized_expression(return_numpy=True)
+        if outputs.get("de") and not state.done.get("de"):
+            table = model.differential_expression(**outputs["de"])
+            table.to_csv(out / "de.csv")
+            state.mark("de")
+        adata.write_h5ad(out / "adata.h5ad")
+        state.mark("outputs")
+    return out

@@ -1,0 +1,127 @@
+"""Schema of ``cellvi run`` workflow files: every key, its type, checked before any work."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import tomllib
+from pathlib import Path
+
+__all__ = ["ConfigError", "load_workflow", "SCHEMA"]
+
+
+class ConfigError(ValueError):
+    """The workflow file is invalid; the message names the key and what to write instead."""
+
+
+_ANY = object
+
+
+def _model_keys() -> dict[str, type]:
+    from ..model import SCVI
+
+    params = inspect.signature(SCVI.__init__).parameters
+    out = {"name": str}
+    for name, p in params.items():
+        if name in ("self", "adata", "registry"):
+            continue
+        out[name] = type(p.default) if p.default is not None else _ANY
+    return out
+
+
+SCHEMA: dict[str, dict[str, type]] = {
+    "input": {"path": str, "layer": str, "simulate": dict},
+    "setup": {
+        "batch_key": str,
+        "labels_key": str,
+        "size_factor_key": str,
+        "categorical_covariate_keys": list,
+        "continuous_covariate_keys": list,
+        "unlabeled_category": str,
+    },
+    "train": {
+        "max_epochs": int,
+        "accelerator": str,
+        "devices": _ANY,
+        "strategy": str,
+        "batch_size": int,
+        "train_size": float,
+        "validation_size": float,
+        "early_stopping": bool,
+        "early_stopping_patience": int,
+        "early_stopping_monitor": str,
+        "check_val_every_n_epoch": int,
+        "enable_checkpointing": bool,
+        "seed": int,
+        "plan_kwargs": dict,
+    },
+    "outputs": {
+        "dir": str,
+        "latent": bool,
+        "normalized_expression": bool,
+        "de": dict,
+        "save_model": bool,
+    },
+}
+
+
+def _check_section(name: str, values: dict, allowed: dict[str, type], where: str) -> None:
+    for key, value in values.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key [{name}].{key}.{hint} Valid keys: {sorted(allowed)}."
+            )
+        expected = allowed[key]
+        if expected is _ANY:
+            continue
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(
+                f"{where}: [{name}].{key} must be {expected.__name__}, got {value!r} "
+                f"({type(value).__name__})."
+            )
+
+
+def load_workflow(path: str | Path) -> dict:
+    """Read and validate a TOML workflow; returns the config with defaults filled in."""
+    path = Path(path)
+    try:
+        config = tomllib.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"No workflow file at {path}.") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    schema = dict(SCHEMA, model=_model_keys())
+    for section, values in config.items():
+        if section not in schema:
+            close = difflib.get_close_matches(section, list(schema), n=1)
+            hint = f" Did you mean [{close[0]}]?" if close else ""
+            raise ConfigError(f"{path}: unknown section [{section}].{hint}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table.")
+        _check_section(section, values, schema[section], str(path))
+    inp = config.setdefault("input", {})
+    if ("path" in inp) == ("simulate" in inp):
+        raise ConfigError(
+            f"{path}: [input] needs exactly one of path = '...h5ad' or simulate = {{...}}."
+        )
+    model = config.setdefault("model", {})
+    if model.get("name", "SCVI") not in ("SCVI", "SCANVI"):
+        raise ConfigError(f"{path}: [model].name must be 'SCVI' or 'SCANVI'.")
+    if model.get("name") == "SCANVI":
+        setup = config.get("setup", {})
+        if "labels_key" not in setup or "unlabeled_category" not in setup:
+            raise ConfigError(
+                f"{path}: SCANVI needs [setup].labels_key and [setup].unlabeled_category."
+            )
+    config.setdefault("setup", {})
+    config.setdefault("train", {})
+    outputs = config.setdefault("outputs", {})
+    outputs.setdefault("dir", "cellvi_run")
+    outputs.setdefault("latent", True)
+    outputs.setdefault("save_model", True)
+    return config
