@@ -51,7 +51,12 @@ def run_quickstart(
             plan_kwargs={"n_epochs_kl_warmup": min(50, max_epochs // 2)},
         )
         latent = model.get_latent_representation()
-    adata.obsm["X_scVI"] = latent
+        adata.obsm["X_scVI"] = latent
+        adata.layers["cellvi_normalized"] = model.get_normalized_expression(return_numpy=True)
+        de_table = model.differential_expression(
+            groupby="cell_type", group1="type_0", mode="change"
+        )
+    de_table.to_csv(out / "de_type_0_vs_rest.csv")
     model.save(out / "model", overwrite=True)
     adata.write_h5ad(out / "adata.h5ad")
     history = {k: v[k] for k, v in model.history.items()}
@@ -72,7 +77,18 @@ def run_quickstart(
         "wall_time_s": time.perf_counter() - start,
         "output_dir": str(out),
     }
+    lfc = adata.varm["true_lfc"]["type_0"].loc[de_table.index]
+    calls = de_table["is_de_fdr_0.05"]
+    summary["de_type_0_calls_at_fdr_0.05"] = int(calls.sum())
+    summary["de_type_0_false_calls (|true lfc|<0.25)"] = int((calls & (lfc.abs() < 0.25)).sum())
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        from ._report import write_report
+
+        report = write_report(out, adata=adata, model=model, de_table=de_table, summary=summary)
+        summary["report"] = str(report)
+    except ImportError as err:
+        console.print(f"No report: {err}")
     table = Table(title="cellvi quickstart")
     table.add_column("result")
     table.add_column("value", justify="right")

@@ -115,3 +115,38 @@ def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path):
     assert result.returncode == 0, result.stderr
     final = pd.read_csv(history)
     assert final["epoch"].tolist() == list(range(12))  # resumed, not restarted
+
+
+def test_quickstart_writes_model_data_de_and_report(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report needs the plot extra")
+    out = tmp_path / "qs"
+    assert (
+        main(
+            [
+                "quickstart",
+                "--out",
+                str(out),
+                "--n-cells",
+                "300",
+                "--n-genes",
+                "120",
+                "--max-epochs",
+                "6",
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "model/model.pt",
+        "adata.h5ad",
+        "de_type_0_vs_rest.csv",
+        "summary.json",
+        "report.html",
+        "training_curves.png",
+        "embedding.png",
+        "volcano.png",
+    ):
+        assert (out / name).exists(), name
+    page = (out / "report.html").read_text()
+    assert 'src="embedding.png"' in page and "knn_cell_type_accuracy" in page
+    assert main(["quickstart", "--out", str(out)]) == 2  # refuses to overwrite
