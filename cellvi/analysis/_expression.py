@@ -110,13 +110,17 @@ def get_normalized_expression(
         if seed is not None:
             torch.manual_seed(seed)
         for batch in inference_batches(model, adata, cell_idx, batch_size):
-            value = _decode(module, batch, n_samples, codes, quantity) * factor
+            value = _decode(module, batch, n_samples, codes, quantity)
             if genes is not None:
                 value = value[..., torch.as_tensor(genes, device=value.device)]
             if n_samples > 1 and return_mean:
                 value = value.mean(0)
             stop = start + value.shape[-2]
-            result[..., start:stop, :] = value.cpu().numpy()
+            target = torch.from_numpy(result[..., start:stop, :])
+            if value.device.type == "cpu":
+                torch.mul(value, factor, out=target)  # written straight into the result
+            else:
+                target.copy_((value * factor).cpu())
             start = stop
     if n_samples > 1 and not return_mean:
         if return_numpy is False:
