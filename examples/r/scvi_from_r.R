@@ -33,8 +33,8 @@ meta <- data.frame(cell_type = cell_type, batch = batch, row.names = colnames(co
 
 # ---- to Python: a genes x cells CSC is exactly a cells x genes CSR ----------------------
 cellvi <- import("cellvi")
-anndata <- import("anndata")
-sp <- import("scipy.sparse")
+anndata <- import("anndata", convert = FALSE)
+sp <- import("scipy.sparse", convert = FALSE)
 np <- import("numpy", convert = FALSE)
 x <- sp$csr_matrix(
   tuple(np$asarray(counts@x, dtype = "float32"), np$asarray(counts@i), np$asarray(counts@p)),
@@ -48,7 +48,10 @@ cellvi$settings$progress_bar_style <- "none"
 cellvi$model$SCVI$setup_anndata(adata, batch_key = "batch")
 model <- cellvi$model$SCVI(adata, n_latent = 5L)
 model$train(max_epochs = 40L, plan_kwargs = list(n_epochs_kl_warmup = 10L))
-latent <- model$get_latent_representation()      # an R matrix, cells x 5
+z <- model$get_latent_representation()           # numpy array, cells x 5
+# go through a plain list, which works whatever numpy/reticulate versions are installed
+shape <- unlist(z$shape)
+latent <- matrix(unlist(z$ravel()$tolist()), nrow = shape[1], byrow = TRUE)
 rownames(latent) <- colnames(counts)
 
 write.csv(data.frame(latent, cell_type = meta$cell_type, batch = meta$batch), out_csv)
