@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an interrupted run")
     val = sub.add_parser("validate", help="score and check a finished run's output folder")
     val.add_argument("output_dir")
+    val.add_argument("--rerun", action="store_true", help="rerun with the same seed and compare")
     sim = sub.add_parser("simulate", help="write a simulated data set with its ground truth")
     sim.add_argument("output", help="path of the .h5ad to write")
     sim.add_argument("--n-cells", type=int, default=2000)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from ._validate import validate_run
 
-            report = validate_run(args.output_dir)
+            report = validate_run(args.output_dir, rerun=args.rerun)
             print(json.dumps(report, indent=2))
             return 0 if report["healthy"] else 1
         elif args.command == "simulate":

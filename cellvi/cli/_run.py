@@ -58,17 +58,21 @@ def _last_checkpoint(runs: Path) -> Path | None:
 
 def run_workflow(path: str | Path, *, resume: bool = False) -> Path:
     """Run (or resume) the workflow in ``path``; returns the output directory."""
+    return run_config(load_workflow(path), source=str(path), resume=resume)
+
+
+def run_config(config: dict, *, source: str = "<config>", resume: bool = False) -> Path:
+    """Run a validated workflow config (see :func:`~cellvi.cli._schema.load_workflow`)."""
     import cellvi
     from cellvi.model import SCANVI, SCVI
 
-    config = load_workflow(path)
     out = Path(config["outputs"]["dir"])
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty; use --resume to continue that run.")
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "state.json")
     (out / "config.resolved.json").write_text(
-        json.dumps({"workflow": str(path), "config": config, "versions": versions()}, indent=2)
+        json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2)
     )
     train_cfg = dict(config["train"])
     seed = train_cfg.pop("seed", 0)
@@ -97,6 +101,27 @@ def run_workflow(path: str | Path, *, resume: bool = False) -> Path:
             table = model.differential_expression(**outputs["de"])
             table.to_csv(out / "de.csv")
             state.mark("de")
+        mapping = outputs.get("reference_mapping")
+        if mapping and not state.done.get("reference_mapping"):
+            _map_query(model_cls, model, mapping, out)
+            state.mark("reference_mapping")
         adata.write_h5ad(out / "adata.h5ad")
         state.mark("outputs")
     return out
+
+
+def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:
+    """Map a query data set onto the trained reference; write its latent space."""
+    import anndata
+
+    query = anndata.read_h5ad(mapping["query"])
+    model_cls.prepare_query_anndata(query, reference)
+    query_model = model_cls.load_query_data(query, reference)
+    query_model.train(
+        max_epochs=int(mapping.get("max_epochs", 100)), plan_kwargs={"weight_decay": 0.0}
+    )
+    query.obsm["X_scVI"] = query_model.get_latent_representation()
+    if model_cls.__name__ == "SCANVI":
+        query.obs["cellvi_prediction"] = query_model.predict()
+    query_model.save(out / "query_model", overwrite=True)
+    query.write_h5ad(out / "query_adata.h5ad")

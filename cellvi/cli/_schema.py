@@ -61,6 +61,7 @@ SCHEMA: dict[str, dict[str, type]] = {
         "normalized_expression": bool,
         "de": dict,
         "save_model": bool,
+        "reference_mapping": dict,
     },
 }
 
@@ -121,6 +122,13 @@ def load_workflow(path: str | Path) -> dict:
     config.setdefault("setup", {})
     config.setdefault("train", {})
     outputs = config.setdefault("outputs", {})
+    mapping = outputs.get("reference_mapping")
+    if mapping is not None:
+        _check_section(
+            "outputs.reference_mapping", mapping, {"query": str, "max_epochs": int}, str(path)
+        )
+        if "query" not in mapping:
+            raise ConfigError(f"{path}: [outputs.reference_mapping] needs query = '...h5ad'.")
     outputs.setdefault("dir", "cellvi_run")
     outputs.setdefault("latent", True)
     outputs.setdefault("save_model", True)

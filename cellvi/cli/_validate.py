@@ -10,11 +10,13 @@ import numpy as np
 __all__ = ["validate_run"]
 
 
-def validate_run(out_dir: str | Path) -> dict:
+def validate_run(out_dir: str | Path, *, rerun: bool = False) -> dict:
     """Scores (when the data carry simulated truth) and health checks of a finished run.
 
     Health: the saved model reloads and reproduces the stored latent space; the monitored
-    loss went down. Writes ``validate.json`` and returns the report (``"healthy"`` key).
+    loss went down; with ``rerun``, the run's resolved config is run again with the same seed
+    in a temporary folder and must reproduce the latent space. Writes ``validate.json`` and
+    returns the report (``"healthy"`` key).
     """
     import anndata
     import pandas as pd
@@ -74,6 +76,26 @@ def validate_run(out_dir: str | Path) -> dict:
                         report["scores"]["de_auroc"] = float(
                             (s[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
                         )
+    if rerun and "X_scVI" in adata.obsm:
+        report["checks"]["rerun_reproduces_latent"] = _rerun(out, adata.obsm["X_scVI"])
     report["healthy"] = all(c["ok"] for c in report["checks"].values())
     (out / "validate.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _rerun(out: Path, latent: np.ndarray) -> dict:
+    import copy
+    import tempfile
+
+    import anndata
+
+    from ._run import run_config
+
+    resolved = json.loads((out / "config.resolved.json").read_text())
+    config = copy.deepcopy(resolved["config"])
+    with tempfile.TemporaryDirectory() as tmp:
+        config["outputs"] = {**config["outputs"], "dir": tmp, "de": None, "reference_mapping": None}
+        run_config(config, source="validate --rerun")
+        again = anndata.read_h5ad(Path(tmp) / "adata.h5ad").obsm["X_scVI"]
+    diff = float(np.abs(again - latent).max())
+    return {"max_abs_diff": diff, "ok": diff < 1e-5}

@@ -64,9 +64,11 @@ def test_run_then_validate(tmp_path, capsys):
         assert (out / name).exists(), name
     resolved = json.loads((out / "config.resolved.json").read_text())
     assert resolved["versions"]["cellvi"] and resolved["config"]["train"]["max_epochs"] == 40
-    assert main(["validate", str(out)]) == 0
+    assert main(["validate", str(out), "--rerun"]) == 0
     report = json.loads((out / "validate.json").read_text())
     assert report["healthy"] and report["checks"]["reload_reproduces_latent"]["ok"]
+    assert report["checks"]["rerun_reproduces_latent"]["max_abs_diff"] == 0.0
+    assert report["checks"]["loss_decreased"]["ok"]
     # 3 planted types, 8 markers each among 60 genes: 40 epochs separate them well
     assert report["scores"]["knn_cell_type_accuracy"] > 0.8
     # 120 optimiser steps are too few for sharp DE; the score is computed and reported
@@ -150,3 +152,50 @@ def test_quickstart_writes_model_data_de_and_report(tmp_path):
     page = (out / "report.html").read_text()
     assert 'src="embedding.png"' in page and "knn_cell_type_accuracy" in page
     assert main(["quickstart", "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_simulate_command_writes_truth(tmp_path):
+    import anndata
+
+    path = tmp_path / "sim.h5ad"
+    assert main(["simulate", str(path), "--n-cells", "120", "--n-genes", "70", "--seed", "4"]) == 0
+    adata = anndata.read_h5ad(path)
+    assert adata.shape == (120, 70) and "true_lfc" in adata.varm
+
+
+def test_workflow_maps_a_query_onto_the_trained_reference(tmp_path):
+    import anndata
+
+    import cellvi
+
+    full = cellvi.data.simulate(
+        n_cells=400, n_genes=60, n_batches=3, n_cell_types=2, n_de_genes_per_type=8, seed=9
+    )
+    full[full.obs["batch"] != "batch_2"].copy().write_h5ad(tmp_path / "ref.h5ad")
+    full[full.obs["batch"] == "batch_2"].copy().write_h5ad(tmp_path / "query.h5ad")
+    workflow = tmp_path / "map.toml"
+    workflow.write_text(f"""
+[input]
+path = "{(tmp_path / "ref.h5ad").as_posix()}"
+[setup]
+batch_key = "batch"
+[model]
+n_hidden = 32
+n_latent = 4
+[train]
+max_epochs = 5
+[outputs]
+dir = "{(tmp_path / "out").as_posix()}"
+reference_mapping = {{ query = "{(tmp_path / "query.h5ad").as_posix()}", max_epochs = 3 }}
+""")
+    assert main(["run", str(workflow)]) == 0
+    query = anndata.read_h5ad(tmp_path / "out" / "query_adata.h5ad")
+    assert query.obsm["X_scVI"].shape == (query.n_obs, 4)
+    assert (tmp_path / "out" / "query_model" / "model.pt").exists()
+
+
+def test_reference_mapping_needs_a_query(tmp_path):
+    path = _write(tmp_path)
+    path.write_text(path.read_text() + "\n[outputs.reference_mapping]\nmax_epochs = 3\n")
+    result = _cli("run", str(path))
+    assert result.returncode == 2 and "needs query" in result.stderr
