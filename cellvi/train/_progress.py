@@ -16,12 +16,19 @@ def _format_metrics(row: dict) -> str:
     return "  ".join(parts)
 
 
+def _has_ipywidgets() -> bool:
+    """Rich draws live bars in Jupyter through ipywidgets; without it, print lines."""
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
 class EpochProgress(pl.Callback):
     """Shows ``Epoch i/N`` with elapsed/remaining time and the main losses.
 
-    On a terminal (or in Jupyter) a single rich progress bar is drawn; when output is
-    redirected (cluster logs) a plain line is printed about every tenth of the run, so logs
-    stay short. Only rank 0 prints.
+    On a terminal (or in Jupyter with ipywidgets) a single rich progress bar is drawn;
+    otherwise (cluster logs, Jupyter without ipywidgets) a plain line is printed about every
+    tenth of the run, so logs stay short. Only rank 0 prints.
 
     Parameters
     ----------
@@ -52,7 +59,7 @@ class EpochProgress(pl.Callback):
         total = trainer.max_epochs
         self._every = max(1, total // 10)
         first = trainer.current_epoch
-        if self.console.is_terminal or self.console.is_jupyter:
+        if self.console.is_terminal or (self.console.is_jupyter and _has_ipywidgets()):
             from rich.progress import (
                 BarColumn,
                 Progress,

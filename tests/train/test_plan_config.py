@@ -76,3 +76,25 @@ def test_config_to_kwargs_accepts_mappings_and_to_kwargs_objects():
     assert config_to_kwargs(TrainingPlanConfig(lr=0.2), "plan_config")["lr"] == 0.2
     with pytest.raises(TypeError, match="plan_config must be a mapping or an object with"):
         config_to_kwargs(42, "plan_config")
+
+
+def test_progress_in_jupyter_draws_a_bar_or_prints_lines():
+    import importlib.util
+
+    from rich.console import Console
+
+    from cellvi.train import EpochProgress
+
+    class _Trainer:
+        is_global_zero, max_epochs, current_epoch = True, 5, 0
+
+    console = Console(force_jupyter=True, record=True)
+    progress = EpochProgress(console=console)
+    progress.on_train_start(_Trainer(), None)
+    progress.on_epoch_metrics(_Trainer(), None, {"epoch": 4, "train_loss": 3.0})
+    if importlib.util.find_spec("ipywidgets") is not None:
+        assert progress._progress is not None  # a live rich bar, rendered by Jupyter
+    else:  # no widgets: plain lines, which notebooks show as text
+        assert progress._progress is None
+        assert "Epoch 5/5" in console.export_text()
+    progress.on_train_end(_Trainer(), None)
