@@ -172,6 +172,13 @@ class TrainingPlan(pl.LightningModule):
             if hook is not None:
                 hook(self.trainer, self, row)
 
+    def on_train_end(self) -> None:
+        # DDP syncs buffers (BatchNorm statistics) at the start of each forward only, so after
+        # the last step every rank holds its own; make them all rank 0's so outputs agree.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            for buffer in self.module.buffers():
+                buffer.copy_(self.trainer.strategy.broadcast(buffer, src=0))
+
     # --------------------------------------------------------------- guardrail
     def _snapshot(self) -> None:
         """Remember the current (finite) weights so a NaN can be rolled back."""

@@ -238,6 +238,8 @@ def run_training(
         with _interrupts_raise(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+            # epoch metrics are logged after their sums were reduced across ranks
+            warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log.*")
             trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as exc:
         plan.restore_last_good_state()
@@ -250,7 +252,7 @@ def run_training(
     finally:
         for log, level in zip(quiet, old_levels, strict=True):
             log.setLevel(level)
-    result.history_rows = list(plan.history_rows)
+    result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
     result.completed = True
     result.train_idx = datamodule.train_idx
     result.val_idx = datamodule.val_idx
@@ -261,6 +263,26 @@ def run_training(
     result.best_checkpoint = best.best_model_path if best is not None else None
     record(result)
     return result
+
+
+def _history_from_disk(run_dir: Path) -> list[dict]:
+    """History written by rank 0 when training ran in spawned or forked worker processes.
+
+    With ``ddp_spawn``/``ddp_notebook`` the launching process does not run the epochs; the
+    weights come back through Lightning, the history through ``history.csv``.
+    """
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return []
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    rows = []
+    for record in frame.to_dict(orient="records"):
+        rows.append(
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in record.items() if not pd.isna(v)}
+        )
+    return rows
 
 
 def _annotate(exc: BaseException, result: RunResult, max_epochs: int) -> None:

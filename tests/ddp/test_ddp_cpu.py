@@ -1,0 +1,144 @@
+"""DDP on CPU with 2 processes (gloo): shards, identical weights, early stopping, launchers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+import cellvi
+from cellvi.model import SCANVI, SCVI
+
+pytestmark = pytest.mark.ddp
+
+
+class _PerRank(pl.Callback):
+    """Each rank writes its final weights, stop epoch and training cells seen."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+        self.seen: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0:
+            full = batch["full"] if "full" in batch else batch
+            self.seen.extend(full["ind_x"].ravel().tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {
+                "state": {k: v.detach().cpu() for k, v in pl_module.module.state_dict().items()},
+                "epoch": trainer.current_epoch,
+                "seen": self.seen,
+                "world": trainer.world_size,
+            },
+            os.path.join(self.folder, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+def _data(n=400, seed=0):
+    adata = cellvi.data.simulate(n_cells=n, n_genes=40, n_de_genes_per_type=5, seed=seed)
+    SCVI.setup_anndata(adata, batch_key="batch")
+    return adata
+
+
+def _ranks(folder):
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_two_process_training_gives_identical_weights_and_full_results(tmp_path):
+    adata = _data()
+    model = SCVI(adata, n_hidden=16, n_latent=3)
+    model.train(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_notebook",
+        check_val_every_n_epoch=1,
+        callbacks=[_PerRank(tmp_path)],
+    )
+    r0, r1 = _ranks(tmp_path)
+    assert r0["world"] == 2
+    for name, value in r0["state"].items():
+        torch.testing.assert_close(r1["state"][name], value, rtol=0, atol=0, msg=name)
+    # the launching process has rank 0's weights, the full history and the split
+    for name, value in model.module.state_dict().items():
+        torch.testing.assert_close(value.cpu(), r0["state"][name], msg=name)
+    assert list(model.history["elbo_train"].index) == [0, 1, 2]
+    assert "elbo_validation" in model.history and model.is_trained
+    # each rank saw a disjoint half of the training cells in an epoch (up to padding)
+    s0, s1 = set(r0["seen"]), set(r1["seen"])
+    assert len(s0 & s1) <= 1 and s0 | s1 == set(model.train_indices.tolist())
+
+
+def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
+    model = SCVI(_data(), n_hidden=16, n_latent=3)
+    model.train(
+        max_epochs=30,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_notebook",
+        early_stopping=True,
+        early_stopping_patience=2,
+        early_stopping_min_delta=1e9,
+        callbacks=[_PerRank(tmp_path)],
+    )
+    r0, r1 = _ranks(tmp_path)
+    assert r0["epoch"] == r1["epoch"] < 30
+    assert len(model.history["elbo_train"]) == r0["epoch"]
+
+
+def test_several_models_one_after_another_in_one_process(tmp_path):
+    adata = _data()
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[::3] = "Unknown"
+    adata.obs["labels"] = labels
+    scvi_model = SCVI(adata, n_hidden=16, n_latent=3)
+    scvi_model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_notebook")
+    scanvi = SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels")
+    scanvi.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_notebook")
+    assert scanvi.is_trained and len(scanvi.history["train_accuracy"]) == 2
+    assert scanvi.predict().shape == (adata.n_obs,)
+
+
+def test_torchrun_launch_path(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, numpy as np, cellvi
+        from cellvi.model import SCVI
+        with cellvi.settings.override(progress_bar_style="none", logging_dir={str(tmp_path)!r}):
+            adata = cellvi.data.simulate(n_cells=300, n_genes=40, n_de_genes_per_type=5, seed=0)
+            SCVI.setup_anndata(adata, batch_key="batch")
+            model = SCVI(adata, n_hidden=16, n_latent=3)
+            model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp")
+            rank = int(os.environ["RANK"])
+            np.save({str(tmp_path)!r} + f"/latent{{rank}}.npy", model.get_latent_representation())
+    """)
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    z0, z1 = np.load(tmp_path / "latent0.npy"), np.load(tmp_path / "latent1.npy")
+    np.testing.assert_allclose(z0, z1, rtol=1e-5, atol=1e-6)  # same weights on both ranks
