@@ -107,6 +107,32 @@ def _tune_allocator() -> None:
 _ALLOCATOR_TUNED = False
 
 
+def _check_devices(accelerator, devices) -> None:
+    """Refuse device requests that cannot be met, before any process starts."""
+    import torch
+
+    count = devices if isinstance(devices, int) and devices > 0 else None
+    if isinstance(devices, list | tuple):
+        count = len(devices)
+    if accelerator in ("gpu", "cuda"):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ValueError(
+                f"accelerator={accelerator!r} but this machine has no CUDA device; use "
+                "accelerator='cpu' (or 'auto')."
+            )
+        if count is not None and count > available:
+            raise ValueError(
+                f"devices={devices!r} asks for {count} GPUs but {available} exist; use "
+                f"devices={available} or devices=-1 (all)."
+            )
+    elif accelerator == "cpu" and count is not None and count > (os.cpu_count() or 1):
+        raise ValueError(
+            f"devices={devices!r} asks for {count} CPU processes but the machine has "
+            f"{os.cpu_count()} cores; use at most that many."
+        )
+
+
 def _validation_needed(cfg: TrainerConfig, plan: TrainingPlan) -> int | None:
     if cfg.check_val_every_n_epoch is not None:
         return cfg.check_val_every_n_epoch
@@ -163,6 +189,7 @@ def run_training(
     resume from ``<run_dir>/checkpoints/last.ckpt``.
     """
     cfg = config or TrainerConfig()
+    _check_devices(accelerator, devices)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(run_dir)
     datamodule.setup("fit")
     val_idx = getattr(datamodule, "val_idx", None)

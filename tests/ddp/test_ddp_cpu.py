@@ -142,3 +142,17 @@ def test_torchrun_launch_path(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     z0, z1 = np.load(tmp_path / "latent0.npy"), np.load(tmp_path / "latent1.npy")
     np.testing.assert_allclose(z0, z1, rtol=1e-5, atol=1e-6)  # same weights on both ranks
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_request_without_gpu_is_a_clear_error():
+    model = SCVI(_data(), n_hidden=8, n_latent=2)
+    with pytest.raises(ValueError, match="no CUDA device; use accelerator='cpu'"):
+        model.train(max_epochs=1, accelerator="gpu", devices=2, strategy="ddp")
+    assert not model.is_trained
+
+
+def test_more_cpu_processes_than_cores_is_a_clear_error():
+    model = SCVI(_data(), n_hidden=8, n_latent=2)
+    with pytest.raises(ValueError, match=r"asks for 4096 CPU processes .* cores"):
+        model.train(max_epochs=1, accelerator="cpu", devices=4096, strategy="ddp_notebook")
