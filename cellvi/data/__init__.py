@@ -6,14 +6,12 @@
 from ._checks import check_count_matrix, check_var_names
 from ._fields import (
     BaseField,
-    CategoricalJointObsField,
     CategoricalObsField,
     LabelsWithUnlabeledObsField,
     LayerField,
-    NumericalJointObsField,
     NumericalObsField,
-    ObsmField,
 )
+from ._joint_fields import CategoricalJointObsField, NumericalJointObsField, ObsmField
 from ._manager import AnnDataManager, SummaryStats
 
 __all__ = [
@@ -36,7 +34,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in ("simulate", "synthetic_iid"):
-        from .. import simulate as _simulate
+        from cellvi.simulate import simulate, synthetic_iid
 
-        return getattr(_simulate, name)
+        return {"simulate": simulate, "synthetic_iid": synthetic_iid}[name]
     raise AttributeError(f"module 'cellvi.data' has no attribute {name!r}")

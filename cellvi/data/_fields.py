@@ -1,4 +1,9 @@
-"""Fields: one registered piece of an AnnData (a layer, an obs column, a set of columns)."""
+"""Fields: one registered piece of an AnnData (a layer, an obs column, a set of columns).
+
+A field validates its piece, writes what models read (integer codes, copies) onto the AnnData
+and returns a *state*: plain JSON-like data that is saved with the model and lets the same
+encoding be replayed on new data (:meth:`BaseField.transfer_field`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from .._constants import CELLVI_PREFIX
 from ..errors import (
@@ -15,7 +21,8 @@ from ..errors import (
     SetupError,
     SmallCategoryWarning,
 )
-from ._checks import check_count_matrix, check_var_names
+from ._checks import check_count_matrix, check_var_names, plain
+from ._view import state_table
 
 __all__ = [
     "BaseField",
@@ -23,23 +30,24 @@ __all__ = [
     "CategoricalObsField",
     "LabelsWithUnlabeledObsField",
     "NumericalObsField",
-    "CategoricalJointObsField",
-    "NumericalJointObsField",
-    "ObsmField",
+    "MIN_CELLS_PER_CATEGORY",
 ]
 
 MIN_CELLS_PER_CATEGORY = 3
+_STACK = 6  # warnings point past field -> manager -> setup_anndata to the user's line
 
 
-def _plain(value):
-    """Python scalar of a numpy/pandas scalar (registries are JSON-like)."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _missing_column(adata, key: str, what: str = "obs column") -> MissingKeyError:
+def _missing_column(adata, key, what: str = "obs column") -> MissingKeyError:
     cols = list(adata.obs.columns)
     shown = cols[:15] + (["..."] if len(cols) > 15 else [])
     return MissingKeyError(f"{what} {key!r} not found in adata.obs. Available columns: {shown}.")
+
+
+def _sorted(values) -> list:
+    try:
+        return sorted(values)
+    except TypeError:  # mixed types (e.g. 1 and "a"): order by text
+        return sorted(values, key=str)
 
 
 class BaseField:
@@ -47,10 +55,12 @@ class BaseField:
 
     Attributes
     ----------
-    registry_key
-        Name of the tensor in a minibatch (``"X"``, ``"batch"``, ...).
-    attr_name, attr_key
-        Where the registered data live (``adata.<attr_name>[<attr_key>]``).
+    registry_key : str
+        Name of the data in the registry and in minibatches (``"X"``, ``"batch"``, ...).
+    attr_name, attr_key : str, str or None
+        Where the registered data live: ``adata.<attr_name>[<attr_key>]``.
+    is_empty : bool
+        ``True`` for an optional field given ``None``: no data, absent from minibatches.
     """
 
     registry_key: str
@@ -62,30 +72,54 @@ class BaseField:
         return False
 
     def data_registry(self) -> dict:
-        if self.is_empty:
-            return {}
-        return {"attr_name": self.attr_name, "attr_key": self.attr_key}
+        """``{"attr_name", "attr_key"}``, or ``{}`` for an empty field."""
+        return {} if self.is_empty else {"attr_name": self.attr_name, "attr_key": self.attr_key}
 
     def validate_field(self, adata) -> None:
         """Raise a clear error if ``adata`` lacks what this field needs."""
 
     def register_field(self, adata) -> dict:
-        """Validate, write what the field stores on ``adata``, return its state."""
-        raise NotImplementedError
+        """Validate ``adata``, write what the field stores on it and return the state."""
+        self.validate_field(adata)
+        return {}
 
-    def transfer_field(self, state: dict, adata_target, **kwargs) -> dict:
-        """Register ``adata_target`` following a source state (same encodings)."""
+    def transfer_field(self, state: dict, adata_target) -> dict:
+        """Register ``adata_target`` following a source ``state`` (same encodings)."""
         return self.register_field(adata_target)
 
+    def get_field_data(self, adata):
+        """The registered data of this field on ``adata``."""
+        return getattr(adata, self.attr_name)[self.attr_key]
+
     def get_summary_stats(self, state: dict) -> dict:
+        """Summary statistics (``n_*``) this field contributes."""
         return {}
 
     def view_state_registry(self, state: dict):
+        """A rich table describing ``state``, or ``None``."""
         return None
 
 
 class LayerField(BaseField):
-    """The count matrix: ``adata.X`` (``layer=None``) or ``adata.layers[layer]``."""
+    """The count matrix: ``adata.X`` (``layer=None``) or ``adata.layers[layer]``.
+
+    Parameters
+    ----------
+    registry_key
+        Registry key, normally ``"X"``.
+    layer
+        Layer holding the matrix; ``None`` means ``adata.X``.
+    is_count_data
+        Default ``True``: check the whole matrix for raw counts at registration
+        (see :func:`~cellvi.data.check_count_matrix`).
+
+    Examples
+    --------
+    >>> import anndata, numpy as np
+    >>> adata = anndata.AnnData(np.ones((4, 3), dtype=np.float32))
+    >>> LayerField("X", None).register_field(adata)["n_vars"]
+    3
+    """
 
     def __init__(self, registry_key: str, layer: str | None, is_count_data: bool = True):
         self.registry_key, self.layer, self.is_count_data = registry_key, layer, is_count_data
@@ -96,7 +130,7 @@ class LayerField(BaseField):
     def location(self) -> str:
         return "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
 
-    def get(self, adata):
+    def get_field_data(self, adata):
         return adata.X if self.layer is None else adata.layers[self.layer]
 
     def validate_field(self, adata) -> None:
@@ -105,40 +139,58 @@ class LayerField(BaseField):
                 f"layer {self.layer!r} not found. Available layers: {list(adata.layers.keys())}"
                 " (or layer=None for adata.X)."
             )
-        if self.get(adata) is None:
+        if self.get_field_data(adata) is None:
             raise InvalidDataError(f"{self.location} is empty; put the counts there first.")
         check_var_names(adata.var_names)
         if self.is_count_data:
-            check_count_matrix(self.get(adata), self.location)
+            check_count_matrix(self.get_field_data(adata), self.location)
+
+    def _prepare(self, adata) -> None:
+        matrix = self.get_field_data(adata)
+        if isinstance(matrix, np.ndarray) and not matrix.flags.c_contiguous:
+            matrix = np.ascontiguousarray(matrix)  # row slicing of minibatches needs C order
+            if self.layer is None:
+                adata.X = matrix
+            else:
+                adata.layers[self.layer] = matrix
+        elif sparse.issparse(matrix) and matrix.format != "csr":
+            warnings.warn(
+                f"{self.location} is a sparse {matrix.format.upper()} matrix; CSR trains faster "
+                f"({self.location} = {self.location}.tocsr()).",
+                CellviWarning,
+                stacklevel=_STACK,
+            )
 
     def register_field(self, adata) -> dict:
         self.validate_field(adata)
+        self._prepare(adata)
         return {
             "n_obs": int(adata.n_obs),
             "n_vars": int(adata.n_vars),
             "column_names": [str(v) for v in adata.var_names],
         }
 
-    def transfer_field(self, state, adata_target, check_var_names: str = "error", **kwargs):
+    def transfer_field(self, state, adata_target, *, check_var_names: str = "error") -> dict:
         expected = state["n_vars"]
+        fix = "Align the genes with cellvi.model.SCVI.prepare_query_anndata(adata, reference)."
         if adata_target.n_vars != expected:
             raise SetupError(
-                f"The data have {adata_target.n_vars} genes but the model expects {expected}. "
-                "Align them first: cellvi.model.SCVI.prepare_query_anndata(adata, reference)."
+                f"The data have {adata_target.n_vars} genes but the model expects {expected}. {fix}"
             )
-        source = np.asarray(state["column_names"])
-        target = np.asarray([str(v) for v in adata_target.var_names])
+        source = np.asarray(state["column_names"], dtype=object)
+        target = np.asarray([str(v) for v in adata_target.var_names], dtype=object)
         differ = np.flatnonzero(source != target)
         if differ.size:
+            shown = ", ".join(
+                f"position {i}: {target[i]!r} instead of {source[i]!r}" for i in differ[:3]
+            )
             message = (
                 f"{differ.size} of {expected} gene names differ from the model's (in name or "
-                f"order), e.g. position {int(differ[0])}: {target[differ[0]]!r} instead of "
-                f"{source[differ[0]]!r}. Reorder/pad the genes with "
-                "cellvi.model.SCVI.prepare_query_anndata(adata, reference)."
+                f"order), e.g. {shown}. {fix}"
             )
             if check_var_names == "error":
                 raise SetupError(message + " (check_var_names='warn' only warns.)")
-            warnings.warn(message, CellviWarning, stacklevel=6)
+            warnings.warn(message, CellviWarning, stacklevel=_STACK)
         return self.register_field(adata_target)
 
     def get_summary_stats(self, state):
@@ -148,13 +200,37 @@ class LayerField(BaseField):
 class CategoricalObsField(BaseField):
     """An obs column encoded as integer codes in ``obs['_cellvi_<registry_key>']``.
 
-    ``obs_key=None`` registers a single category so the tensor always exists.
+    Categories follow the column's own categorical order (unused ones dropped), otherwise its
+    sorted unique values; position in ``categorical_mapping`` = code.
+
+    Parameters
+    ----------
+    registry_key
+        Registry key (``"batch"``, ``"labels"``).
+    obs_key
+        Column of ``adata.obs``; ``None`` registers one category ``"0"`` so the data exist.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np, pandas as pd
+    >>> obs = pd.DataFrame({"b": list("yxyxyx")}, index=list("abcdef"))
+    >>> adata = anndata.AnnData(np.ones((6, 2)), obs=obs)
+    >>> CategoricalObsField("batch", "b").register_field(adata)["categorical_mapping"]
+    ['x', 'y']
+    >>> adata.obs["_cellvi_batch"].tolist()
+    [1, 0, 1, 0, 1, 0]
     """
 
     def __init__(self, registry_key: str, obs_key: str | None):
         self.registry_key, self.obs_key = registry_key, obs_key
         self.attr_name = "obs"
         self.attr_key = f"{CELLVI_PREFIX}{registry_key}"
+
+    def get_field_data(self, adata) -> np.ndarray:
+        return adata.obs[self.attr_key].to_numpy(dtype=np.int64).reshape(-1, 1)  # (cells, 1)
+
+    def validate_field(self, adata) -> None:
+        self._column(adata)
 
     def _column(self, adata) -> pd.Series:
         if self.obs_key is None:
@@ -165,99 +241,127 @@ class CategoricalObsField(BaseField):
         n_missing = int(column.isna().sum())
         if n_missing:
             raise InvalidDataError(
-                f"obs column {self.obs_key!r} has {n_missing} missing value(s) (NaN). Fill them "
-                f"(e.g. adata.obs[{self.obs_key!r}] = adata.obs[{self.obs_key!r}].cat."
-                "add_categories('unknown').fillna('unknown')) or drop those cells."
+                f"obs column {self.obs_key!r} has {n_missing} missing value(s) (NaN) out of "
+                f"{adata.n_obs} cells. Fill them (e.g. adata.obs[{self.obs_key!r}] = "
+                f"adata.obs[{self.obs_key!r}].astype(str).fillna('unknown')) or drop those cells."
             )
         return column
 
-    def _categories(self, column: pd.Series) -> list:
+    @staticmethod
+    def _categories(column: pd.Series) -> list:
         if isinstance(column.dtype, pd.CategoricalDtype):
             used = set(column.unique())
-            return [_plain(c) for c in column.cat.categories if c in used]
-        return [_plain(c) for c in sorted(column.unique())]
+            return [plain(c) for c in column.cat.categories if c in used]
+        return [plain(c) for c in _sorted(column.unique())]
 
     def _encode(self, adata, column: pd.Series, mapping: list) -> None:
-        codes = pd.Categorical(column, categories=mapping).codes.astype(np.int64)
-        adata.obs[self.attr_key] = codes
+        codes = pd.Categorical(np.asarray(column, dtype=object), categories=mapping).codes
+        adata.obs[self.attr_key] = codes.astype(np.int64)
 
-    def _warn_small(self, column: pd.Series) -> None:
+    def _warn_small(self, column: pd.Series, skip=()) -> None:
         counts = column.value_counts()
         small = counts[(counts > 0) & (counts < MIN_CELLS_PER_CATEGORY)]
+        small = small[[c not in skip for c in small.index]]
         if len(small) and self.obs_key is not None:
-            shown = ", ".join(f"{k!r} ({v} cells)" for k, v in small.items())
+            shown = ", ".join(f"{plain(k)!r} ({v} cell{'s' * (v > 1)})" for k, v in small.items())
             warnings.warn(
                 f"obs column {self.obs_key!r} has categories with fewer than "
-                f"{MIN_CELLS_PER_CATEGORY} cells: {shown}; training may suffer.",
+                f"{MIN_CELLS_PER_CATEGORY} cells: {shown}; training may suffer (merge or drop "
+                "them).",
                 SmallCategoryWarning,
-                stacklevel=6,
+                stacklevel=_STACK,
             )
+
+    def _state(self, mapping: list) -> dict:
+        return {"categorical_mapping": mapping, "original_key": self.obs_key}
 
     def register_field(self, adata) -> dict:
         column = self._column(adata)
         mapping = self._categories(column)
         self._warn_small(column)
         self._encode(adata, column, mapping)
-        return {"categorical_mapping": mapping, "original_key": self.obs_key}
+        return self._state(mapping)
 
-    def transfer_field(self, state, adata_target, extend_categories: bool = False, **kwargs):
-        column = self._column(adata_target)
-        mapping = list(state["categorical_mapping"])
+    def _extended(self, mapping, column, extend_categories: bool, what: str) -> list:
         unseen = [c for c in self._categories(column) if c not in mapping]
-        if unseen:
-            if not extend_categories:
-                raise InvalidDataError(
-                    f"obs column {self.obs_key!r} has categories the model has not seen: "
-                    f"{unseen[:5]}. Map them onto known ones, or add them to the model with "
-                    "Model.load_query_data(...) (extend_categories=True)."
-                )
-            mapping = mapping + sorted(unseen, key=str)
+        if unseen and not extend_categories:
+            raise InvalidDataError(
+                f"{what} {self.obs_key!r} has {len(unseen)} value(s) the model has not seen: "
+                f"{unseen[:5]}. Map them onto known ones "
+                f"({list(mapping)[:5]}), or add them to the model with "
+                "Model.load_query_data(...), which uses extend_categories=True."
+            )
+        return list(mapping) + _sorted(unseen)
+
+    def transfer_field(self, state, adata_target, *, extend_categories: bool = False) -> dict:
+        column = self._column(adata_target)
+        mapping = self._extended(
+            state["categorical_mapping"], column, extend_categories, "obs column"
+        )
         self._encode(adata_target, column, mapping)
-        return {"categorical_mapping": mapping, "original_key": self.obs_key}
+        return self._state(mapping)
 
     def get_summary_stats(self, state):
         return {f"n_{self.registry_key}": len(state["categorical_mapping"])}
 
     def view_state_registry(self, state):
-        from rich.table import Table
-
-        table = Table(title=f"{self.registry_key} state registry")
-        table.add_column("source column")
-        table.add_column("category")
-        table.add_column("code")
-        for code, cat in enumerate(state["categorical_mapping"]):
-            table.add_row(str(state["original_key"]) if code == 0 else "", str(cat), str(code))
-        return table
+        rows = [
+            [state["original_key"] if code == 0 else "", cat, code]
+            for code, cat in enumerate(state["categorical_mapping"])
+        ]
+        title = f"{self.registry_key} State Registry"
+        return state_table(title, ["Source Location", "Categories", "cellvi Encoding"], rows)
 
 
 class LabelsWithUnlabeledObsField(CategoricalObsField):
-    """Labels where one category marks unlabeled cells; it always gets the highest code."""
+    """Labels where one category marks unlabeled cells; it always gets the highest code.
+
+    Parameters
+    ----------
+    registry_key
+        Registry key, normally ``"labels"``.
+    obs_key
+        Column of ``adata.obs`` with the labels.
+    unlabeled_category
+        The value marking unlabeled cells. If present its slot is swapped with the last one
+        (``[A, Unknown, B, C]`` → ``[A, C, B, Unknown]``), otherwise it is appended.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np, pandas as pd
+    >>> labels = pd.Categorical(list("AUBC") * 3, categories=list("AUBC"))
+    >>> obs = pd.DataFrame({"ct": labels}, index=[f"c{i}" for i in range(12)])
+    >>> field = LabelsWithUnlabeledObsField("labels", "ct", "U")
+    >>> field.register_field(anndata.AnnData(np.ones((12, 2)), obs=obs))["categorical_mapping"]
+    ['A', 'C', 'B', 'U']
+    """
 
     def __init__(self, registry_key: str, obs_key: str | None, unlabeled_category):
         super().__init__(registry_key, obs_key)
-        self.unlabeled_category = unlabeled_category
+        self.unlabeled_category = plain(unlabeled_category)
 
-    def _with_unlabeled_last(self, mapping: list) -> list:
-        mapping = list(mapping)
+    def _state(self, mapping: list) -> dict:
+        return {**super()._state(mapping), "unlabeled_category": self.unlabeled_category}
+
+    def register_field(self, adata) -> dict:
+        column = self._column(adata)
+        mapping = self._categories(column)
         if self.unlabeled_category in mapping:
             i = mapping.index(self.unlabeled_category)
             mapping[i], mapping[-1] = mapping[-1], mapping[i]
         else:
-            mapping.append(_plain(self.unlabeled_category))
-        return mapping
-
-    def register_field(self, adata) -> dict:
-        column = self._column(adata)
-        mapping = self._with_unlabeled_last(self._categories(column))
-        self._warn_small(column)
+            mapping.append(self.unlabeled_category)
+        self._warn_small(column, skip=(self.unlabeled_category,))
         self._encode(adata, column, mapping)
-        return {
-            "categorical_mapping": mapping,
-            "original_key": self.obs_key,
-            "unlabeled_category": _plain(self.unlabeled_category),
-        }
+        return self._state(mapping)
 
-    def transfer_field(self, state, adata_target, allow_missing_labels: bool = False, **kwargs):
+    def transfer_field(self, state, adata_target, *, allow_missing_labels: bool = False) -> dict:
+        """Encode the target's labels with the source codes.
+
+        Unseen labels are an error, unless ``allow_missing_labels`` (query mapping): then an
+        absent column is filled with the unlabeled category and cells with unseen labels count
+        as unlabeled, each with a :class:`~cellvi.errors.CellviWarning`.
+        """
         if self.obs_key is not None and self.obs_key not in adata_target.obs:
             if not allow_missing_labels:
                 raise _missing_column(adata_target, self.obs_key, "labels column")
@@ -265,7 +369,7 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
                 f"labels column {self.obs_key!r} is absent; all cells are marked "
                 f"{self.unlabeled_category!r}.",
                 CellviWarning,
-                stacklevel=6,
+                stacklevel=_STACK,
             )
             adata_target.obs[self.obs_key] = pd.Categorical(
                 [self.unlabeled_category] * adata_target.n_obs
@@ -286,15 +390,25 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
                 f"reference never saw ({unseen[:5]}); they are treated as "
                 f"{self.unlabeled_category!r} (the column itself is not changed).",
                 CellviWarning,
-                stacklevel=6,
+                stacklevel=_STACK,
             )
             column = column.astype(object).where(~column.isin(unseen), self.unlabeled_category)
         self._encode(adata_target, column, mapping)
-        return dict(state)
+        return self._state(mapping)
 
 
 class NumericalObsField(BaseField):
-    """A numeric obs column (e.g. size factors); must be finite (and > 0 if ``positive``)."""
+    """A numeric obs column (e.g. size factors); finite, and > 0 if ``positive``.
+
+    Parameters
+    ----------
+    registry_key
+        Registry key, e.g. ``"size_factor"``.
+    obs_key
+        Column of ``adata.obs``; ``None`` gives an empty field (no data).
+    positive
+        Default ``False``. If ``True`` every value must be > 0.
+    """
 
     def __init__(self, registry_key: str, obs_key: str | None, positive: bool = False):
         self.registry_key, self.obs_key, self.positive = registry_key, obs_key, positive
@@ -304,144 +418,27 @@ class NumericalObsField(BaseField):
     def is_empty(self) -> bool:
         return self.obs_key is None
 
-    def register_field(self, adata) -> dict:
+    def get_field_data(self, adata) -> np.ndarray:
+        return adata.obs[self.obs_key].to_numpy(dtype=np.float64).reshape(-1, 1)  # (cells, 1)
+
+    def validate_field(self, adata) -> None:
         if self.is_empty:
-            return {}
+            return
         if self.obs_key not in adata.obs:
             raise _missing_column(adata, self.obs_key)
         values = adata.obs[self.obs_key]
-        if not pd.api.types.is_numeric_dtype(values):
+        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
             raise InvalidDataError(
                 f"obs column {self.obs_key!r} must be numeric; it has dtype {values.dtype}."
             )
-        bad = int((~np.isfinite(values.to_numpy(dtype=float))).sum())
+        values = values.to_numpy(dtype=np.float64)
+        bad = int((~np.isfinite(values)).sum())
         if bad:
             raise InvalidDataError(
-                f"obs column {self.obs_key!r} has {bad} NaN/infinite value(s); fill or drop them."
+                f"obs column {self.obs_key!r} has {bad} NaN/infinite value(s); fill or drop "
+                "those cells."
             )
         if self.positive and (n := int((values <= 0).sum())):
             raise InvalidDataError(
                 f"obs column {self.obs_key!r} must be > 0 (size factors); {n} cell(s) are <= 0."
             )
-        return {}
-
-
-class CategoricalJointObsField(BaseField):
-    """Several categorical obs columns, codes in ``obsm['_cellvi_<registry_key>']``."""
-
-    def __init__(self, registry_key: str, obs_keys: list[str] | None):
-        self.registry_key = registry_key
-        self.obs_keys = list(obs_keys) if obs_keys else []
-        self.attr_name, self.attr_key = "obsm", f"{CELLVI_PREFIX}{registry_key}"
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.obs_keys
-
-    def _fields(self):
-        return {k: CategoricalObsField(f"{self.registry_key}_{k}", k) for k in self.obs_keys}
-
-    def _store(self, adata, mappings: dict) -> None:
-        frame = pd.DataFrame(index=adata.obs_names)
-        for key, mapping in mappings.items():
-            frame[key] = pd.Categorical(adata.obs[key], categories=mapping).codes.astype(np.int64)
-        adata.obsm[self.attr_key] = frame
-
-    def _state(self, mappings: dict) -> dict:
-        return {
-            "mappings": mappings,
-            "field_keys": list(self.obs_keys),
-            "n_cats_per_key": [len(m) for m in mappings.values()],
-        }
-
-    def register_field(self, adata) -> dict:
-        if self.is_empty:
-            return self._state({})
-        mappings = {}
-        for key, field in self._fields().items():
-            column = field._column(adata)
-            field._warn_small(column)
-            mappings[key] = field._categories(column)
-        self._store(adata, mappings)
-        return self._state(mappings)
-
-    def transfer_field(self, state, adata_target, extend_categories: bool = False, **kwargs):
-        if self.is_empty:
-            return self._state({})
-        mappings = {}
-        for key, field in self._fields().items():
-            column = field._column(adata_target)
-            mapping = list(state["mappings"][key])
-            unseen = [c for c in field._categories(column) if c not in mapping]
-            if unseen and not extend_categories:
-                raise InvalidDataError(
-                    f"covariate column {key!r} has categories the model has not seen: "
-                    f"{unseen[:5]}; use Model.load_query_data(...) to add them."
-                )
-            mappings[key] = mapping + sorted(unseen, key=str)
-        self._store(adata_target, mappings)
-        return self._state(mappings)
-
-    def get_summary_stats(self, state):
-        return {f"n_{self.registry_key}": len(self.obs_keys)}
-
-
-class NumericalJointObsField(BaseField):
-    """Several numeric obs columns copied into ``obsm['_cellvi_<registry_key>']``."""
-
-    def __init__(self, registry_key: str, obs_keys: list[str] | None):
-        self.registry_key = registry_key
-        self.obs_keys = list(obs_keys) if obs_keys else []
-        self.attr_name, self.attr_key = "obsm", f"{CELLVI_PREFIX}{registry_key}"
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.obs_keys
-
-    def register_field(self, adata) -> dict:
-        if self.is_empty:
-            return {"columns": []}
-        for key in self.obs_keys:
-            NumericalObsField(self.registry_key, key).register_field(adata)
-        adata.obsm[self.attr_key] = adata.obs[self.obs_keys].astype(np.float32).copy()
-        return {"columns": list(self.obs_keys)}
-
-    def get_summary_stats(self, state):
-        return {f"n_{self.registry_key}": len(self.obs_keys)}
-
-
-class ObsmField(BaseField):
-    """A matrix in ``adata.obsm[obsm_key]`` (e.g. protein counts)."""
-
-    def __init__(self, registry_key, obsm_key, is_count_data=False, column_names_uns_key=None):
-        self.registry_key, self.obsm_key = registry_key, obsm_key
-        self.is_count_data, self.column_names_uns_key = is_count_data, column_names_uns_key
-        self.attr_name, self.attr_key = "obsm", obsm_key
-
-    def register_field(self, adata) -> dict:
-        if self.obsm_key not in adata.obsm:
-            raise MissingKeyError(
-                f"obsm key {self.obsm_key!r} not found; available: {list(adata.obsm.keys())}."
-            )
-        value = adata.obsm[self.obsm_key]
-        if self.is_count_data:
-            check_count_matrix(value, f"adata.obsm[{self.obsm_key!r}]")
-        if self.column_names_uns_key is not None:
-            names = list(adata.uns[self.column_names_uns_key])
-        elif isinstance(value, pd.DataFrame):
-            names = list(value.columns)
-        else:
-            names = list(range(value.shape[1]))
-        return {"column_names": [_plain(n) for n in names]}
-
-    def transfer_field(self, state, adata_target, **kwargs):
-        new = self.register_field(adata_target)
-        if new["column_names"] != state["column_names"]:
-            raise SetupError(
-                f"adata.obsm[{self.obsm_key!r}] columns differ from the model's "
-                f"({len(new['column_names'])} vs {len(state['column_names'])})."
-            )
-        return new
-
-    def get_summary_stats(self, state):
-        return {f"n_{self.registry_key}": len(state["column_names"])}

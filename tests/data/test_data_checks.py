@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import cellvi.data._checks as checks
+from cellvi.data import check_count_matrix
 from cellvi.errors import CountsWarning, InvalidDataError, MissingKeyError, SetupError
 from cellvi.model import SCVI
 
@@ -42,7 +44,7 @@ def test_setup_rejects_nan_and_inf_counts(value):
     adata = _adata(sparse=False)
     adata.X[0, 0] = value
     adata.X[5, 1] = value
-    with pytest.raises(InvalidDataError, match="contains 2 NaN or infinite values"):
+    with pytest.raises(InvalidDataError, match="contains 2 NaN or infinite values.*layer="):
         SCVI.setup_anndata(adata)
 
 
@@ -145,3 +147,123 @@ def test_too_few_cells_for_training_is_an_error_before_training():
     with pytest.raises(InvalidDataError, match="training needs at least 2"):
         model.train(max_epochs=1, train_size=0.5)
     assert model.history == {}
+
+
+# ------------------------------------------------- check_count_matrix on each storage format
+def _counts(n=50, g=6, seed=0):
+    x = np.random.default_rng(seed).poisson(2.0, size=(n, g)).astype(np.float32)
+    x[:, 0] += 1
+    return x
+
+
+FORMATS = {
+    "dense": np.asarray,
+    "fortran": np.asfortranarray,
+    "csr": sp.csr_matrix,
+    "csc": sp.csc_matrix,
+    "coo": sp.coo_matrix,
+    "csr_array": sp.csr_array,
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_count_check_accepts_clean_counts_in_every_format(fmt):
+    check_count_matrix(FORMATS[fmt](_counts()), "adata.X")
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_count_check_finds_negative_values_in_every_format(fmt):
+    x = _counts()
+    x[[0, 49], [1, 5]] = -2
+    with pytest.raises(InvalidDataError, match="adata.X contains 2 negative values"):
+        check_count_matrix(FORMATS[fmt](x), "adata.X")
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_count_check_finds_empty_cells_in_every_format(fmt):
+    x = _counts()
+    x[[3, 40], :] = 0
+    with pytest.raises(InvalidDataError, match=r"2 cell\(s\).*positions: \[3, 40\]"):
+        check_count_matrix(FORMATS[fmt](x), "adata.X")
+
+
+def test_nan_message_differs_from_negative_message():
+    x = _counts()
+    x[0, 0] = np.nan
+    x[1, 1] = -1  # NaN is reported first: it is the more basic problem
+    with pytest.raises(InvalidDataError, match=r"1 NaN or infinite values; counts must be finite"):
+        check_count_matrix(x, "adata.layers['counts']")
+
+
+def test_non_integer_warning_counts_entries_and_names_location():
+    x = _counts()
+    x[:3, 2] += 0.5
+    with pytest.warns(CountsWarning, match=r"adata.layers\['c'\] contains 3 non-integer.*layer="):
+        check_count_matrix(sp.csr_matrix(x), "adata.layers['c']")
+
+
+def test_integer_matrices_are_checked_without_warnings():
+    check_count_matrix(_counts().astype(np.int64), "adata.X")
+    check_count_matrix(sp.csr_matrix(_counts().astype(np.uint16)), "adata.X")
+
+
+def test_negative_integers_are_found():
+    x = _counts().astype(np.int32)
+    x[7, 3] = -1
+    with pytest.raises(InvalidDataError, match="1 negative values"):
+        check_count_matrix(x, "adata.X")
+
+
+def test_empty_cell_hint_uses_the_location():
+    x = _counts()
+    x[5] = 0
+    with pytest.raises(InvalidDataError, match=r"np.asarray\(adata.layers\['c'\].sum\(axis=1\)\)"):
+        check_count_matrix(x, "adata.layers['c']")
+
+
+def test_stored_zeros_do_not_count_as_expression():
+    x = sp.csr_matrix(_counts())
+    x.data[x.indptr[4] : x.indptr[5]] = 0  # row 4 keeps explicit zeros only
+    with pytest.raises(InvalidDataError, match=r"1 cell\(s\).*\[4\]"):
+        check_count_matrix(x, "adata.X")
+
+
+def test_count_check_rejects_matrices_that_are_not_two_dimensional():
+    with pytest.raises(InvalidDataError, match=r"must be a 2-D matrix .*\(5,\)"):
+        check_count_matrix(np.ones(5), "adata.obsm['p']")
+
+
+def test_count_check_rejects_complex_values():
+    with pytest.raises(InvalidDataError, match="complex dtype"):
+        check_count_matrix(np.ones((3, 2), dtype=complex), "adata.X")
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_count_check_positions_are_right_across_chunks(monkeypatch, fmt):
+    monkeypatch.setattr(checks, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(checks, "CHUNK_VALUES", 6 * 7)
+    x = _counts()
+    x[[6, 7, 48], :] = 0
+    x[13, 2] = -1
+    x[20, 1] = -4
+    with pytest.raises(InvalidDataError, match="2 negative values"):
+        check_count_matrix(FORMATS[fmt](x), "adata.X")
+    x[[13, 20], [2, 1]] = 1
+    with pytest.raises(InvalidDataError, match=r"3 cell\(s\).*\[6, 7, 48\]"):
+        check_count_matrix(FORMATS[fmt](x), "adata.X")
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_count_check_reads_backed_data_in_row_chunks(tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(checks, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(checks, "CHUNK_VALUES", 6 * 8)
+    x = _counts()
+    x[49, 5] = -1  # last row, last chunk
+    adata = anndata.AnnData(X=sp.csr_matrix(x) if fmt == "csr" else x)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "d.h5ad", backed="r")
+    try:
+        with pytest.raises(InvalidDataError, match="1 negative values"):
+            check_count_matrix(backed.X, "adata.X")
+    finally:
+        backed.file.close()
