@@ -96,9 +96,8 @@ class SemiSupervisedDataSplitter(DataSplitter):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_idx is not None or self.external_indexing is not None:
-            super().setup(stage)
-            if self.external_indexing is None:
-                return
+            super().setup(stage)  # restored split, or the user's own indices
+            return
         rng = np.random.RandomState(self.split_seed)
         train, val, test = [], [], []
         for group in (np.flatnonzero(self.labeled_mask), np.flatnonzero(~self.labeled_mask)):

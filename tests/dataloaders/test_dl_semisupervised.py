@@ -61,3 +61,12 @@ def test_without_labeled_cells_it_is_a_plain_splitter():
     splitter.setup()
     batch = next(iter(splitter.train_dataloader()))
     assert "X" in batch
+
+
+def test_external_indexing_is_kept_as_given():
+    manager = LabelManager(n=40)
+    train, val = np.arange(30), np.arange(30, 40)
+    splitter = SemiSupervisedDataSplitter(manager, external_indexing=[train, val])
+    splitter.setup()
+    np.testing.assert_array_equal(splitter.train_idx, train)
+    np.testing.assert_array_equal(splitter.val_idx, val)
