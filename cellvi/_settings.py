@@ -40,6 +40,12 @@ class Settings:
         for in-memory data).
     dl_persistent_workers
         Keep loader workers alive between epochs.
+    dl_chunk_size
+        Disk-backed data: cells read in one contiguous block (512). Training shuffles whole
+        blocks, then cells within the buffer.
+    dl_buffer_size
+        Disk-backed data: cells held in memory for shuffling (16,384; rounded to a whole
+        number of minibatches). Memory grows with this, not with the data set.
     logging_dir
         Where training runs write history, checkpoints and logs (``./cellvi_log``).
     progress_bar_style
@@ -62,6 +68,8 @@ class Settings:
     num_threads: int | None = None
     dl_num_workers: int = 0
     dl_persistent_workers: bool = False
+    dl_chunk_size: int = 512
+    dl_buffer_size: int = 16_384
     logging_dir: Path = field(default_factory=lambda: Path("./cellvi_log"))
     progress_bar_style: str = "rich"
 
@@ -107,7 +115,9 @@ def _validate(name: str, value):
             raise ValueError(f"verbosity={value!r}: use one of {list(_VERBOSITY)}.")
     elif name == "progress_bar_style" and value not in _PROGRESS_STYLES:
         raise ValueError(f"progress_bar_style={value!r}: use one of {list(_PROGRESS_STYLES)}.")
-    elif name in {"batch_size"} and (not isinstance(value, int) or value < 1):
+    elif name in {"batch_size", "dl_chunk_size", "dl_buffer_size"} and (
+        not isinstance(value, int) or value < 1
+    ):
         raise ValueError(f"{name}={value!r}: must be a positive integer.")
     elif name == "dl_num_workers" and (not isinstance(value, int) or value < 0):
         raise ValueError(f"dl_num_workers={value!r}: must be an integer >= 0.")

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from .._constants import REGISTRY_KEYS
+from ..data import is_on_disk
 from ._expression import get_normalized_expression, transform_batch_codes
 
 __all__ = ["differential_expression", "estimate_delta", "estimate_pseudocount", "fdr_calls"]
@@ -68,32 +69,34 @@ def _resolve_group(adata, idx) -> np.ndarray:
     return np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
 
 
-def _raw_stats(x, idx) -> dict[str, np.ndarray]:
-    """Per-gene mean count, detection rate and mean of counts x 1e4 / cell total."""
+def _raw_stats(x, idx, chunk: int = 20_000) -> dict[str, np.ndarray]:
+    """Per-gene mean count, detection rate and mean of counts x 1e4 / cell total.
+
+    Rows are read ``chunk`` at a time, so a matrix on disk is never loaded whole.
+    """
     n_genes = x.shape[1]
-    if not sp.issparse(x):
-        sub = np.asarray(x[idx], dtype=np.float64)
-        totals = np.maximum(sub.sum(1), 1)
-        return {
-            "raw_mean": sub.mean(0),
-            "non_zeros_proportion": (sub > 0).mean(0),
-            "raw_normalized_mean": (sub * (1e4 / totals)[:, None]).mean(0),
-        }
-    sub = x[idx]
-    n = max(len(idx), 1)
-    data = sub.data.astype(np.float64)
-    lengths = np.diff(sub.indptr)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    totals = np.maximum(np.bincount(rows, weights=data, minlength=len(lengths)), 1)
-    scaled = data * np.repeat(1e4 / totals, lengths)
-    return {
-        "raw_mean": np.bincount(sub.indices, weights=data, minlength=n_genes) / n,
-        "non_zeros_proportion": np.bincount(
+    idx = np.asarray(idx)
+    sums = {
+        k: np.zeros(n_genes) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")
+    }
+    for start in range(0, len(idx), chunk):
+        rows = idx[start : start + chunk]
+        sub = x[np.sort(rows)]
+        if not sp.issparse(sub):
+            sub = sp.csr_matrix(np.asarray(sub, dtype=np.float64))
+        sub = sub.tocsr()
+        data = sub.data.astype(np.float64)
+        lengths = np.diff(sub.indptr)
+        row_of = np.repeat(np.arange(len(lengths)), lengths)
+        totals = np.maximum(np.bincount(row_of, weights=data, minlength=len(lengths)), 1)
+        scaled = data * np.repeat(1e4 / totals, lengths)
+        sums["raw_mean"] += np.bincount(sub.indices, weights=data, minlength=n_genes)
+        sums["non_zeros_proportion"] += np.bincount(
             sub.indices, weights=(data != 0).astype(float), minlength=n_genes
         )
-        / n,
-        "raw_normalized_mean": np.bincount(sub.indices, weights=scaled, minlength=n_genes) / n,
-    }
+        sums["raw_normalized_mean"] += np.bincount(sub.indices, weights=scaled, minlength=n_genes)
+    n = max(len(idx), 1)
+    return {k: v / n for k, v in sums.items()}
 
 
 def _samples(model, adata, idx, codes, n, seed, batch_size=None):
@@ -243,7 +246,10 @@ def differential_expression(
     manager = model._manager_for(adata)
     data = manager.adata
     x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-    x = x.tocsr() if sp.issparse(x) else np.asarray(x)
+    if sp.issparse(x):
+        x = x.tocsr()
+    elif not is_on_disk(x):
+        x = np.asarray(x)
     kwargs = dict(
         mode=mode,
         delta=delta,

@@ -3,7 +3,9 @@
 ``simulate`` and ``synthetic_iid`` (from :mod:`cellvi.simulate`) are also available here.
 """
 
+from ._backed import DiskCSR, RowSource, as_row_source, is_on_disk, read_backed, row_totals
 from ._checks import check_count_matrix, check_var_names
+from ._collection import CollectionCSR, read_collection
 from ._fields import (
     BaseField,
     CategoricalObsField,
@@ -16,6 +18,15 @@ from ._manager import AnnDataManager, SummaryStats
 
 __all__ = [
     "AnnDataManager",
+    "CollectionCSR",
+    "DiskCSR",
+    "RowSource",
+    "as_row_source",
+    "is_on_disk",
+    "read_backed",
+    "read_collection",
+    "read_soma",
+    "row_totals",
     "BaseField",
     "CategoricalJointObsField",
     "CategoricalObsField",
@@ -33,6 +44,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "read_soma":
+        from ._soma import read_soma
+
+        return read_soma
     if name in ("simulate", "synthetic_iid"):
         from cellvi.simulate import simulate, synthetic_iid
 

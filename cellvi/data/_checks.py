@@ -15,7 +15,14 @@ from scipy import sparse
 
 from ..errors import CountsWarning, InvalidDataError
 
-__all__ = ["check_count_matrix", "check_var_names", "plain", "CHUNK_ROWS", "CHUNK_VALUES"]
+__all__ = [
+    "check_count_matrix",
+    "check_nonempty_rows",
+    "check_var_names",
+    "plain",
+    "CHUNK_ROWS",
+    "CHUNK_VALUES",
+]
 
 CHUNK_ROWS = 20_000  # rows per chunk of a sparse matrix
 CHUNK_VALUES = 1 << 24  # values per chunk of a dense matrix (~64 MB of float32)
@@ -161,6 +168,20 @@ def check_count_matrix(matrix, location: str) -> None:
             stacklevel=_STACK,
         )
     empty = np.concatenate(empty_rows) if empty_rows else np.array([], dtype=np.int64)
+    _raise_empty(empty, location)
+
+
+def check_nonempty_rows(totals: np.ndarray, location: str) -> None:
+    """Every cell needs a positive total count (its library size enters as a log).
+
+    Examples
+    --------
+    >>> check_nonempty_rows(np.array([3.0, 1.0]), "adata.X")
+    """
+    _raise_empty(np.flatnonzero(np.asarray(totals) <= 0), location)
+
+
+def _raise_empty(empty: np.ndarray, location: str) -> None:
     if empty.size:
         raise InvalidDataError(
             f"{empty.size} cell(s) in {location} have zero total counts (first row positions: "

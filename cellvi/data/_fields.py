@@ -21,7 +21,8 @@ from ..errors import (
     SetupError,
     SmallCategoryWarning,
 )
-from ._checks import check_count_matrix, check_var_names, plain
+from ._checks import check_count_matrix, check_nonempty_rows, check_var_names, plain
+from ._collection import missing_column_hint
 from ._view import state_table
 
 __all__ = [
@@ -40,7 +41,10 @@ _STACK = 6  # warnings point past field -> manager -> setup_anndata to the user'
 def _missing_column(adata, key, what: str = "obs column") -> MissingKeyError:
     cols = list(adata.obs.columns)
     shown = cols[:15] + (["..."] if len(cols) > 15 else [])
-    return MissingKeyError(f"{what} {key!r} not found in adata.obs. Available columns: {shown}.")
+    hint = missing_column_hint(adata, key)
+    return MissingKeyError(
+        f"{what} {key!r} not found in adata.obs. Available columns: {shown}.{hint}"
+    )
 
 
 def _sorted(values) -> list:
@@ -143,7 +147,16 @@ class LayerField(BaseField):
             raise InvalidDataError(f"{self.location} is empty; put the counts there first.")
         check_var_names(adata.var_names)
         if self.is_count_data:
-            check_count_matrix(self.get_field_data(adata), self.location)
+            matrix = self.get_field_data(adata)
+            parts = getattr(matrix, "parts_for_checks", None)
+            if parts is None:
+                check_count_matrix(matrix, self.location)
+                return
+            for part, where in parts(self.location):
+                check_count_matrix(part, where)
+            maps = getattr(matrix, "column_maps", None) or []
+            if any(m is not None for m in maps):  # genes dropped or added by a join
+                check_nonempty_rows(matrix.row_sums(), self.location)
 
     def _prepare(self, adata) -> None:
         matrix = self.get_field_data(adata)

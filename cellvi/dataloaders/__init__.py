@@ -1,13 +1,17 @@
 """Splitting and loading: contiguous tensor stores, seeded batch samplers, data modules."""
 
+from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._loader import StoreDataset, make_dataloader
 from ._samplers import BatchIndexSampler
 from ._semisupervised import LabeledStream, SemiSupervisedDataSplitter
 from ._splitter import DataSplitter, split_sizes
-from ._tensors import CSRTensor, TensorStore
+from ._tensors import CSRTensor, DiskRows, TensorStore
 
 __all__ = [
     "BatchIndexSampler",
+    "BlockShuffleSampler",
+    "BufferedStoreDataset",
+    "DiskRows",
     "CSRTensor",
     "DataSplitter",
     "LabeledStream",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._settings import settings
+from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._samplers import BatchIndexSampler
 from ._tensors import TensorStore
 
@@ -38,28 +39,42 @@ def make_dataloader(
     num_workers: int | None = None,
     persistent_workers: bool | None = None,
     pin_memory: bool = False,
+    chunk_size: int | None = None,
+    buffer_size: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` yielding minibatch dicts gathered from ``store``.
 
     Torch's automatic batching is off: the sampler yields index batches and the dataset
-    gathers each in one vectorised call.
+    gathers each in one vectorised call. When the counts are on disk, batches are
+    block-shuffled (:class:`BlockShuffleSampler`; ``chunk_size``/``buffer_size`` default to
+    ``settings.dl_chunk_size``/``settings.dl_buffer_size``).
     """
-    sampler = BatchIndexSampler(
-        indices,
-        batch_size,
-        shuffle,
+    common = dict(
         drop_last=drop_last,
         seed=seed,
         rank=rank,
         world_size=world_size,
         drop_dataset_tail=drop_dataset_tail,
     )
+    if store.on_disk:
+        sampler = BlockShuffleSampler(
+            indices,
+            batch_size,
+            shuffle,
+            chunk_size=chunk_size or settings.dl_chunk_size,
+            buffer_size=buffer_size or settings.dl_buffer_size,
+            **common,
+        )
+        dataset = BufferedStoreDataset(store)
+    else:
+        sampler = BatchIndexSampler(indices, batch_size, shuffle, **common)
+        dataset = StoreDataset(store)
     workers = settings.dl_num_workers if num_workers is None else num_workers
     persistent = (
         settings.dl_persistent_workers if persistent_workers is None else persistent_workers
     )
     return torch.utils.data.DataLoader(
-        StoreDataset(store),
+        dataset,
         sampler=sampler,
         batch_size=None,
         num_workers=workers,

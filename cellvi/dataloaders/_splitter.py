@@ -64,6 +64,9 @@ class DataSplitter(pl.LightningDataModule):
         Loader settings.
     store
         A prebuilt :class:`TensorStore` (else built once from the manager).
+    chunk_size, buffer_size
+        Counts on disk: cells per contiguous read and cells shuffled together in memory
+        (default ``settings.dl_chunk_size`` / ``settings.dl_buffer_size``).
     """
 
     def __init__(
@@ -81,8 +84,11 @@ class DataSplitter(pl.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool = False,
         store: TensorStore | None = None,
+        chunk_size: int | None = None,
+        buffer_size: int | None = None,
     ):
         super().__init__()
+        self.chunk_size, self.buffer_size = chunk_size, buffer_size
         self.manager = manager
         self.train_size_is_default = train_size is None or train_size == 0
         self.train_size = 0.9 if self.train_size_is_default else float(train_size)
@@ -206,6 +212,8 @@ class DataSplitter(pl.LightningDataModule):
             drop_dataset_tail=self.drop_dataset_tail,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            chunk_size=self.chunk_size,
+            buffer_size=self.buffer_size,
         )
 
     def train_dataloader(self):

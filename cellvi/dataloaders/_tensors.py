@@ -10,8 +10,9 @@ import torch
 from scipy import sparse
 
 from .._constants import REGISTRY_KEYS
+from ..data import as_row_source, is_on_disk
 
-__all__ = ["TensorStore", "CSRTensor"]
+__all__ = ["TensorStore", "CSRTensor", "DiskRows"]
 
 _INT_KEYS = {
     REGISTRY_KEYS.BATCH_KEY,
@@ -85,7 +86,28 @@ class CSRTensor:
         return out
 
 
-def _to_tensor(key: str, value) -> torch.Tensor | CSRTensor:
+class DiskRows:
+    """A count matrix left on disk (a :class:`~cellvi.data.RowSource`), read by rows on demand.
+
+    ``rows(idx)`` reads only those rows; block-shuffled training loaders read whole buffers
+    through ``source.read_rows`` instead (see :class:`BlockShuffleSampler`).
+    """
+
+    def __init__(self, source, location: str = "the count matrix"):
+        self.source = as_row_source(source, location)
+        self.shape = self.source.shape
+
+    def to(self, device) -> DiskRows:
+        return self  # rows are read on the CPU; minibatches move to the device afterwards
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        block = self.source.read_rows(idx.cpu().numpy())
+        return torch.from_numpy(block.toarray().astype(np.float32, copy=False))
+
+
+def _to_tensor(key: str, value) -> torch.Tensor | CSRTensor | DiskRows:
+    if is_on_disk(value):
+        return DiskRows(value, f"registered {key!r}")
     if sparse.issparse(value):
         return CSRTensor(value)
     if isinstance(value, pd.DataFrame):
@@ -127,6 +149,11 @@ class TensorStore:
         keys = list(manager.data_registry) if keys is None else list(keys)
         return cls({k: manager.get_from_registry(k) for k in keys})
 
+    @property
+    def on_disk(self) -> list[str]:
+        """Keys whose data stay on disk (read by row blocks)."""
+        return [k for k, t in self.tensors.items() if isinstance(t, DiskRows)]
+
     def to(self, device) -> TensorStore:
         out = object.__new__(TensorStore)
         out.tensors = {k: t.to(device) for k, t in self.tensors.items()}
@@ -138,6 +165,6 @@ class TensorStore:
         idx = torch.as_tensor(idx, dtype=torch.int64)
         out = {}
         for key, tensor in self.tensors.items():
-            out[key] = tensor.rows(idx) if isinstance(tensor, CSRTensor) else tensor[idx]
+            out[key] = tensor.rows(idx) if isinstance(tensor, CSRTensor | DiskRows) else tensor[idx]
         out[REGISTRY_KEYS.INDICES_KEY] = idx.reshape(-1, 1)
         return out

@@ -16,6 +16,7 @@ from ..data import (
     LayerField,
     NumericalJointObsField,
     NumericalObsField,
+    row_totals,
 )
 from ..module import VAE, VAEConfig
 from ..train import UNSET
@@ -131,7 +132,7 @@ class SCVI(BaseModel):
         if self.adata_manager is None:
             return torch.zeros(1, n_batch), torch.ones(1, n_batch)
         x = self.adata_manager.get_from_registry(_K.X_KEY)
-        totals = np.asarray(x.sum(axis=1)).ravel()
+        totals = row_totals(x)  # chunked when the counts are on disk
         batch = np.asarray(self.adata_manager.get_from_registry(_K.BATCH_KEY)).ravel()
         means, variances = np.zeros((1, n_batch)), np.ones((1, n_batch))
         log_totals = np.log(totals)
