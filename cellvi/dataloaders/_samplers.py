@@ -48,7 +48,7 @@ class BatchIndexSampler(torch.utils.data.Sampler):
         world_size: int = 1,
         drop_dataset_tail: bool = False,
     ):
-        self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        self.indices = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed or 0)
         self.rank, self.world_size = rank, world_size
