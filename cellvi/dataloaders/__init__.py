@@ -1,6 +1,7 @@
 """Splitting and loading: contiguous tensor stores, seeded batch samplers, data modules."""
 
 from ._blocks import BlockShuffleSampler, BufferedStoreDataset
+from ._datamodule import AnnDataModule, InferenceLoader, SomaDataModule
 from ._loader import StoreDataset, make_dataloader
 from ._samplers import BatchIndexSampler
 from ._semisupervised import LabeledStream, SemiSupervisedDataSplitter
@@ -8,6 +9,9 @@ from ._splitter import DataSplitter, split_sizes
 from ._tensors import CSRTensor, DiskRows, TensorStore
 
 __all__ = [
+    "AnnDataModule",
+    "InferenceLoader",
+    "SomaDataModule",
     "BatchIndexSampler",
     "BlockShuffleSampler",
     "BufferedStoreDataset",

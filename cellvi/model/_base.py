@@ -13,7 +13,7 @@ import torch
 from .._settings import settings
 from ..data import AnnDataManager
 from ..errors import SetupError
-from ._registry import ManagerStore
+from ._registry import ManagerStore, check_registry_compatible
 
 __all__ = ["BaseModel", "history_from_rows", "append_history"]
 
@@ -115,11 +115,41 @@ class BaseModel:
             raise SetupError("This model has no AnnData; pass adata= to view its setup.")
         manager.view_registry(hide_state_registries=hide_state_registries)
 
+    def _attach_manager(self, manager: AnnDataManager, what: str) -> AnnDataManager:
+        """Use data registered by a data module, after checking it fits this model."""
+        check_registry_compatible(self.registry_, manager.registry, what)
+        if manager.registry["setup_args"] == self.registry_["setup_args"]:
+            self._register_manager(manager)
+        return manager
+
+    def _data_source(self, adata, indices, dataloader):
+        """``(adata, indices)`` for an analysis call that may name a data module loader."""
+        if dataloader is None:
+            return adata, indices
+        if adata is not None:
+            raise ValueError("Pass either adata= or dataloader=, not both.")
+        if indices is not None:
+            raise ValueError(
+                "Choose cells in the loader instead of indices=: "
+                "dm.inference_dataloader(indices=...)."
+            )
+        manager = getattr(dataloader, "manager", None)
+        if manager is None or not hasattr(dataloader, "indices"):
+            raise TypeError(
+                "dataloader= takes a data module's loader, dm.inference_dataloader(); got "
+                f"{type(dataloader).__name__}."
+            )
+        self._attach_manager(manager, "the dataloader's data")
+        return manager.adata, dataloader.indices
+
     def _manager_for(self, adata) -> AnnDataManager:
         """The manager of ``adata`` for this model, transferring the setup when needed."""
         if adata is None or adata is self.adata:
             if self.adata_manager is None:
-                raise SetupError("This model has no AnnData; pass adata=.")
+                raise SetupError(
+                    "This model has no AnnData: pass adata=, or dataloader="
+                    "dm.inference_dataloader() for a model trained on a data module."
+                )
             self.adata_manager.validate()
             return self.adata_manager
         manager = self._store.get(adata, required=False)

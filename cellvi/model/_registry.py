@@ -46,3 +46,42 @@ class ManagerStore:
                 f"cellvi.model.{self.model_name}.setup_anndata on this object."
             )
         return manager
+
+
+def _state(registry: dict, key: str) -> dict:
+    return registry["field_registries"].get(key, {}).get("state_registry", {})
+
+
+def check_registry_compatible(model_registry: dict, data_registry: dict, what: str) -> None:
+    """Raise if data registered elsewhere (a data module) does not fit a model's registry.
+
+    Genes must match by name and order; batch and label categories must match in order
+    (their integer codes index the model's embeddings and classifier).
+
+    Raises
+    ------
+    SetupError
+        Naming the first mismatch and what to do.
+    """
+    genes_model = list(_state(model_registry, "X").get("column_names", []))
+    genes_data = list(_state(data_registry, "X").get("column_names", []))
+    if genes_model != genes_data:
+        if len(genes_model) != len(genes_data):
+            detail = f"{len(genes_data)} genes, the model expects {len(genes_model)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(genes_model, genes_data)) if a != b)
+            detail = f"gene {i} is {genes_data[i]!r}, the model expects {genes_model[i]!r}"
+        raise SetupError(
+            f"The gene set of {what} does not match the model's registry ({detail}). Build "
+            "it over the model's genes, in the model's order (e.g. a var_value_filter selecting "
+            "them)."
+        )
+    for key, name in (("batch", "batch"), ("labels", "label")):
+        cats_model = list(_state(model_registry, key).get("categorical_mapping", []))
+        cats_data = list(_state(data_registry, key).get("categorical_mapping", []))
+        if cats_model != cats_data:
+            raise SetupError(
+                f"The {name} categories of {what} {cats_data[:6]} differ from the model's "
+                f"{cats_model[:6]}; codes would be misread. Use data with the same categories, "
+                "or map new batches with load_query_data."
+            )

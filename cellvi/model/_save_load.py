@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import is_on_disk
 from ..errors import CellviWarning, ModelFileError
 from ..io import from_plain, read_model_file, to_plain, write_model_dir
 
@@ -74,6 +75,14 @@ def save_model(
                 CellviWarning,
                 stacklevel=3,
             )
+        elif any(is_on_disk(m) for m in (model.adata.X, *model.adata.layers.values())):
+            warnings.warn(
+                "save_anndata=True but the model's counts are read from disk "
+                f"({model.adata.X!r}); they are not copied. Reopen them with "
+                "cellvi.data.read_backed / read_collection and pass adata= to load.",
+                CellviWarning,
+                stacklevel=3,
+            )
         else:
             adata = model.adata
             kwargs = dict(anndata_write_kwargs or {})
@@ -113,7 +122,8 @@ def load_model(
     content = read_model_file(dir_path, prefix=prefix, allow_pickle=allow_pickle)
     attrs = from_plain(content["attr_dict"])
     registry = attrs["registry_"]
-    saved_class = registry.get("model_name", attrs.get("model_class"))
+    # the class that saved it (a registry from a data module names the module instead)
+    saved_class = attrs.get("model_class") or registry.get("model_name")
     if saved_class != cls.__name__:
         raise ModelFileError(
             f"{dir_path} holds a {saved_class} model; load it with "

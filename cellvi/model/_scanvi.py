@@ -205,7 +205,7 @@ class SCANVI(SCVI):
         max_epochs: int | None = None,
         n_samples_per_label: int | None = None,
         check_val_every_n_epoch: int | None = UNSET,
-        train_size: float = 0.9,
+        train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
         batch_size: int | None = None,
@@ -217,6 +217,7 @@ class SCANVI(SCVI):
         trainer_config=None,
         callbacks: list | None = None,
         ckpt_path: str | None = None,
+        datamodule=None,
         **trainer_kwargs,
     ) -> None:
         """Train with the ELBO on all cells plus classification of the labeled ones.
@@ -224,7 +225,7 @@ class SCANVI(SCVI):
         ``max_epochs=None`` uses the SCVI heuristic h, or ``min(10, max(2, round(h / 3)))``
         after :meth:`from_scvi_model`. ``plan_kwargs`` may hold ``classification_ratio``
         (50). Early stopping goes through ``**trainer_kwargs`` (``early_stopping=True``).
-        Other arguments as in :meth:`SCVI.train`.
+        Other arguments (``datamodule`` included) as in :meth:`SCVI.train`.
         """
         if max_epochs is None:
             h = default_max_epochs(self.summary_stats["n_cells"])
@@ -260,6 +261,7 @@ class SCANVI(SCVI):
             callbacks=callbacks,
             ckpt_path=ckpt_path,
             trainer_kwargs=trainer_kwargs,
+            datamodule=datamodule,
             splitter_cls=SemiSupervisedDataSplitter,
             splitter_kwargs={"n_samples_per_label": n_samples_per_label},
             make_plan=make_plan,
@@ -272,8 +274,10 @@ class SCANVI(SCVI):
         soft: bool = False,
         batch_size: int | None = None,
         use_posterior_mean: bool = True,
+        dataloader=None,
     ):
         """Predicted labels (array of names) or, with ``soft``, a DataFrame of probabilities."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         probs = []
         with eval_mode(self.module):
             for batch in inference_batches(self, adata, indices, batch_size):

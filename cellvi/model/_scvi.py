@@ -225,11 +225,13 @@ class SCVI(BaseModel):
         mc_samples: int = 5000,
         batch_size: int | None = None,
         return_dist: bool = False,
+        dataloader=None,
     ):
         """Posterior mean (or a draw, or the Gaussian's parameters) of ``z`` per cell.
 
         See :func:`cellvi.analysis.get_latent_representation`.
         """
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_latent_representation(
             self, adata, indices, give_mean, mc_samples, batch_size, return_dist
         )
@@ -247,8 +249,10 @@ class SCVI(BaseModel):
         batch_size: int | None = None,
         return_mean: bool = True,
         return_numpy: bool | None = None,
+        dataloader=None,
     ):
         """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_normalized_expression(
             self,
             adata,
@@ -272,8 +276,10 @@ class SCVI(BaseModel):
         n_samples: int = 1,
         gene_list=None,
         batch_size: int | None = None,
+        dataloader=None,
     ):
         """Counts drawn from the posterior predictive; see :mod:`cellvi.analysis`."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.posterior_predictive_sample(
             self, adata, indices, transform_batch, n_samples, gene_list, batch_size
         )
@@ -285,20 +291,26 @@ class SCVI(BaseModel):
         n_samples: int = 1,
         give_mean: bool = False,
         batch_size: int | None = None,
+        dataloader=None,
     ) -> dict:
         """``mean``, ``dispersions`` and ``dropout`` of p(x | z) per cell and gene."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_likelihood_parameters(
             self, adata, indices, n_samples, give_mean, batch_size
         )
 
-    def get_elbo(self, adata=None, indices=None, batch_size=None, return_mean: bool = True):
+    def get_elbo(
+        self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
+    ):
         """ELBO (KL weight 1); higher is better."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_elbo(self, adata, indices, batch_size, return_mean)
 
     def get_reconstruction_error(
-        self, adata=None, indices=None, batch_size=None, return_mean: bool = True
+        self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
     ) -> dict:
         """Negative log-likelihood of the counts; lower is better."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_reconstruction_error(self, adata, indices, batch_size, return_mean)
 
     def get_marginal_ll(
@@ -309,8 +321,10 @@ class SCVI(BaseModel):
         batch_size=None,
         return_mean: bool = True,
         n_mc_samples_per_pass: int = 1,
+        dataloader=None,
     ):
         """Importance-sampled log-likelihood of the data under the model."""
+        adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_marginal_ll(
             self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
         )
@@ -334,8 +348,10 @@ class SCVI(BaseModel):
         n_samples_overall: int = 5000,
         pseudocounts: float | None = None,
         test_mode: str = "three",
+        dataloader=None,
     ):
         """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`."""
+        adata, _ = self._data_source(adata, None, dataloader)
         return analysis.differential_expression(
             self,
             adata,
@@ -375,6 +391,7 @@ class SCVI(BaseModel):
         trainer_config=None,
         callbacks: list | None = None,
         ckpt_path: str | None = None,
+        datamodule=None,
         **trainer_kwargs,
     ) -> None:
         """Train the model (``training.md`` §1).
@@ -408,6 +425,10 @@ class SCVI(BaseModel):
             Extra Lightning callbacks.
         ckpt_path
             Resume an interrupted run from its ``last.ckpt`` (same ``max_epochs``).
+        datamodule
+            Train on a data module (:class:`~cellvi.dataloaders.SomaDataModule`,
+            :class:`~cellvi.dataloaders.AnnDataModule`) instead of the model's AnnData; its
+            registry must match the model's. Its split and batch size apply unless given here.
         **trainer_kwargs
             Fields of :class:`~cellvi.train.TrainerConfig` (``early_stopping_patience``,
             ``enable_checkpointing``, ``gradient_clip_val`` ...) or Lightning ``Trainer``
@@ -431,4 +452,5 @@ class SCVI(BaseModel):
             callbacks=callbacks,
             ckpt_path=ckpt_path,
             trainer_kwargs=trainer_kwargs,
+            datamodule=datamodule,
         )

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 
 from .._settings import settings
 from ..dataloaders import DataSplitter
-from ..errors import TrainingWarning
+from ..errors import SetupError, TrainingWarning
 from ..train import (
     UNSET,
     TrainerConfig,
@@ -161,9 +161,25 @@ def train_unsupervised(
     splitter_kwargs: dict | None = None,
     make_plan=None,
     extra_callbacks: list | None = None,
+    datamodule=None,
 ) -> None:
     """Train ``model`` (see ``SCVI.train`` for the arguments)."""
     manager = model.adata_manager
+    from_module: dict = {}
+    if datamodule is not None:
+        manager = model._attach_manager(datamodule.manager, "the data module")
+        from_module = datamodule.splitter_kwargs()
+        batch_size = from_module.pop("batch_size") if batch_size is None else batch_size
+        module_train_size = from_module.pop("train_size")
+        train_size = module_train_size if train_size is None else train_size
+        if validation_size is None:
+            validation_size = from_module.pop("validation_size")
+        from_module.pop("validation_size", None)
+    elif manager is None:
+        raise SetupError(
+            f"This {type(model).__name__} was built from a registry and has no AnnData; train "
+            "it with model.train(datamodule=dm) on the data module the registry came from."
+        )
     n_obs = manager.summary_stats["n_cells"]
     if max_epochs is None:
         max_epochs = default_max_epochs(n_obs)
@@ -192,7 +208,7 @@ def train_unsupervised(
         shuffle_set_split=shuffle_set_split,
         batch_size=batch_size,
         distributed_sampler=distributed,
-        **(datasplitter_kwargs or {}),
+        **{**from_module, **(datasplitter_kwargs or {})},
     )
     splitter.setup("fit")
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
