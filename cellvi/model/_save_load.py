@@ -135,6 +135,8 @@ def load_model(
             import anndata
 
             adata = anndata.read_h5ad(path)
+        elif registry.get("setup_method_name") == "setup_datamodule":
+            adata = False  # trained on a data module: outputs take dataloader=
         else:
             warnings.warn(
                 f"No AnnData given and none saved in {dir_path}: the model is loaded without "

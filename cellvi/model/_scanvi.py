@@ -70,6 +70,13 @@ class SCANVI(SCVI):
         linear_classifier: bool = False,
         registry: dict | None = None,
     ):
+        if adata is None and registry is not None:
+            labels = registry["field_registries"].get(_K.LABELS_KEY, {}).get("state_registry", {})
+            if "unlabeled_category" not in labels:
+                raise SetupError(
+                    "SCANVI needs a registry with labels and an unlabeled category; build the "
+                    "data module with labels_column=/labels_key= and unlabeled_category=."
+                )
         self.linear_classifier = linear_classifier
         self.was_pretrained_ = False
         super().__init__(
