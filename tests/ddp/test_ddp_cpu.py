@@ -156,3 +156,27 @@ def test_more_cpu_processes_than_cores_is_a_clear_error():
     model = SCVI(_data(), n_hidden=8, n_latent=2)
     with pytest.raises(ValueError, match=r"asks for 4096 CPU processes .* cores"):
         model.train(max_epochs=1, accelerator="cpu", devices=4096, strategy="ddp_notebook")
+
+
+def test_two_processes_train_from_a_file_on_disk(tmp_path):
+    """Block-shuffled reads under DDP: each rank reopens the file and reads whole chunks."""
+    adata = cellvi.data.simulate(n_cells=400, n_genes=40, n_de_genes_per_type=5, seed=0)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = cellvi.data.read_backed(tmp_path / "a.h5ad")
+    SCVI.setup_anndata(backed, batch_key="batch")
+    model = SCVI(backed, n_hidden=16, n_latent=3)
+    with cellvi.settings.override(dl_chunk_size=20, dl_buffer_size=100):
+        model.train(
+            max_epochs=2,
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_notebook",
+            check_val_every_n_epoch=1,
+            callbacks=[_PerRank(tmp_path)],
+        )
+    r0, r1 = _ranks(tmp_path)
+    for name, value in r0["state"].items():
+        torch.testing.assert_close(r1["state"][name], value, rtol=0, atol=0, msg=name)
+    s0, s1 = set(r0["seen"]), set(r1["seen"])
+    assert len(s0 & s1) <= 1 and s0 | s1 == set(model.train_indices.tolist())
+    assert model.is_trained and len(model.history["elbo_train"]) == 2
