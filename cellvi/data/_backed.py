@@ -22,6 +22,7 @@ from ..errors import InvalidDataError
 __all__ = ["RowSource", "DiskCSR", "as_row_source", "is_on_disk", "read_backed", "row_totals"]
 
 SPAN_GAP = 1 << 16  # stored values: runs of rows closer than this are read as one slice
+SPAN_MAX = 1 << 23  # stored values read in one slice at most (64 MB of data + indices)
 CHUNK_ROWS = 20_000  # rows per chunk of whole-matrix passes
 
 
@@ -119,30 +120,76 @@ def _row_chunks(n_rows: int):
 def gather_spans(indptr: np.ndarray, rows: np.ndarray, read) -> tuple[np.ndarray, np.ndarray]:
     """Stored values and column indices of sorted ``rows`` with few contiguous reads.
 
-    ``read(lo, hi)`` returns ``(data, indices)`` of stored values ``lo:hi``. Consecutive rows
-    form runs; runs closer than ``SPAN_GAP`` values are read as one slice.
+    ``read(lo, hi, data_out, indices_out)`` fills the output slices with stored values
+    ``lo:hi`` and ``read.allocate(n)`` makes output arrays. Consecutive rows form runs; a run
+    is read straight into the result, and runs separated by fewer than ``SPAN_GAP`` values
+    are read as one slice (at most ``SPAN_MAX`` values) and copied out run by run, so memory
+    stays at the result plus one slice.
     """
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     first = np.r_[0, breaks]
     last = np.r_[breaks - 1, rows.size - 1]
     lo, hi = indptr[rows[first]], indptr[rows[last] + 1]
-    reach = np.maximum.accumulate(hi)
-    new_span = np.r_[True, lo[1:] - reach[:-1] > SPAN_GAP]
-    span_starts = np.flatnonzero(new_span)
-    span_lo = lo[span_starts]
-    span_hi = np.maximum.reduceat(hi, span_starts)
-    pieces = [read(int(a), int(b)) for a, b in zip(span_lo, span_hi)]
-    data = np.concatenate([p[0] for p in pieces])
-    indices = np.concatenate([p[1] for p in pieces])
     lengths = hi - lo
-    if len(pieces) == 1 and lengths.size == 1 and lengths[0] == data.size:
-        return data, indices
-    span_of_run = np.cumsum(new_span) - 1
-    span_offset = np.r_[0, np.cumsum(span_hi - span_lo)[:-1]]
-    run_start = span_offset[span_of_run] + lo - span_lo[span_of_run]
-    total = int(lengths.sum())
-    gather = np.repeat(run_start - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(total)
-    return data[gather], indices[gather]
+    out_at = np.r_[0, np.cumsum(lengths)]
+    data, indices = read.allocate(int(out_at[-1]))
+    n_runs, r = len(lo), 0
+    while r < n_runs:
+        end = r + 1  # runs r..end-1 share one slice
+        while (
+            end < n_runs
+            and lo[end] - hi[end - 1] <= SPAN_GAP
+            and lo[end] >= hi[end - 1]
+            and hi[end] - lo[r] <= SPAN_MAX
+        ):
+            end += 1
+        if end == r + 1:
+            read(
+                int(lo[r]),
+                int(hi[r]),
+                data[out_at[r] : out_at[r + 1]],
+                indices[out_at[r] : out_at[r + 1]],
+            )
+        else:
+            span_data, span_indices = read.allocate(int(hi[end - 1] - lo[r]))
+            read(int(lo[r]), int(hi[end - 1]), span_data, span_indices)
+            for k in range(r, end):
+                a, b = lo[k] - lo[r], hi[k] - lo[r]
+                data[out_at[k] : out_at[k + 1]] = span_data[a:b]
+                indices[out_at[k] : out_at[k + 1]] = span_indices[a:b]
+        r = end
+    return data, indices
+
+
+class _SliceReader:
+    """Reads stored values of an h5py/zarr CSR group into preallocated arrays."""
+
+    def __init__(self, data_ds, indices_ds):
+        self.data_ds, self.indices_ds = data_ds, indices_ds
+        self.direct = hasattr(data_ds, "read_direct")  # h5py: no temporary arrays
+
+    def allocate(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.empty(n, self.data_ds.dtype), np.empty(n, self.indices_ds.dtype)
+
+    def __call__(self, lo: int, hi: int, data_out: np.ndarray, indices_out: np.ndarray) -> None:
+        if hi <= lo:
+            return
+        if self.direct:
+            self.data_ds.read_direct(data_out, np.s_[lo:hi])
+            self.indices_ds.read_direct(indices_out, np.s_[lo:hi])
+        else:
+            data_out[:] = self.data_ds[lo:hi]
+            indices_out[:] = self.indices_ds[lo:hi]
+
+
+def csr_from_parts(data, indices, lengths, n_cols: int) -> sparse.csr_matrix:
+    """CSR over ``data``/``indices`` without copying them (int32 pointers when they fit)."""
+    dtype = np.int32 if indices.dtype == np.int32 and data.size < 2**31 else np.int64
+    indptr = np.zeros(len(lengths) + 1, dtype=dtype)
+    np.cumsum(lengths, out=indptr[1:])
+    return sparse.csr_matrix(
+        (data, indices.astype(dtype, copy=False), indptr), shape=(len(lengths), n_cols), copy=False
+    )
 
 
 class DiskCSR(RowSource):
@@ -234,15 +281,10 @@ class DiskCSR(RowSource):
 
     def _read_sorted(self, rows: np.ndarray) -> sparse.csr_matrix:
         group = self._open()[0]
-        data_ds, indices_ds = group["data"], group["indices"]
-
-        def read(lo, hi):
-            return data_ds[lo:hi], indices_ds[lo:hi]
-
-        data, indices = gather_spans(self._indptr, rows, read)
+        reader = _SliceReader(group["data"], group["indices"])
+        data, indices = gather_spans(self._indptr, rows, reader)
         lengths = self._indptr[rows + 1] - self._indptr[rows]
-        indptr = np.r_[0, np.cumsum(lengths)]
-        return sparse.csr_matrix((data, indices, indptr), shape=(rows.size, self._shape[1]))
+        return csr_from_parts(data, indices, lengths, self._shape[1])
 
     def row_sums(self) -> np.ndarray:
         group = self._open()[0]

@@ -186,6 +186,11 @@ def read_collection(
         names = pd.Index([f"{n}-{k}" for n, k in zip(names, file_keys)])
     obs.index = names
     if label is not None:
+        if label in obs.columns:
+            raise ValueError(
+                f"The files already have an obs column {label!r}; pass another label= (or "
+                "label=None) so the file names do not overwrite it."
+            )
         obs[label] = pd.Categorical(np.repeat(keys, [len(f) for f in obs_frames]), categories=keys)
     uns = {
         COLLECTION_UNS_KEY: {

@@ -23,7 +23,8 @@ __all__ = ["BlockShuffleSampler", "BufferedStoreDataset"]
 
 
 class BlockShuffleSampler(BatchIndexSampler):
-    """Yields ``(buffer_key, buffer_rows, batch)``: a minibatch and the buffer it is drawn from.
+    """Yields ``(buffer_key, buffer_rows, batch, last)``: a minibatch, the buffer it is drawn
+    from, and whether it is the buffer's last minibatch (the buffer is then released).
 
     Parameters
     ----------
@@ -34,7 +35,8 @@ class BlockShuffleSampler(BatchIndexSampler):
         Consecutive cells read together (default ``settings.dl_chunk_size``).
     buffer_size
         Cells held in memory and shuffled together; rounded down to a multiple of
-        ``batch_size`` (at least one minibatch).
+        ``batch_size`` (at least one minibatch). Without ``shuffle`` (validation, test) a
+        buffer is a single minibatch.
     """
 
     def __init__(
@@ -51,7 +53,10 @@ class BlockShuffleSampler(BatchIndexSampler):
         if chunk_size < 1 or buffer_size < 1:
             raise ValueError(f"chunk_size={chunk_size} and buffer_size={buffer_size} must be >= 1.")
         self.chunk_size = int(chunk_size)
-        self.buffer_cells = max(1, int(buffer_size) // self.batch_size) * self.batch_size
+        # without shuffling, cells come in file order: each minibatch is one contiguous read
+        # and nothing needs to be held beyond it
+        buffer = int(buffer_size) if shuffle else self.batch_size
+        self.buffer_cells = max(1, buffer // self.batch_size) * self.batch_size
 
     def _generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7_919 + salt)
@@ -87,17 +92,17 @@ class BlockShuffleSampler(BatchIndexSampler):
                 shard[lo:hi] = shard[lo:hi][torch.randperm(hi - lo, generator=gen)]
             rows = torch.sort(shard[lo:hi]).values
             key = (self.epoch, self.rank, number)
-            for start, stop in batches:
-                yield key, rows, shard[start:stop]
+            for i, (start, stop) in enumerate(batches):
+                yield key, rows, shard[start:stop], i == len(batches) - 1
 
 
 class BufferedStoreDataset(torch.utils.data.Dataset):
     """Minibatches from a :class:`TensorStore` whose counts are on disk.
 
-    Items are ``(buffer_key, buffer_rows, batch)`` from :class:`BlockShuffleSampler`: the
-    on-disk arrays of a buffer are read once (when its key first appears) and held as
-    in-memory CSR; the other registered arrays are gathered from memory as usual. Plain index
-    tensors are also accepted (rows read directly).
+    Items are ``(buffer_key, buffer_rows, batch, last)`` from :class:`BlockShuffleSampler`:
+    the on-disk arrays of a buffer are read once (when its key first appears) and held as
+    in-memory CSR until its last minibatch; the other registered arrays are gathered from
+    memory as usual. Plain index tensors are also accepted (rows read directly).
     """
 
     def __init__(self, store: TensorStore):
@@ -120,7 +125,7 @@ class BufferedStoreDataset(torch.utils.data.Dataset):
     def __getitem__(self, item) -> dict[str, torch.Tensor]:
         if isinstance(item, torch.Tensor):
             return self.store.gather(item)
-        key, rows, idx = item
+        key, rows, idx, last = item
         if key != self._key:
             self._load(key, rows)
         local = torch.from_numpy(np.searchsorted(self._rows, idx.numpy()))
@@ -133,4 +138,6 @@ class BufferedStoreDataset(torch.utils.data.Dataset):
             else:
                 out[name] = tensor[idx]
         out[REGISTRY_KEYS.INDICES_KEY] = idx.reshape(-1, 1)
+        if last:  # nothing else is drawn from this buffer: free it now
+            self._buffer, self._rows, self._key = {}, None, None
         return out

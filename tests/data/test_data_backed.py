@@ -166,6 +166,8 @@ def test_join_errors_are_explicit(sim, tmp_path):
         read_collection(paths)
     with pytest.raises(ValueError, match="join"):
         read_collection(paths, join="left")
+    with pytest.raises(ValueError, match="label="):
+        read_collection(paths, join="outer", label="batch")  # would overwrite a column
     with pytest.raises(FileNotFoundError, match="missing.h5ad"):
         read_collection([paths[0], tmp_path / "missing.h5ad"])
 

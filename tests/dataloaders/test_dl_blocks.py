@@ -20,11 +20,13 @@ def test_every_cell_once_per_epoch_and_length_matches(n, batch):
     indices = np.random.default_rng(0).permutation(5000)[:n]
     sampler = BlockShuffleSampler(indices, batch, True, chunk_size=50, buffer_size=300, seed=4)
     items = _epoch(sampler)
-    cells = torch.cat([b for _, _, b in items]).numpy()
+    cells = torch.cat([b for _, _, b, _ in items]).numpy()
     assert len(items) == len(sampler)
     assert sorted(cells) == sorted(indices)
-    assert all(len(b) <= batch + 1 for _, _, b in items) and all(len(b) > 1 for _, _, b in items)
-    for _, rows, batch_cells in items:  # a minibatch is drawn from its buffer
+    assert all(len(b) <= batch + 1 for _, _, b, _ in items) and all(
+        len(b) > 1 for _, _, b, _ in items
+    )
+    for _, rows, batch_cells, _ in items:  # a minibatch is drawn from its buffer
         assert np.isin(batch_cells.numpy(), rows.numpy()).all()
 
 
@@ -33,7 +35,7 @@ def test_order_is_a_function_of_seed_and_epoch():
         sampler = BlockShuffleSampler(
             np.arange(2000), 100, True, chunk_size=64, buffer_size=500, seed=seed
         )
-        return torch.cat([b for _, _, b in _epoch(sampler, epoch)])
+        return torch.cat([b for _, _, b, _ in _epoch(sampler, epoch)])
 
     assert torch.equal(cells(1, 3), cells(1, 3))
     assert not torch.equal(cells(1, 3), cells(1, 4))
@@ -45,7 +47,7 @@ def test_buffers_are_bounded_and_made_of_whole_chunks():
     sampler = BlockShuffleSampler(
         np.arange(10_000), 128, True, chunk_size=256, buffer_size=2048, seed=0
     )
-    buffers = {key: rows for key, rows, _ in _epoch(sampler)}
+    buffers = {key: rows for key, rows, _, _ in _epoch(sampler)}
     assert len(buffers) == 5
     for rows in buffers.values():
         assert len(rows) <= 2048
@@ -55,8 +57,9 @@ def test_buffers_are_bounded_and_made_of_whole_chunks():
 
 def test_no_shuffle_reads_in_file_order():
     sampler = BlockShuffleSampler(np.arange(700)[::-1], 100, False, chunk_size=64, buffer_size=300)
-    cells = torch.cat([b for _, _, b in _epoch(sampler)])
-    assert torch.equal(cells, torch.arange(700))
+    items = _epoch(sampler)
+    assert torch.equal(torch.cat([b for _, _, b, _ in items]), torch.arange(700))
+    assert all(torch.equal(rows, b) for _, rows, b, _ in items)  # one read per minibatch
 
 
 def test_distributed_ranks_get_disjoint_equal_shares_of_whole_chunks():
@@ -74,7 +77,7 @@ def test_distributed_ranks_get_disjoint_equal_shares_of_whole_chunks():
         )
         items = _epoch(sampler, 2)
         assert len(items) == len(sampler)
-        shares.append(torch.cat([b for _, _, b in items]).numpy())
+        shares.append(torch.cat([b for _, _, b, _ in items]).numpy())
     assert len({len(s) for s in shares}) == 1
     assert len(np.unique(np.concatenate(shares))) == 3000
 
@@ -96,5 +99,10 @@ def test_disk_loader_yields_the_same_minibatches_as_memory(tmp_path):
             torch.testing.assert_close(batch[key], expected[key], rtol=0, atol=0)
         seen.append(batch["ind_x"].ravel())
     assert len(torch.cat(seen)) == 500
-    held = loader.dataset._buffer["X"]
-    assert held.shape[0] <= 128  # only the current buffer is in memory
+    sizes = []
+    dataset = loader.dataset
+    for item in loader.sampler:
+        dataset[item]
+        sizes.append(dataset._buffer["X"].shape[0] if dataset._buffer else 0)
+    assert 0 < max(sizes) <= 128  # only the current buffer is in memory...
+    assert sizes[-1] == 0  # ...and none once the epoch is over
