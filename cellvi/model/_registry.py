@@ -52,6 +52,10 @@ def _state(registry: dict, key: str) -> dict:
     return registry["field_registries"].get(key, {}).get("state_registry", {})
 
 
+def _data_keys(registry: dict) -> set[str]:
+    return {k for k, v in registry["field_registries"].items() if v.get("data_registry")}
+
+
 def check_registry_compatible(model_registry: dict, data_registry: dict, what: str) -> None:
     """Raise if data registered elsewhere (a data module) does not fit a model's registry.
 
@@ -75,6 +79,13 @@ def check_registry_compatible(model_registry: dict, data_registry: dict, what: s
             f"The gene set of {what} does not match the model's registry ({detail}). Build "
             "it over the model's genes, in the model's order (e.g. a var_value_filter selecting "
             "them)."
+        )
+    keys_model, keys_data = _data_keys(model_registry), _data_keys(data_registry)
+    if keys_model != keys_data:
+        raise SetupError(
+            f"{what} registers {sorted(keys_data)} but the model was set up with "
+            f"{sorted(keys_model)} (covariates or size factors differ); register the same "
+            "fields for both."
         )
     for key, name in (("batch", "batch"), ("labels", "label")):
         cats_model = list(_state(model_registry, key).get("categorical_mapping", []))

@@ -108,6 +108,12 @@ def test_an_in_memory_data_module_gives_the_same_registry_path(experiment):
     assert model.is_trained
     with pytest.raises(SetupError, match="datamodule"):
         SCVI(adata=None, registry=dm.registry).train(max_epochs=1)
+    with_covariate = adata.copy()
+    SCVI.setup_anndata(
+        with_covariate, batch_key="batch", continuous_covariate_keys=["true_library"]
+    )
+    with pytest.raises(SetupError, match="covariates"):
+        SCVI(with_covariate).train(max_epochs=1, datamodule=dm)
 
 
 def test_scanvi_refuses_a_registry_without_labels(experiment):
