@@ -45,10 +45,30 @@ def _load_input(config: dict):
 
     inp = config["input"]
     if "simulate" in inp:
-        adata = cellvi.data.simulate(**inp["simulate"])
-    else:
-        adata = anndata.read_h5ad(inp["path"])
-    return adata
+        return cellvi.data.simulate(**inp["simulate"])
+    if "paths" in inp:  # several files, counts left on disk
+        return cellvi.data.read_collection(
+            inp["paths"],
+            join=inp.get("join", "inner"),
+            label=inp.get("label", "dataset"),
+            layer=inp.get("layer"),
+        )
+    if inp.get("backed"):
+        return cellvi.data.read_backed(inp["path"], layer=inp.get("layer"))
+    return anndata.read_h5ad(inp["path"])
+
+
+def _write_outputs(adata, path: Path) -> None:
+    """The AnnData with its results; counts read from disk are not copied into it."""
+    import anndata
+
+    import cellvi
+
+    if cellvi.data.is_on_disk(adata.X) or any(
+        cellvi.data.is_on_disk(m) for m in adata.layers.values()
+    ):
+        adata = anndata.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm))
+    adata.write_h5ad(path)
 
 
 def _last_checkpoint(runs: Path) -> Path | None:
@@ -105,7 +125,7 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
         if mapping and not state.done.get("reference_mapping"):
             _map_query(model_cls, model, mapping, out)
             state.mark("reference_mapping")
-        adata.write_h5ad(out / "adata.h5ad")
+        _write_outputs(adata, out / "adata.h5ad")
         state.mark("outputs")
     return out
 

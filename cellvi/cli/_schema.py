@@ -30,7 +30,15 @@ def _model_keys() -> dict[str, type]:
 
 
 SCHEMA: dict[str, dict[str, type]] = {
-    "input": {"path": str, "layer": str, "simulate": dict},
+    "input": {
+        "path": str,
+        "backed": bool,
+        "paths": list,
+        "join": str,
+        "label": str,
+        "layer": str,
+        "simulate": dict,
+    },
     "setup": {
         "batch_key": str,
         "labels_key": str,
@@ -106,9 +114,24 @@ def load_workflow(path: str | Path) -> dict:
             raise ConfigError(f"{path}: [{section}] must be a table.")
         _check_section(section, values, schema[section], str(path))
     inp = config.setdefault("input", {})
-    if ("path" in inp) == ("simulate" in inp):
+    if sum(key in inp for key in ("path", "paths", "simulate")) != 1:
         raise ConfigError(
-            f"{path}: [input] needs exactly one of path = '...h5ad' or simulate = {{...}}."
+            f"{path}: [input] needs exactly one of path = '...h5ad', paths = ['a.h5ad', ...] "
+            "(several files on disk) or simulate = {...}."
+        )
+    if "backed" in inp and "path" not in inp:
+        raise ConfigError(f"{path}: [input].backed applies to path = '...' only.")
+    for key in ("join", "label"):
+        if key in inp and "paths" not in inp:
+            raise ConfigError(f"{path}: [input].{key} applies to paths = [...] only.")
+    if inp.get("join", "inner") not in ("inner", "outer"):
+        raise ConfigError(f"{path}: [input].join must be 'inner' or 'outer'.")
+    on_disk = inp.get("backed", False) or "paths" in inp
+    if on_disk and config.get("outputs", {}).get("normalized_expression"):
+        raise ConfigError(
+            f"{path}: [outputs].normalized_expression would hold cells x genes in memory, "
+            "which data read from disk are meant to avoid; drop it or compute it for a subset "
+            "in Python (model.get_normalized_expression(indices=...))."
         )
     model = config.setdefault("model", {})
     if model.get("name", "SCVI") not in ("SCVI", "SCANVI"):

@@ -33,8 +33,13 @@ def validate_run(out_dir: str | Path, *, rerun: bool = False) -> dict:
 
     out = Path(out_dir)
     adata = anndata.read_h5ad(out / "adata.h5ad")
+    data = adata
+    if adata.X is None:  # the counts were read from disk and not copied: reopen the input
+        from ._run import _load_input
+
+        data = _load_input(json.loads((out / "config.resolved.json").read_text())["config"])
     name = load_registry(out / "model")["model_name"]
-    model = (SCANVI if name == "SCANVI" else SCVI).load(out / "model", adata=adata)
+    model = (SCANVI if name == "SCANVI" else SCVI).load(out / "model", adata=data)
     report: dict = {"checks": {}, "scores": {}}
     z = model.get_latent_representation()
     if "X_scVI" in adata.obsm:

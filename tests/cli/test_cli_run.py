@@ -199,3 +199,42 @@ def test_reference_mapping_needs_a_query(tmp_path):
     path.write_text(path.read_text() + "\n[outputs.reference_mapping]\nmax_epochs = 3\n")
     result = _cli("run", str(path))
     assert result.returncode == 2 and "needs query" in result.stderr
+
+
+def test_workflow_trains_from_files_left_on_disk(tmp_path):
+    import cellvi
+
+    sim = cellvi.data.simulate(
+        n_cells=300, n_genes=60, n_cell_types=3, n_de_genes_per_type=8, seed=2
+    )
+    sim[:150].copy().write_h5ad(tmp_path / "a.h5ad")
+    sim[150:].copy().write_h5ad(tmp_path / "b.h5ad")
+    inputs = (
+        f'[input]\npaths = ["{(tmp_path / "a.h5ad").as_posix()}", '
+        f'"{(tmp_path / "b.h5ad").as_posix()}"]\nlabel = "file"\n'
+    )
+    path = _write(
+        tmp_path,
+        epochs=30,
+        **{
+            "[input.simulate]": inputs,
+            "n_cells = 300\n": "",
+            "n_genes = 60\n": "",
+            "n_cell_types = 3\n": "",
+            "n_de_genes_per_type = 8\n": "",
+            "seed = 2\n": "",
+        },
+    )
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    written = pd.read_csv(out / "de.csv", index_col=0)
+    assert len(written) == 60
+    assert main(["validate", str(out)]) == 0
+    report = json.loads((out / "validate.json").read_text())
+    assert report["checks"]["reload_reproduces_latent"]["ok"]
+    too_big = tmp_path / "too_big.toml"
+    too_big.write_text(
+        path.read_text().replace("latent = true", "latent = true\nnormalized_expression = true")
+    )
+    result = _cli("run", str(too_big))
+    assert result.returncode == 2 and "normalized_expression" in result.stderr
