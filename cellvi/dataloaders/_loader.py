@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._settings import settings
+from ..errors import CellviWarning
 from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._samplers import BatchIndexSampler
 from ._tensors import TensorStore
@@ -70,6 +73,14 @@ def make_dataloader(
         sampler = BatchIndexSampler(indices, batch_size, shuffle, **common)
         dataset = StoreDataset(store)
     workers = settings.dl_num_workers if num_workers is None else num_workers
+    if store.on_disk and workers > 1:
+        warnings.warn(
+            f"num_workers={workers} with counts on disk: minibatches of one buffer go to "
+            "different workers, so each worker reads every buffer. num_workers=1 already "
+            "overlaps reading with training.",
+            CellviWarning,
+            stacklevel=3,
+        )
     persistent = (
         settings.dl_persistent_workers if persistent_workers is None else persistent_workers
     )
