@@ -21,6 +21,7 @@ from ..errors import (
     SetupError,
     SmallCategoryWarning,
 )
+from ._backed import as_row_source, is_on_disk
 from ._checks import check_count_matrix, check_nonempty_rows, check_var_names, plain
 from ._collection import missing_column_hint
 from ._view import state_table
@@ -146,8 +147,10 @@ class LayerField(BaseField):
         if self.get_field_data(adata) is None:
             raise InvalidDataError(f"{self.location} is empty; put the counts there first.")
         check_var_names(adata.var_names)
+        matrix = self.get_field_data(adata)
+        if is_on_disk(matrix):
+            matrix = as_row_source(matrix, self.location)  # dense/CSC on disk: refused now
         if self.is_count_data:
-            matrix = self.get_field_data(adata)
             parts = getattr(matrix, "parts_for_checks", None)
             if parts is None:
                 check_count_matrix(matrix, self.location)

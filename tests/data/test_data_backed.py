@@ -85,6 +85,9 @@ def test_a_matrix_on_disk_that_is_not_csr_is_refused_with_the_fix(sim, tmp_path,
     with pytest.raises(InvalidDataError, match="CSR") as info:
         DiskCSR(path)
     assert str(path) in str(info.value)
+    backed = anndata.read_h5ad(path, backed="r")  # anndata's own backed mode: refused at setup
+    with pytest.raises(InvalidDataError, match="CSR"):
+        SCVI.setup_anndata(backed)
 
 
 def test_counts_on_disk_are_checked_and_the_file_is_named(sim, tmp_path):
