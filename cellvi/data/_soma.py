@@ -56,7 +56,11 @@ class SomaRows(RowSource):
         if self._handles is None or self._pid != os.getpid():
             soma = _tiledbsoma()
             experiment = soma.Experiment.open(self.uri)
-            self._handles = (experiment, experiment.ms[self.measurement_name].X[self.X_name])
+            measurement = experiment.ms[self.measurement_name]
+            # most genes selected: read whole rows and drop the others (faster than a gene
+            # coordinate list); few genes: ask SOMA for those only
+            all_genes = len(self.var_joinids) >= 0.5 * measurement.var.count
+            self._handles = (experiment, measurement.X[self.X_name], all_genes)
             self._pid = os.getpid()
         return self._handles[1]
 
@@ -78,7 +82,9 @@ class SomaRows(RowSource):
     def _read_sorted(self, rows: np.ndarray) -> sparse.csr_matrix:
         wanted = self.obs_joinids[rows]
         unique = np.unique(wanted)
-        table = self._X().read(coords=(unique, self.var_joinids)).tables().concat()
+        X = self._X()
+        coords = (unique,) if self._handles[2] else (unique, self.var_joinids)
+        table = X.read(coords=coords).tables().concat()
         dim0 = table["soma_dim_0"].to_numpy()
         cols = self._columns(table["soma_dim_1"].to_numpy())
         data = table["soma_data"].to_numpy().astype(np.float32, copy=False)
