@@ -44,6 +44,7 @@ class RowSource(anndata.abc.CSRDataset):
     """
 
     format = "csr"
+    fork_safe = True  # may be read in a forked child (loader worker, DDP fork) after use here
     _shape: tuple[int, int]
     _dtype: np.dtype
 

@@ -41,6 +41,8 @@ class SomaRows(RowSource):
         ``soma_joinid`` of the rows and of the columns, in order.
     """
 
+    fork_safe = False  # TileDB's thread pools do not survive fork: workers are spawned
+
     def __init__(self, uri: str, measurement_name: str, X_name: str, obs_joinids, var_joinids):
         self.uri, self.measurement_name, self.X_name = str(uri), measurement_name, X_name
         self.obs_joinids = np.asarray(obs_joinids, dtype=np.int64)

@@ -84,8 +84,13 @@ def make_dataloader(
     persistent = (
         settings.dl_persistent_workers if persistent_workers is None else persistent_workers
     )
+    # a source that cannot be used after fork (TileDB-SOMA) is reopened in spawned workers
+    # (kept alive across epochs: starting a spawned worker re-imports torch)
+    context = "spawn" if workers > 0 and not store.fork_safe else None
+    persistent = persistent or context == "spawn"
     return torch.utils.data.DataLoader(
         dataset,
+        multiprocessing_context=context,
         sampler=sampler,
         batch_size=None,
         num_workers=workers,

@@ -150,6 +150,11 @@ class TensorStore:
         return cls({k: manager.get_from_registry(k) for k in keys})
 
     @property
+    def fork_safe(self) -> bool:
+        """Whether a forked process may read this store (False for TileDB-SOMA sources)."""
+        return all(t.source.fork_safe for t in self.tensors.values() if isinstance(t, DiskRows))
+
+    @property
     def on_disk(self) -> list[str]:
         """Keys whose data stay on disk (read by row blocks)."""
         return [k for k, t in self.tensors.items() if isinstance(t, DiskRows)]

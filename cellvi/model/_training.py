@@ -210,6 +210,15 @@ def train_unsupervised(
         distributed_sampler=distributed,
         **{**from_module, **(datasplitter_kwargs or {})},
     )
+    forks = (isinstance(strategy, str) and strategy in ("ddp_notebook", "ddp_fork")) or (
+        getattr(strategy, "_start_method", None) == "fork"
+    )
+    if forks and not splitter.store.fork_safe:
+        raise SetupError(
+            f"strategy={strategy!r} forks processes, and TileDB-SOMA cannot be read after a "
+            "fork (training would hang). Launch the script with torchrun and "
+            "strategy='ddp', or train on one process."
+        )
     splitter.setup("fit")
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
     _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch)

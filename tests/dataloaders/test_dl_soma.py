@@ -121,3 +121,17 @@ def test_scanvi_refuses_a_registry_without_labels(experiment):
     dm = SomaDataModule(uri, batch_column_names=["batch"])
     with pytest.raises(SetupError, match="unlabeled_category"):
         SCANVI(adata=None, registry=dm.registry)
+
+
+def test_soma_is_never_read_after_a_fork(experiment):
+    """TileDB cannot be used in a forked child: workers are spawned, fork strategies refused."""
+    uri, _ = experiment
+    dm = SomaDataModule(uri, batch_column_names=["batch"], batch_size=200)
+    assert not dm.store.fork_safe
+    model = SCVI(adata=None, registry=dm.registry, n_hidden=16, n_latent=4)
+    model.train(max_epochs=1, datamodule=dm, datasplitter_kwargs={"num_workers": 1})
+    assert np.isfinite(model.history["elbo_train"]["elbo_train"]).all()
+    with pytest.raises(SetupError, match="torchrun"):
+        model.train(
+            max_epochs=1, datamodule=dm, accelerator="cpu", devices=2, strategy="ddp_notebook"
+        )
