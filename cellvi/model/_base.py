@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -12,7 +13,7 @@ import torch
 
 from .._settings import settings
 from ..data import AnnDataManager
-from ..errors import SetupError
+from ..errors import CellviWarning, SetupError
 from ._registry import ManagerStore, check_registry_compatible
 
 __all__ = ["BaseModel", "history_from_rows", "append_history"]
@@ -70,10 +71,14 @@ class BaseModel:
         elif registry is not None:
             self.registry_ = registry
         else:
-            raise SetupError(
-                f"{type(self).__name__} needs an AnnData set up with "
-                f"{type(self).__name__}.setup_anndata, or registry= from a data module."
+            warnings.warn(
+                f"{type(self).__name__}() without data is experimental: the module is built "
+                "from the data module passed to train(datamodule=dm). Prefer "
+                f"{type(self).__name__}(adata) or {type(self).__name__}(registry=dm.registry).",
+                CellviWarning,
+                stacklevel=3,
             )
+            self.registry_ = None
         self.is_trained_ = False
         self.history_: dict[str, pd.DataFrame] = {}
         self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
@@ -89,6 +94,11 @@ class BaseModel:
     @property
     def summary_stats(self) -> dict:
         """Counts describing the registered data (``n_cells``, ``n_vars``, ``n_batch`` ...)."""
+        if self.registry_ is None:
+            raise SetupError(
+                f"This {type(self).__name__} has no data yet: train it with "
+                "model.train(datamodule=dm) first."
+            )
         regs = self.registry_["field_registries"]
         out: dict[str, Any] = {}
         for field in regs.values():
@@ -115,8 +125,19 @@ class BaseModel:
             raise SetupError("This model has no AnnData; pass adata= to view its setup.")
         manager.view_registry(hide_state_registries=hide_state_registries)
 
+    def _bind_registry(self, registry: dict) -> None:
+        """Build the deferred module of a model created without data (``Model()``)."""
+        self.registry_ = registry
+        self.module = self._build_module()
+        self._registry_bound()
+
+    def _registry_bound(self) -> None:
+        """Hook: state derived from the registry once it is known."""
+
     def _attach_manager(self, manager: AnnDataManager, what: str) -> AnnDataManager:
         """Use data registered by a data module, after checking it fits this model."""
+        if self.registry_ is None:
+            self._bind_registry(manager.registry)
         check_registry_compatible(self.registry_, manager.registry, what)
         if manager.registry["setup_args"] == self.registry_["setup_args"]:
             self._register_manager(manager)

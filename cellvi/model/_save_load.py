@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..data import is_on_disk
-from ..errors import CellviWarning, ModelFileError
+from ..errors import CellviWarning, ModelFileError, SetupError
 from ..io import from_plain, read_model_file, to_plain, write_model_dir
 
 __all__ = ["save_model", "load_model", "load_registry", "resolve_device"]
@@ -64,6 +64,11 @@ def save_model(
     anndata_write_kwargs: dict | None = None,
 ) -> Path:
     """Write ``model`` to ``dir_path`` atomically (see :meth:`BaseModel.save`)."""
+    if model.module is None:
+        raise SetupError(
+            f"This {type(model).__name__} has no module yet (created without data); train it "
+            "with model.train(datamodule=dm) before saving."
+        )
     names = _SAVED_ATTRS + tuple(getattr(type(model), "_EXTRA_SAVED_ATTRS", ()))
     attrs = {name: getattr(model, name, None) for name in names}
     attrs["model_class"] = type(model).__name__

@@ -98,7 +98,16 @@ class SCANVI(SCVI):
             registry=registry,
         )
         self.init_params_["non_kwargs"]["linear_classifier"] = linear_classifier
+        if self.registry_ is not None:
+            self._registry_bound()
+
+    def _registry_bound(self) -> None:
         state = self.get_state_registry(_K.LABELS_KEY)
+        if "unlabeled_category" not in state:
+            raise SetupError(
+                "SCANVI needs a registry with labels and an unlabeled category; build the "
+                "data module with labels_column=/labels_key= and unlabeled_category=."
+            )
         self.unlabeled_category_ = state["unlabeled_category"]
         self.labels_ = [c for c in state["categorical_mapping"] if c != self.unlabeled_category_]
 
@@ -234,6 +243,8 @@ class SCANVI(SCVI):
         (50). Early stopping goes through ``**trainer_kwargs`` (``early_stopping=True``).
         Other arguments (``datamodule`` included) as in :meth:`SCVI.train`.
         """
+        if self.registry_ is None and datamodule is not None:  # SCANVI(): build it now
+            self._attach_manager(datamodule.manager, "the data module")
         if max_epochs is None:
             h = default_max_epochs(self.summary_stats["n_cells"])
             max_epochs = min(10, max(2, round(h / 3))) if self.was_pretrained_ else h

@@ -94,7 +94,7 @@ class SCVI(BaseModel):
             "non_kwargs": {k: v for k, v in self.config_.to_dict().items() if k in accepted},
             "kwargs": {},
         }
-        self.module = self._build_module()
+        self.module = self._build_module() if self.registry_ is not None else None
 
     def _module_kwargs(self) -> dict:
         """Data-dependent arguments of the module, read from the registry."""

@@ -135,3 +135,22 @@ def test_soma_is_never_read_after_a_fork(experiment):
         model.train(
             max_epochs=1, datamodule=dm, accelerator="cpu", devices=2, strategy="ddp_notebook"
         )
+
+
+def test_a_model_created_without_data_is_built_by_its_data_module(experiment, tmp_path):
+    uri, adata = experiment
+    dm = SomaDataModule(
+        uri, batch_column_names=["batch"], labels_column="labels", unlabeled_category="Unknown"
+    )
+    with pytest.warns(cellvi.errors.CellviWarning, match="experimental"):
+        model = SCVI(n_hidden=16, n_latent=4)
+    with pytest.raises(SetupError, match="no data yet"):
+        _ = model.summary_stats
+    with pytest.raises(SetupError, match="before saving"):
+        model.save(tmp_path / "untrained")
+    model.train(max_epochs=2, datamodule=dm)
+    assert model.summary_stats["n_vars"] == adata.n_vars and model.is_trained
+    with pytest.warns(cellvi.errors.CellviWarning, match="experimental"):
+        scanvi = SCANVI(n_hidden=16, n_latent=4)
+    scanvi.train(max_epochs=2, datamodule=dm)
+    assert set(scanvi.predict(dataloader=dm.inference_dataloader())) <= set(scanvi.labels_)
