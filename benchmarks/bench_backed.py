@@ -34,8 +34,7 @@ from cellvi.dataloaders import TensorStore, make_dataloader
 BASE_CELLS = 100_000
 N_GENES = 2_000
 
-CHILD = r"""
-import json, sys, time, resource
+PROC_MEMORY = r"""
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -44,6 +43,12 @@ def peak_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
+"""
+
+CHILD = (
+    PROC_MEMORY
+    + r"""
+import json, sys, time
 import cellvi, anndata
 from cellvi.model import SCVI
 path, batch_size, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -66,17 +71,12 @@ print(json.dumps({"seconds": dt, "cells_per_s": n_train / dt, "rss_before_mb": b
                   "peak_mb": peak_mb(), "setup_peak_mb": setup_peak,
                   "n_cells": adata.n_obs}))
 """
+)
 
-SCVI_CHILD = r"""
+SCVI_CHILD = (
+    PROC_MEMORY
+    + r"""
 import json, sys, time
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-def peak_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
 import anndata, scvi
 path, batch_size = sys.argv[1], int(sys.argv[2])
 adata = anndata.read_h5ad(path, backed="r")
@@ -92,6 +92,7 @@ print(json.dumps({"seconds": dt, "cells_per_s": 0.9 * adata.n_obs / dt, "rss_bef
                   "peak_mb": peak_mb(), "setup_peak_mb": setup_peak,
                   "n_cells": adata.n_obs}))
 """
+)
 
 
 def base_data(workdir: Path) -> anndata.AnnData:

@@ -15,6 +15,7 @@ from ._fields import (
 )
 from ._joint_fields import CategoricalJointObsField, NumericalJointObsField, ObsmField
 from ._manager import AnnDataManager, SummaryStats
+from ._setup import standard_fields
 
 __all__ = [
     "AnnDataManager",
@@ -27,6 +28,7 @@ __all__ = [
     "read_collection",
     "read_soma",
     "row_totals",
+    "standard_fields",
     "BaseField",
     "CategoricalJointObsField",
     "CategoricalObsField",

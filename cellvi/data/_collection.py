@@ -207,7 +207,7 @@ def read_collection(
 
 def missing_column_hint(adata, key: str) -> str:
     """Which files of a collection lack an ``obs`` column (empty when not applicable)."""
-    info = getattr(adata, "uns", {}).get(COLLECTION_UNS_KEY) if hasattr(adata, "uns") else None
+    info = getattr(adata, "uns", {}).get(COLLECTION_UNS_KEY)
     if not info or key not in info.get("missing_obs_columns", {}):
         return ""
     lacking = info["missing_obs_columns"][key]

@@ -12,22 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._constants import REGISTRY_KEYS
 from .._settings import settings
-from ..data import (
-    AnnDataManager,
-    CategoricalJointObsField,
-    CategoricalObsField,
-    LabelsWithUnlabeledObsField,
-    LayerField,
-    NumericalJointObsField,
-    NumericalObsField,
-)
+from ..data import AnnDataManager, standard_fields
+from ..errors import MissingKeyError
 from ._tensors import TensorStore
 
 __all__ = ["AnnDataModule", "InferenceLoader", "SomaDataModule"]
 
-_K = REGISTRY_KEYS
 SOMA_BATCH_COLUMN = "_cellvi_soma_batch"
 
 
@@ -102,19 +93,8 @@ class AnnDataModule:
         }
         if labels_key is not None and unlabeled_category is not None:
             setup_args["unlabeled_category"] = unlabeled_category
-            labels = LabelsWithUnlabeledObsField(_K.LABELS_KEY, labels_key, unlabeled_category)
-        else:
-            labels = CategoricalObsField(_K.LABELS_KEY, labels_key)
-        fields = [
-            LayerField(_K.X_KEY, layer, is_count_data=True),
-            CategoricalObsField(_K.BATCH_KEY, batch_key),
-            labels,
-            NumericalObsField(_K.SIZE_FACTOR_KEY, None),
-            CategoricalJointObsField(_K.CAT_COVS_KEY, None),
-            NumericalJointObsField(_K.CONT_COVS_KEY, None),
-        ]
         self.manager = AnnDataManager(
-            fields,
+            standard_fields(setup_args),
             {
                 "model_name": type(self).__name__,
                 "setup_method_name": "setup_datamodule",
@@ -161,16 +141,6 @@ class AnnDataModule:
         if self._store is None:
             self._store = TensorStore.from_manager(self.manager)
         return self._store
-
-    def splitter_kwargs(self) -> dict:
-        """Arguments of the data splitter that ``model.train(datamodule=self)`` builds."""
-        return {
-            "train_size": self.train_size,
-            "validation_size": self.validation_size,
-            "seed": self.split_seed,
-            "batch_size": self.batch_size,
-            "store": self.store,
-        }
 
     def inference_dataloader(self, indices=None, batch_size: int | None = None) -> InferenceLoader:
         """Cells ``indices`` (default all, in order) for ``model.get_...(dataloader=...)``."""
@@ -236,7 +206,7 @@ class SomaDataModule(AnnDataModule):
         if batch_column_names:
             missing = [c for c in batch_column_names if c not in adata.obs]
             if missing:
-                raise KeyError(
+                raise MissingKeyError(
                     f"batch columns {missing} are not in the SOMA obs of {uri}; have "
                     f"{[c for c in adata.obs.columns if c != 'soma_joinid']}."
                 )

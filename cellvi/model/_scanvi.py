@@ -10,15 +10,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from ..analysis import eval_mode, inference_batches
-from ..data import (
-    AnnDataManager,
-    CategoricalJointObsField,
-    CategoricalObsField,
-    LabelsWithUnlabeledObsField,
-    LayerField,
-    NumericalJointObsField,
-    NumericalObsField,
-)
+from ..data import AnnDataManager, standard_fields
 from ..dataloaders import SemiSupervisedDataSplitter
 from ..errors import SetupError
 from ..module import SCANVAE
@@ -31,6 +23,17 @@ __all__ = ["SCANVI"]
 
 _K = REGISTRY_KEYS
 logger = logging.getLogger("cellvi")
+
+
+def _labels_state(registry: dict) -> dict:
+    """The labels state of a registry usable by SCANVI (it needs an unlabeled category)."""
+    state = registry["field_registries"].get(_K.LABELS_KEY, {}).get("state_registry", {})
+    if "unlabeled_category" not in state:
+        raise SetupError(
+            "SCANVI needs a registry with labels and an unlabeled category; build the "
+            "data module with labels_column=/labels_key= and unlabeled_category=."
+        )
+    return state
 
 
 class SCANVI(SCVI):
@@ -71,12 +74,7 @@ class SCANVI(SCVI):
         registry: dict | None = None,
     ):
         if adata is None and registry is not None:
-            labels = registry["field_registries"].get(_K.LABELS_KEY, {}).get("state_registry", {})
-            if "unlabeled_category" not in labels:
-                raise SetupError(
-                    "SCANVI needs a registry with labels and an unlabeled category; build the "
-                    "data module with labels_column=/labels_key= and unlabeled_category=."
-                )
+            _labels_state(registry)  # refuse before a module with no classes is built
         self.linear_classifier = linear_classifier
         self.was_pretrained_ = False
         super().__init__(
@@ -102,12 +100,7 @@ class SCANVI(SCVI):
             self._registry_bound()
 
     def _registry_bound(self) -> None:
-        state = self.get_state_registry(_K.LABELS_KEY)
-        if "unlabeled_category" not in state:
-            raise SetupError(
-                "SCANVI needs a registry with labels and an unlabeled category; build the "
-                "data module with labels_column=/labels_key= and unlabeled_category=."
-            )
+        state = _labels_state(self.registry_)
         self.unlabeled_category_ = state["unlabeled_category"]
         self.labels_ = [c for c in state["categorical_mapping"] if c != self.unlabeled_category_]
 
@@ -127,18 +120,8 @@ class SCANVI(SCVI):
 
     @classmethod
     def _build_manager(cls, setup_args: dict) -> AnnDataManager:
-        fields = [
-            LayerField(_K.X_KEY, setup_args.get("layer"), is_count_data=True),
-            CategoricalObsField(_K.BATCH_KEY, setup_args.get("batch_key")),
-            LabelsWithUnlabeledObsField(
-                _K.LABELS_KEY, setup_args["labels_key"], setup_args["unlabeled_category"]
-            ),
-            NumericalObsField(_K.SIZE_FACTOR_KEY, setup_args.get("size_factor_key"), positive=True),
-            CategoricalJointObsField(_K.CAT_COVS_KEY, setup_args.get("categorical_covariate_keys")),
-            NumericalJointObsField(_K.CONT_COVS_KEY, setup_args.get("continuous_covariate_keys")),
-        ]
         return AnnDataManager(
-            fields,
+            standard_fields(setup_args),
             {
                 "model_name": cls.__name__,
                 "setup_method_name": "setup_anndata",

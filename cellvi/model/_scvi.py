@@ -9,15 +9,7 @@ import torch
 
 from .. import analysis
 from .._constants import REGISTRY_KEYS
-from ..data import (
-    AnnDataManager,
-    CategoricalJointObsField,
-    CategoricalObsField,
-    LayerField,
-    NumericalJointObsField,
-    NumericalObsField,
-    row_totals,
-)
+from ..data import AnnDataManager, row_totals, standard_fields
 from ..module import VAE, VAEConfig
 from ..train import UNSET
 from ._base import BaseModel, seed_torch
@@ -148,16 +140,8 @@ class SCVI(BaseModel):
     # ------------------------------------------------------------------ setup
     @classmethod
     def _build_manager(cls, setup_args: dict) -> AnnDataManager:
-        fields = [
-            LayerField(_K.X_KEY, setup_args.get("layer"), is_count_data=True),
-            CategoricalObsField(_K.BATCH_KEY, setup_args.get("batch_key")),
-            CategoricalObsField(_K.LABELS_KEY, setup_args.get("labels_key")),
-            NumericalObsField(_K.SIZE_FACTOR_KEY, setup_args.get("size_factor_key"), positive=True),
-            CategoricalJointObsField(_K.CAT_COVS_KEY, setup_args.get("categorical_covariate_keys")),
-            NumericalJointObsField(_K.CONT_COVS_KEY, setup_args.get("continuous_covariate_keys")),
-        ]
         return AnnDataManager(
-            fields,
+            standard_fields(setup_args),
             {
                 "model_name": cls.__name__,
                 "setup_method_name": "setup_anndata",

@@ -166,15 +166,13 @@ def train_unsupervised(
     """Train ``model`` (see ``SCVI.train`` for the arguments)."""
     manager = model.adata_manager
     from_module: dict = {}
-    if datamodule is not None:
+    if datamodule is not None:  # its split and batch size, unless given here
         manager = model._attach_manager(datamodule.manager, "the data module")
-        from_module = datamodule.splitter_kwargs()
-        batch_size = from_module.pop("batch_size") if batch_size is None else batch_size
-        module_train_size = from_module.pop("train_size")
-        train_size = module_train_size if train_size is None else train_size
+        batch_size = datamodule.batch_size if batch_size is None else batch_size
+        train_size = datamodule.train_size if train_size is None else train_size
         if validation_size is None:
-            validation_size = from_module.pop("validation_size")
-        from_module.pop("validation_size", None)
+            validation_size = datamodule.validation_size
+        from_module = {"seed": datamodule.split_seed, "store": datamodule.store}
     elif manager is None:
         raise SetupError(
             f"This {type(model).__name__} was built from a registry and has no AnnData; train "

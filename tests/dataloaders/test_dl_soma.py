@@ -154,3 +154,13 @@ def test_a_model_created_without_data_is_built_by_its_data_module(experiment, tm
         scanvi = SCANVI(n_hidden=16, n_latent=4)
     scanvi.train(max_epochs=2, datamodule=dm)
     assert set(scanvi.predict(dataloader=dm.inference_dataloader())) <= set(scanvi.labels_)
+
+
+def test_train_arguments_override_the_data_module_split(experiment):
+    _, adata = experiment
+    dm = AnnDataModule(adata.copy(), batch_key="batch", train_size=0.5, batch_size=64)
+    model = SCVI(adata=None, registry=dm.registry, n_hidden=16, n_latent=4)
+    model.train(max_epochs=1, datamodule=dm, batch_size=32, train_size=0.8)
+    assert len(model.train_indices) == 480
+    model.train(max_epochs=1, datamodule=dm)  # the module's own split
+    assert len(model.train_indices) == 300
