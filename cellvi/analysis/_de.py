@@ -82,8 +82,13 @@ def _raw_stats(x, idx, chunk: int = 20_000) -> dict[str, np.ndarray]:
     for start in range(0, len(idx), chunk):
         rows = idx[start : start + chunk]
         sub = x[np.sort(rows)]
-        if not sp.issparse(sub):
-            sub = sp.csr_matrix(np.asarray(sub, dtype=np.float64))
+        if not sp.issparse(sub):  # dense block: column sums directly
+            sub = np.asarray(sub, dtype=np.float64)
+            totals = np.maximum(sub.sum(1), 1)
+            sums["raw_mean"] += sub.sum(0)
+            sums["non_zeros_proportion"] += (sub > 0).sum(0)
+            sums["raw_normalized_mean"] += (sub * (1e4 / totals)[:, None]).sum(0)
+            continue
         sub = sub.tocsr()
         data = sub.data.astype(np.float64)
         lengths = np.diff(sub.indptr)
