@@ -99,7 +99,7 @@ def _chunk_stats(values: np.ndarray, indptr) -> tuple[np.ndarray, int, int, int]
     return empty, n_negative, n_nonfinite, n_nonint
 
 
-def check_count_matrix(matrix, location: str) -> None:
+def check_count_matrix(matrix, location: str) -> int:
     """Check a count matrix entirely (chunked by rows) and explain any problem.
 
     Parameters
@@ -115,6 +115,10 @@ def check_count_matrix(matrix, location: str) -> None:
         If the matrix is not 2-D numeric, holds NaN or infinite values, negative values, or
         has cells (rows) with zero total counts.
 
+    Returns
+    -------
+    The number of values that are not whole numbers.
+
     Warns
     -----
     CountsWarning
@@ -124,6 +128,7 @@ def check_count_matrix(matrix, location: str) -> None:
     Examples
     --------
     >>> check_count_matrix(np.array([[1, 0], [0, 2]]), "adata.X")
+    0
     >>> check_count_matrix(np.array([[1, 0], [0, 0]]), "adata.X")
     Traceback (most recent call last):
     ...
@@ -169,6 +174,7 @@ def check_count_matrix(matrix, location: str) -> None:
         )
     empty = np.concatenate(empty_rows) if empty_rows else np.array([], dtype=np.int64)
     _raise_empty(empty, location)
+    return n_nonint
 
 
 def check_nonempty_rows(totals: np.ndarray, location: str) -> None:

@@ -138,7 +138,8 @@ class LayerField(BaseField):
     def get_field_data(self, adata):
         return adata.X if self.layer is None else adata.layers[self.layer]
 
-    def validate_field(self, adata) -> None:
+    def validate_field(self, adata) -> int:
+        """Check the matrix; returns how many values are not whole numbers."""
         if self.layer is not None and self.layer not in adata.layers:
             raise MissingKeyError(
                 f"layer {self.layer!r} not found. Available layers: {list(adata.layers.keys())}"
@@ -150,16 +151,16 @@ class LayerField(BaseField):
         matrix = self.get_field_data(adata)
         if is_on_disk(matrix):
             matrix = as_row_source(matrix, self.location)  # dense/CSC on disk: refused now
-        if self.is_count_data:
-            parts = getattr(matrix, "parts_for_checks", None)
-            if parts is None:
-                check_count_matrix(matrix, self.location)
-                return
-            for part, where in parts(self.location):
-                check_count_matrix(part, where)
-            maps = getattr(matrix, "column_maps", None) or []
-            if any(m is not None for m in maps):  # genes dropped or added by a join
-                check_nonempty_rows(matrix.row_sums(), self.location)
+        if not self.is_count_data:
+            return 0
+        parts = getattr(matrix, "parts_for_checks", None)
+        if parts is None:
+            return check_count_matrix(matrix, self.location)
+        n_non_integer = sum(check_count_matrix(part, where) for part, where in parts(self.location))
+        maps = getattr(matrix, "column_maps", None) or []
+        if any(m is not None for m in maps):  # genes dropped or added by a join
+            check_nonempty_rows(matrix.row_sums(), self.location)
+        return n_non_integer
 
     def _prepare(self, adata) -> None:
         matrix = self.get_field_data(adata)
@@ -178,12 +179,13 @@ class LayerField(BaseField):
             )
 
     def register_field(self, adata) -> dict:
-        self.validate_field(adata)
+        n_non_integer = self.validate_field(adata)
         self._prepare(adata)
         return {
             "n_obs": int(adata.n_obs),
             "n_vars": int(adata.n_vars),
             "column_names": [str(v) for v in adata.var_names],
+            "n_non_integer": int(n_non_integer),
         }
 
     def transfer_field(self, state, adata_target, *, check_var_names: str = "error") -> dict:

@@ -8,17 +8,29 @@ from ._counts import (
 )
 from ._functional import log_mixture_nb, log_nb_positive, log_poisson, log_zinb_positive
 from ._fused import nb_log_likelihood, poisson_log_likelihood, zinb_log_likelihood
+from ._gammaless import (
+    log_factorial,
+    log_gamma_ratio,
+    nb_log_likelihood_gammaless,
+    poisson_log_likelihood_gammaless,
+    zinb_log_likelihood_gammaless,
+)
 
 __all__ = [
     "NegativeBinomial",
     "NegativeBinomialMixture",
     "Poisson",
     "ZeroInflatedNegativeBinomial",
+    "log_factorial",
+    "log_gamma_ratio",
     "log_mixture_nb",
     "log_nb_positive",
     "log_poisson",
     "log_zinb_positive",
     "nb_log_likelihood",
+    "nb_log_likelihood_gammaless",
     "poisson_log_likelihood",
+    "poisson_log_likelihood_gammaless",
     "zinb_log_likelihood",
+    "zinb_log_likelihood_gammaless",
 ]

@@ -138,6 +138,19 @@ def _adapt_kl_warmup(
     )
 
 
+def _check_integer_counts(manager) -> None:
+    """Compiled training evaluates the likelihood for whole-number counts only."""
+    regs = manager.registry["field_registries"]
+    state = regs.get("X", {}).get("state_registry", {})
+    n_non_integer = state.get("n_non_integer", 0)
+    if n_non_integer:
+        raise ValueError(
+            f"plan_kwargs={{'compile': True}} needs whole-number counts (its likelihood has no "
+            f"lgamma), but the registered matrix has {n_non_integer} non-integer values. "
+            "Train with compile=False, or register raw counts (setup_anndata(layer=...))."
+        )
+
+
 def train_unsupervised(
     model,
     *,
@@ -221,6 +234,8 @@ def train_unsupervised(
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
     _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch)
     plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
+    if plan_cfg.compile:
+        _check_integer_counts(manager)
     batch_names = list(model.get_state_registry("batch")["categorical_mapping"])
     if make_plan is None:
         plan = TrainingPlan(model.module, plan_cfg, batch_categories=batch_names)

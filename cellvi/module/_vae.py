@@ -17,8 +17,11 @@ from ..distributions import (
     log_poisson,
     log_zinb_positive,
     nb_log_likelihood,
+    nb_log_likelihood_gammaless,
     poisson_log_likelihood,
+    poisson_log_likelihood_gammaless,
     zinb_log_likelihood,
+    zinb_log_likelihood_gammaless,
 )
 from ..nn import CountDecoder, Encoder
 from ._base import LossOutput, kl_normal_normal, kl_normal_standard
@@ -259,6 +262,12 @@ class VAE(nn.Module):
         """
         lik = self.config.gene_likelihood
         theta = px["theta"]
+        if px["log_rate"].dim() == 2 and torch.compiler.is_compiling():
+            if lik == "zinb":
+                return zinb_log_likelihood_gammaless(x, px["log_rate"], theta, px["dropout_logits"])
+            if lik == "nb":
+                return nb_log_likelihood_gammaless(x, px["log_rate"], theta)
+            return poisson_log_likelihood_gammaless(x, px["log_rate"])
         if px["log_rate"].dim() == 2:
             if lik == "zinb":
                 return zinb_log_likelihood(x, px["log_rate"], theta, px["dropout_logits"])

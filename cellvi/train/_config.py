@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["TrainingPlanConfig", "TrainerConfig", "UNSET", "config_to_kwargs"]
+
+
+def _cpp_compiler() -> str | None:
+    """Path of the C++ compiler torch.compile would use, or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((path for name in names if (path := shutil.which(name))), None)
 
 
 class _Unset:
@@ -61,7 +69,14 @@ class TrainingPlanConfig:
         Check that gradients are finite after every backward pass (cheap; on by default) so a
         NaN is caught at the step where it appears.
     compile
-        Wrap the module in ``torch.compile``.
+        Run training steps through ``torch.compile`` (Inductor). The module's forward and
+        backward become fused, vectorised kernels and the count likelihoods switch to a
+        ``lgamma``-free form (:mod:`cellvi.distributions`), which is about 1.2-1.5x faster per
+        step on CPU after a one-off compilation of 20-60 s (once for the minibatch size and once
+        for a smaller last minibatch). Worth it for long runs; validation and inference stay
+        eager. Needs a C++ compiler.
+    compile_kwargs
+        Keyword arguments for ``torch.compile`` (``dynamic=False`` unless given).
     loss_kwargs
         Extra keyword arguments for the module's ``loss``.
     """
@@ -83,6 +98,7 @@ class TrainingPlanConfig:
     lr_scheduler_metric: str = "elbo_validation"
     check_gradients: bool = True
     compile: bool = False
+    compile_kwargs: dict | None = None
     loss_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -103,6 +119,17 @@ class TrainingPlanConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}={value} must be >= 0 or None.")
+        if self.compile_kwargs is not None and not isinstance(self.compile_kwargs, Mapping):
+            raise TypeError(
+                f"compile_kwargs must be a dict of torch.compile arguments, not "
+                f"{type(self.compile_kwargs).__name__}."
+            )
+        if self.compile and _cpp_compiler() is None:
+            raise ValueError(
+                "compile=True needs a C++ compiler for torch.compile's CPU kernels, and none "
+                "was found (looked for $CXX, c++, g++, clang++). Install one (e.g. `apt-get "
+                "install g++`), or train with compile=False."
+            )
 
     def to_kwargs(self) -> dict:
         """Field values as a dict (``loss_kwargs`` kept as one entry)."""

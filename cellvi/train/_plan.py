@@ -59,8 +59,11 @@ class TrainingPlan(pl.LightningModule):
         self._last_good_state = None
         self._current_batch: dict = {}
         self._current_batch_idx = -1
+        self._compiled = bool(self.config.compile)
         self._forward = (
-            torch.compile(module, **{"dynamic": False}) if self.config.compile else module
+            torch.compile(module, **{"dynamic": False, **(self.config.compile_kwargs or {})})
+            if self._compiled
+            else module
         )
 
     METRIC_STEMS = ("elbo", "reconstruction_loss", "kl_local", "kl_global")
@@ -104,7 +107,10 @@ class TrainingPlan(pl.LightningModule):
             self._stats[split] = row
 
     def training_step(self, batch, batch_idx):
-        out = self._forward(batch, kl_weight=self.kl_weight, **self.config.loss_kwargs)
+        kl_weight = self.kl_weight
+        if self._compiled:  # a tensor input: a new weight does not trigger a recompile
+            kl_weight = torch.tensor(kl_weight, device=self.device)
+        out = self._forward(batch, kl_weight=kl_weight, **self.config.loss_kwargs)
         if not bool(torch.isfinite(out.loss)):
             self._raise_nonfinite("loss", batch, batch_idx)
         self._accumulate("train", out)

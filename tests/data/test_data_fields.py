@@ -52,7 +52,12 @@ def test_layer_field_state_and_summary():
     adata = _adata()
     field = LayerField("X", "counts")
     state = field.register_field(adata)
-    assert state == {"n_obs": 60, "n_vars": 10, "column_names": [f"g{i}" for i in range(10)]}
+    assert state == {
+        "n_obs": 60,
+        "n_vars": 10,
+        "column_names": [f"g{i}" for i in range(10)],
+        "n_non_integer": 0,
+    }
     assert field.get_summary_stats(state) == {"n_cells": 60, "n_vars": 10}
     assert field.data_registry() == {"attr_name": "layers", "attr_key": "counts"}
 
