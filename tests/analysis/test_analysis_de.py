@@ -191,3 +191,10 @@ def test_raw_stats_sparse_equal_dense_with_empty_rows():
     a, b = _raw_stats(sp.csr_matrix(dense), idx), _raw_stats(dense, idx)
     for key in a:
         np.testing.assert_allclose(a[key], b[key])
+    with_stored_zero = sp.csr_matrix(dense)
+    first = with_stored_zero.indptr[1]  # row 1 is in idx
+    with_stored_zero.data[first] = 0  # an explicitly stored zero is not a detection
+    dense[1, with_stored_zero.indices[first]] = 0
+    a, b = _raw_stats(with_stored_zero, idx), _raw_stats(dense, idx)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key])
