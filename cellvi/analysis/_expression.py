@@ -56,9 +56,9 @@ def _decode(module, batch, n_samples, codes, quantity):
         gen = module.generative(
             inf["z"], inf["library"], batch, transform_batch=code, scale_only=True
         )
-        value = gen["scale"] if quantity == "scale" else module.rate(gen)
-        total = value if total is None else total + value
-    return total / len(codes)
+        value = gen["scale"] if quantity == "scale" else gen["scale"] * inf["library"].exp()
+        total = value if total is None else total.add_(value)
+    return total if len(codes) == 1 else total.div_(len(codes))
 
 
 def get_normalized_expression(
@@ -117,7 +117,9 @@ def get_normalized_expression(
                 value = value.mean(0)
             stop = start + value.shape[-2]
             target = torch.from_numpy(result[..., start:stop, :])
-            if value.device.type == "cpu":
+            if value.device.type == "cpu" and factor == 1.0:
+                target.copy_(value)
+            elif value.device.type == "cpu":
                 torch.mul(value, factor, out=target)  # written straight into the result
             else:
                 target.copy_((value * factor).cpu())

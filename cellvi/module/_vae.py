@@ -223,6 +223,7 @@ class VAE(nn.Module):
             *cat,
             cont=cont,
             need_dropout=self.config.gene_likelihood == "zinb" and not scale_only,
+            scale_only=scale_only,
         )
         if scale_only:
             return px

@@ -77,16 +77,31 @@ class CountDecoder(nn.Module):
         *cat_list: torch.Tensor,
         cont: torch.Tensor | None = None,
         need_dropout: bool = True,
+        scale_only: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """Decode.
 
         Returns a dict with ``scale`` (ρ), ``log_scale``, ``log_rate`` (log μ = l + log ρ;
         the rate itself is computed only where needed, see ``VAE.rate``),
         ``dispersion_logit`` (log θ for gene-cell dispersion, else None) and
-        ``dropout_logits`` (zero-inflation logits, or None when not needed).
+        ``dropout_logits`` (zero-inflation logits, or None when not needed). With
+        ``scale_only`` just ``scale`` is computed (one softmax pass; the others are None).
         """
         h = self.px_decoder(z, *cat_list, cont=cont)
         logits = self.px_scale_decoder(h)
+        if scale_only:
+            scale = (
+                torch.softmax(logits, dim=-1)
+                if self.scale_activation == "softmax"
+                else F.softplus(logits)
+            )
+            return {
+                "scale": scale,
+                "log_scale": None,
+                "log_rate": None,
+                "dispersion_logit": None,
+                "dropout_logits": None,
+            }
         if self.scale_activation == "softmax":
             log_scale = torch.log_softmax(logits, dim=-1)
             scale = log_scale.exp()
