@@ -142,8 +142,16 @@ def _check_integer_counts(manager) -> None:
     """Compiled training evaluates the likelihood for whole-number counts only."""
     regs = manager.registry["field_registries"]
     state = regs.get("X", {}).get("state_registry", {})
-    n_non_integer = state.get("n_non_integer", 0)
-    if n_non_integer:
+    n_non_integer = state.get("n_non_integer")
+    if n_non_integer is None:  # a registry written before counts were tallied
+        warnings.warn(
+            "plan_kwargs={'compile': True} assumes whole-number counts, and this data's "
+            "counts were not scanned at setup; a non-integer value would get a wrong "
+            "log-gamma term. Train with compile=False if the counts may be non-integer.",
+            TrainingWarning,
+            stacklevel=4,
+        )
+    elif n_non_integer:
         raise ValueError(
             f"plan_kwargs={{'compile': True}} needs whole-number counts (its likelihood has no "
             f"lgamma), but the registered matrix has {n_non_integer} non-integer values. "

@@ -72,9 +72,9 @@ class TrainingPlanConfig:
         Run training steps through ``torch.compile`` (Inductor). The module's forward and
         backward become fused, vectorised kernels and the count likelihoods switch to a
         ``lgamma``-free form (:mod:`cellvi.distributions`), which is about 1.2-1.5x faster per
-        step on CPU after a one-off compilation of 20-60 s (once for the minibatch size and once
-        for a smaller last minibatch). Worth it for long runs; validation and inference stay
-        eager. Needs a C++ compiler.
+        step on CPU after a one-off compilation of 10-60 s for the minibatch size (a last
+        minibatch of another size runs eagerly). Worth it for long runs; validation and
+        inference stay eager. Needs a C++ compiler.
     compile_kwargs
         Keyword arguments for ``torch.compile`` (``dynamic=False`` unless given).
     loss_kwargs

@@ -60,6 +60,7 @@ class TrainingPlan(pl.LightningModule):
         self._current_batch: dict = {}
         self._current_batch_idx = -1
         self._compiled = bool(self.config.compile)
+        self._compiled_size: int | None = None
         self._forward = (
             torch.compile(module, **{"dynamic": False, **(self.config.compile_kwargs or {})})
             if self._compiled
@@ -107,14 +108,25 @@ class TrainingPlan(pl.LightningModule):
             self._stats[split] = row
 
     def training_step(self, batch, batch_idx):
-        kl_weight = self.kl_weight
-        if self._compiled:  # a tensor input: a new weight does not trigger a recompile
-            kl_weight = torch.tensor(kl_weight, device=self.device)
-        out = self._forward(batch, kl_weight=kl_weight, **self.config.loss_kwargs)
+        out = self._step_forward(batch)
         if not bool(torch.isfinite(out.loss)):
             self._raise_nonfinite("loss", batch, batch_idx)
         self._accumulate("train", out)
         return out.loss
+
+    def _step_forward(self, batch: dict) -> LossOutput:
+        """The module's loss on a training minibatch, compiled when asked for.
+
+        The compiled graph is specialised to the first minibatch size; a minibatch of another
+        size (the smaller last one of an epoch) runs eagerly rather than compiling a second
+        graph. The KL weight goes in as a tensor, so a new weight does not recompile.
+        """
+        n_cells = len(batch[REGISTRY_KEYS.X_KEY])
+        if self._compiled and self._compiled_size in (None, n_cells):
+            self._compiled_size = n_cells
+            kl_weight = torch.tensor(self.kl_weight, device=self.device)
+            return self._forward(batch, kl_weight=kl_weight, **self.config.loss_kwargs)
+        return self.module(batch, kl_weight=self.kl_weight, **self.config.loss_kwargs)
 
     def on_after_backward(self) -> None:
         if not self.config.check_gradients:

@@ -21,8 +21,8 @@ def test_compiled_training_reaches_the_eager_elbo_without_recompiling(sim_small)
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    # 480 training cells in minibatches of 96: one minibatch shape, so one compilation
-    kwargs = {"max_epochs": 12, "batch_size": 96, "train_size": 0.8, "validation_size": 0.2}
+    # 480 training cells in minibatches of 100: the last one (80 cells) runs eagerly
+    kwargs = {"max_epochs": 12, "batch_size": 100, "train_size": 0.8, "validation_size": 0.2}
     warmup = {"n_epochs_kl_warmup": 6}  # the KL weight changes every epoch
     eager = _model(sim_small.copy())
     eager.train(**kwargs, plan_kwargs=warmup)
@@ -64,3 +64,15 @@ def test_compile_refuses_non_integer_counts_before_training(sim_tiny):
     with pytest.raises(ValueError, match="non-integer values"):
         model.train(max_epochs=1, plan_kwargs={"compile": True})
     assert not model.is_trained
+
+
+def test_compile_warns_when_counts_were_never_scanned(sim_tiny):
+    from cellvi.errors import TrainingWarning
+    from cellvi.model._training import _check_integer_counts
+
+    model = _model(sim_tiny)
+    manager = model.adata_manager
+    _check_integer_counts(manager)  # scanned at setup, all whole numbers: silent
+    del manager.registry["field_registries"]["X"]["state_registry"]["n_non_integer"]
+    with pytest.warns(TrainingWarning, match="not scanned"):
+        _check_integer_counts(manager)
