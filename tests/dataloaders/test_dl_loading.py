@@ -50,6 +50,27 @@ def test_gather_equals_scipy_indexing(fmt):
     np.testing.assert_array_equal(batch["ind_x"].ravel().numpy(), idx.numpy())
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize(
+    "rows",
+    [[3, 4, 5, 6], [0], [39], list(range(40)), [7, 0, 39, 7, 13], [5, 4, 3], []],
+    ids=["range", "first", "last", "all", "random-dups", "reversed", "empty"],
+)
+def test_csr_rows_equal_scipy_for_ranges_and_gathers(rows, index_dtype):
+    from cellvi.dataloaders import CSRTensor
+
+    dense = sp.random(40, 9, density=0.3, dtype=np.float32, random_state=1).toarray()
+    dense[4] = 0  # an empty row inside a range
+    matrix = sp.csr_matrix(dense)
+    csr = CSRTensor(matrix)
+    csr.indptr, csr.indices = csr.indptr.to(index_dtype), csr.indices.to(index_dtype)
+    idx = torch.tensor(rows, dtype=torch.int64)
+    want = matrix[np.asarray(rows, dtype=np.int64)].toarray()
+    np.testing.assert_array_equal(csr.rows(idx).numpy(), want.reshape(len(rows), 9))
+    with pytest.raises(IndexError, match="row indices"):
+        csr.rows(torch.tensor([0, 40]))
+
+
 def test_gather_handles_empty_rows():
     matrix = sp.csr_matrix((4, 6), dtype=np.float32)
     assert TensorStore({"X": matrix}).gather(torch.tensor([1, 2]))["X"].abs().sum() == 0
