@@ -131,7 +131,10 @@ def _samples(model, adata, idx, codes, n, seed, batch_size=None):
     return np.concatenate(parts), np.concatenate(tags)
 
 
-def _gene_blocks(s1: np.ndarray, s2: np.ndarray, block: int = 256):
+_GENE_BLOCK = 256  # genes per block: (samples, 256) float32 temporaries stay cache-sized
+
+
+def _gene_blocks(s1: np.ndarray, s2: np.ndarray, block: int = _GENE_BLOCK):
     """``(genes, a, b)``: ``(samples, block)`` column views of both sample matrices.
 
     Working through a few hundred genes at a time keeps the temporaries cache-sized.
@@ -164,10 +167,10 @@ def _change_statistics(s1, s2, pc: float, delta: float | None, test_mode: str) -
     if delta is None:
         delta = estimate_delta(r.mean(0).numpy())
     p_up, p_down = np.empty(n_genes), np.empty(n_genes)
-    for start in range(0, n_genes, 256):  # cache-sized boolean temporaries
-        block = r[:, start : start + 256]
-        p_up[start : start + 256] = (block >= delta).sum(0).numpy() / m
-        p_down[start : start + 256] = (block < -delta).sum(0).numpy() / m
+    for start in range(0, n_genes, _GENE_BLOCK):  # cache-sized boolean temporaries
+        genes = slice(start, start + _GENE_BLOCK)
+        p_up[genes] = (r[:, genes] >= delta).sum(0).numpy() / m
+        p_down[genes] = (r[:, genes] < -delta).sum(0).numpy() / m
     proba = np.maximum(p_up, p_down) if test_mode == "three" else p_up + p_down
     return {
         "proba_de": proba,

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from .._constants import REGISTRY_KEYS
 from .._settings import settings
 from ..dataloaders import DataSplitter
 from ..errors import SetupError, TrainingWarning
@@ -141,7 +142,7 @@ def _adapt_kl_warmup(
 def _check_integer_counts(manager) -> None:
     """Compiled training evaluates the likelihood for whole-number counts only."""
     regs = manager.registry["field_registries"]
-    state = regs.get("X", {}).get("state_registry", {})
+    state = regs.get(REGISTRY_KEYS.X_KEY, {}).get("state_registry", {})
     n_non_integer = state.get("n_non_integer")
     if n_non_integer is None:  # a registry written before counts were tallied
         warnings.warn(
