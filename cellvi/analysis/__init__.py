@@ -1,6 +1,6 @@
 """Downstream analyses on fitted models: latent space, expression, DE, diagnostics."""
 
-from ._batches import eval_mode, inference_batches, resolve_indices
+from ._batches import eval_mode, inference_batch_size, inference_batches, resolve_indices
 from ._de import differential_expression, estimate_delta, estimate_pseudocount, fdr_calls
 from ._diagnostics import get_elbo, get_marginal_ll, get_reconstruction_error
 from ._expression import (
@@ -35,6 +35,7 @@ __all__ = [
     "batch_mixing",
     "eval_mode",
     "get_latent_representation",
+    "inference_batch_size",
     "inference_batches",
     "knn_indices",
     "knn_label_accuracy",

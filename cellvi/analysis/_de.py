@@ -15,6 +15,12 @@ __all__ = ["differential_expression", "estimate_delta", "estimate_pseudocount", 
 
 _EPS = 1e-8
 
+try:  # scipy's compiled kernels y += A @ x, called on a CSR matrix's buffers
+    from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # pragma: no cover - a scipy that moved them: rows are gathered instead
+    _csc_matvecs = _csr_matvec = None
+
 
 def estimate_delta(lfc_means: np.ndarray, min_delta: float = 0.1, seed: int = 0) -> float:
     """δ from a 3-component Gaussian mixture on per-gene mean LFCs (1-D EM).
@@ -67,6 +73,55 @@ def _resolve_group(adata, idx) -> np.ndarray:
         return np.flatnonzero(adata.obs.eval(idx).to_numpy())
     idx = np.asarray(idx)
     return np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+
+
+def _group_raw_stats(x, groups, chunk: int = 8192) -> list[dict[str, np.ndarray]]:
+    """:func:`_raw_stats` of several groups of cells (position arrays) of one matrix.
+
+    For a CSR matrix in memory, all groups are done in one pass over contiguous row ranges,
+    without copying the groups' rows: each group is a weight vector over the cells (its
+    multiplicities), and the per-gene sums are products ``rows.T @ weights`` by scipy's
+    compiled kernel on the matrix's buffers. Products are float32 within ``chunk`` rows and
+    accumulate in float64 across them. Other matrices (dense, on disk) read each group's rows.
+    """
+    if not (sp.issparse(x) and x.format == "csr") or _csc_matvecs is None:
+        return [_raw_stats(x, idx) for idx in groups]
+    n_obs, n_genes = x.shape
+    k = len(groups)
+    counts = np.zeros((n_obs, k), dtype=np.float32)  # multiplicity of each cell in each group
+    for j, idx in enumerate(groups):
+        counts[:, j] = np.bincount(np.asarray(idx, dtype=np.int64), minlength=n_obs)
+    sums = np.zeros((n_genes, 3 * k))  # [raw sums, detections, normalized sums] per group
+    ones = np.ones(n_genes, dtype=np.float32)
+    indptr = x.indptr
+    for a in range(0, n_obs, chunk):
+        b = min(a + chunk, n_obs)
+        p0, p1 = int(indptr[a]), int(indptr[b])
+        ptr, genes = indptr[a : b + 1] - p0, x.indices[p0:p1]
+        values = np.asarray(x.data[p0:p1], dtype=np.float32)
+        totals = np.zeros(b - a, dtype=np.float32)  # exact for integer totals below 2^24
+        _csr_matvec(b - a, n_genes, ptr, genes, values, ones, totals)
+        w = counts[a:b]
+        weights = np.concatenate([w, w * (1e4 / np.maximum(totals, 1))[:, None]], axis=1)
+        part = np.zeros((n_genes, 2 * k), dtype=np.float32)  # rows.T @ weights, in place
+        _csc_matvecs(n_genes, b - a, 2 * k, ptr, genes, values, weights.ravel(), part.ravel())
+        sums[:, :k] += part[:, :k]
+        sums[:, 2 * k :] += part[:, k:]
+        part = np.zeros((n_genes, k), dtype=np.float32)
+        detected = (values != 0).astype(np.float32)
+        _csc_matvecs(n_genes, b - a, k, ptr, genes, detected, np.ravel(w), part.ravel())
+        sums[:, k : 2 * k] += part
+    out = []
+    for j, idx in enumerate(groups):
+        n = max(len(idx), 1)
+        out.append(
+            {
+                "raw_mean": sums[:, j] / n,
+                "non_zeros_proportion": sums[:, k + j] / n,
+                "raw_normalized_mean": sums[:, 2 * k + j] / n,
+            }
+        )
+    return out
 
 
 def _raw_stats(x, idx, chunk: int = 20_000) -> dict[str, np.ndarray]:
@@ -146,31 +201,44 @@ def _gene_blocks(s1: np.ndarray, s2: np.ndarray, block: int = _GENE_BLOCK):
 
 
 def _change_statistics(s1, s2, pc: float, delta: float | None, test_mode: str) -> dict:
-    """Columns of change mode from the ``(samples, genes)`` ρ samples of both groups."""
+    """Columns of change mode from the ``(samples, genes)`` ρ samples of both groups.
+
+    Each block of genes is transposed once to gene-major order, so every per-gene reduction
+    (mean, spread, extremes, the median's selection, the tail counts) runs over contiguous
+    memory. With ``delta`` given, the tail probabilities come from the same pass; otherwise
+    the log ratios are kept until δ is estimated from their means.
+    """
     m, n_genes = s1.shape
-    r = torch.empty(m, n_genes)  # log2 ratios with pseudocount pc, kept for the delta test
     cols = {
         k: np.empty(n_genes, np.float32)
         for k in ("scale1", "scale2", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max")
     }
+    p_up, p_down = np.empty(n_genes), np.empty(n_genes)
+    kept, r_means = [], np.empty(n_genes)  # log ratios per block while δ is unknown
     lower_middle = (m - 1) // 2  # the lower median, as torch.median
+    buffers = torch.empty(2, min(_GENE_BLOCK, n_genes), m)  # gene-major copies, reused
     for genes, a, b in _gene_blocks(s1, s2):
-        cols["scale1"][genes], cols["scale2"][genes] = a.mean(0).numpy(), b.mean(0).numpy()
-        r[:, genes] = _log2_ratio(a, b, pc)
+        n = a.shape[1]
+        a, b = buffers[0, :n].copy_(a.T), buffers[1, :n].copy_(b.T)  # (block genes, samples)
+        cols["scale1"][genes], cols["scale2"][genes] = a.mean(1).numpy(), b.mean(1).numpy()
+        r = _log2_ratio(a, b, pc)
+        if delta is None:
+            r_means[genes] = r.mean(1).numpy()
+            kept.append((genes, r))
+        else:
+            p_up[genes], p_down[genes] = _tail_probabilities(r, delta)
         lfc = _log2_ratio(a, b, 1e-3 * pc)
-        std, mean = torch.std_mean(lfc, dim=0, correction=0)
-        low, high = torch.aminmax(lfc, dim=0)
+        std, mean = torch.std_mean(lfc, dim=1, correction=0)
+        low, high = torch.aminmax(lfc, dim=1)
         cols["lfc_mean"][genes], cols["lfc_std"][genes] = mean.numpy(), std.numpy()
         cols["lfc_min"][genes], cols["lfc_max"][genes] = low.numpy(), high.numpy()
-        by_gene = lfc.T.contiguous().numpy()  # a selection per contiguous row, not a sort
-        cols["lfc_median"][genes] = np.partition(by_gene, lower_middle, axis=1)[:, lower_middle]
+        by_gene = lfc.numpy()
+        by_gene.partition(lower_middle, axis=1)  # a selection in place, not a sort
+        cols["lfc_median"][genes] = by_gene[:, lower_middle]
     if delta is None:
-        delta = estimate_delta(r.mean(0).numpy())
-    p_up, p_down = np.empty(n_genes), np.empty(n_genes)
-    for start in range(0, n_genes, _GENE_BLOCK):  # cache-sized boolean temporaries
-        genes = slice(start, start + _GENE_BLOCK)
-        p_up[genes] = (r[:, genes] >= delta).sum(0).numpy() / m
-        p_down[genes] = (r[:, genes] < -delta).sum(0).numpy() / m
+        delta = estimate_delta(r_means)
+        for genes, r in kept:
+            p_up[genes], p_down[genes] = _tail_probabilities(r, delta)
     proba = np.maximum(p_up, p_down) if test_mode == "three" else p_up + p_down
     return {
         "proba_de": proba,
@@ -184,10 +252,17 @@ def _change_statistics(s1, s2, pc: float, delta: float | None, test_mode: str) -
     }
 
 
+def _tail_probabilities(r: torch.Tensor, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene (row of ``r``): the fractions of samples with ``r >= δ`` and ``r < -δ``."""
+    m = r.shape[1]
+    up, down = torch.count_nonzero(r >= delta, dim=1), torch.count_nonzero(r < -delta, dim=1)
+    return up.numpy() / m, down.numpy() / m
+
+
 def _log2_ratio(t1: torch.Tensor, t2: torch.Tensor, pseudocount: float) -> torch.Tensor:
-    """``log2(t1 + pc) - log2(t2 + pc)`` with two temporaries instead of five."""
-    r = torch.add(t1, pseudocount).log2_()
-    return r.sub_(torch.add(t2, pseudocount).log2_())
+    """``log2((t1 + pc) / (t2 + pc))``: one logarithm per element, two temporaries."""
+    r = torch.add(t1, pseudocount)
+    return r.div_(torch.add(t2, pseudocount)).log2_()
 
 
 def _compare(
@@ -224,7 +299,7 @@ def _compare(
     s2, _ = _samples(model, adata, idx2, codes2, n_samples, seed + 1000, batch_size)
     m = min(len(s1), len(s2))
     s1, s2 = s1[:m], s2[:m]
-    stats1, stats2 = _raw_stats(x, idx1), _raw_stats(x, idx2)
+    stats1, stats2 = _group_raw_stats(x, [idx1, idx2])
     out = {}
     if mode == "vanilla":
         p1 = np.empty(s1.shape[1])

@@ -58,7 +58,10 @@ def get_marginal_ll(
     per_pass = max(1, min(n_mc_samples_per_pass, n_mc_samples))
     results = []
     with eval_mode(module):
-        for batch in inference_batches(model, adata, indices, batch_size):
+        per_cell = module.n_input * max(per_pass, 2)
+        for batch in inference_batches(
+            model, adata, indices, batch_size, elements_per_cell=per_cell
+        ):
             log_w = []
             done = 0
             while done < n_mc_samples:

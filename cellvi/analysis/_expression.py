@@ -109,7 +109,11 @@ def get_normalized_expression(
     with torch.random.fork_rng(devices=[]), eval_mode(module):
         if seed is not None:
             torch.manual_seed(seed)
-        for batch in inference_batches(model, adata, cell_idx, batch_size):
+        per_cell = module.n_input * n_samples
+        batches = inference_batches(
+            model, adata, cell_idx, batch_size, sparse_x=True, elements_per_cell=per_cell
+        )
+        for batch in batches:
             value = _decode(module, batch, n_samples, codes, quantity)
             if genes is not None:
                 value = value[..., torch.as_tensor(genes, device=value.device)]
@@ -156,7 +160,10 @@ def posterior_predictive_sample(
     genes = _gene_mask(model, gene_list)
     out = []
     with eval_mode(module):
-        for batch in inference_batches(model, adata, indices, batch_size):
+        per_cell = module.n_input * n_samples
+        for batch in inference_batches(
+            model, adata, indices, batch_size, sparse_x=True, elements_per_cell=per_cell
+        ):
             inf = module.inference(batch, n_samples=n_samples)
             draws = 0
             for code in codes:
@@ -184,7 +191,10 @@ def get_likelihood_parameters(
     lik = module.config.gene_likelihood
     parts: dict[str, list] = {"mean": [], "dispersions": [], "dropout": []}
     with eval_mode(module):
-        for batch in inference_batches(model, adata, indices, batch_size):
+        per_cell = module.n_input * n_samples
+        for batch in inference_batches(
+            model, adata, indices, batch_size, sparse_x=True, elements_per_cell=per_cell
+        ):
             inf = module.inference(batch, n_samples=n_samples)
             gen = module.generative(inf["z"], inf["library"], batch)
             mean = module.rate(gen)

@@ -29,7 +29,10 @@ def get_latent_representation(
     means, variances, out = [], [], []
     ln = module.config.latent_distribution == "ln"
     with eval_mode(module):
-        for batch in inference_batches(model, adata, indices, batch_size):
+        draws = mc_samples * module.config.n_latent if ln and give_mean else 0
+        for batch in inference_batches(
+            model, adata, indices, batch_size, sparse_x=True, elements_per_cell=draws
+        ):
             inf = module.inference(batch)
             qz_m, qz_v = inf["qz_m"], inf["qz_v"]
             if return_dist:

@@ -5,6 +5,7 @@ from ._datamodule import AnnDataModule, InferenceLoader, SomaDataModule
 from ._loader import StoreDataset, make_dataloader
 from ._samplers import BatchIndexSampler
 from ._semisupervised import LabeledStream, SemiSupervisedDataSplitter
+from ._sparse import SparseRows
 from ._splitter import DataSplitter, split_sizes
 from ._tensors import CSRTensor, DiskRows, TensorStore
 
@@ -20,6 +21,7 @@ __all__ = [
     "DataSplitter",
     "LabeledStream",
     "SemiSupervisedDataSplitter",
+    "SparseRows",
     "StoreDataset",
     "TensorStore",
     "make_dataloader",

@@ -11,6 +11,7 @@ from scipy import sparse
 
 from .._constants import REGISTRY_KEYS
 from ..data import as_row_source, is_on_disk
+from ._sparse import SparseRows
 
 __all__ = ["TensorStore", "CSRTensor", "DiskRows"]
 
@@ -47,14 +48,20 @@ def _dense_rows(indptr, indices, data, rows: np.ndarray, shape) -> np.ndarray:
         a, b = indptr[first], indptr[first + n]
         _csr_todense(n, n_cols, indptr[first : first + n + 1] - a, indices[a:b], data[a:b], out)
         return out
-    rows = rows.astype(indptr.dtype, copy=False)
-    sub_ptr = np.zeros(n + 1, dtype=indptr.dtype)
+    sub_data, sub_indices, sub_ptr = _sub_csr(indptr, indices, data, rows)
+    _csr_todense(n, n_cols, sub_ptr, sub_indices, sub_data, out)
+    return out
+
+
+def _sub_csr(indptr, indices, data, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(data, indices, indptr)`` of the CSR rows ``rows`` (in range), by scipy's kernel."""
+    rows = np.asarray(rows, dtype=indptr.dtype)
+    sub_ptr = np.zeros(len(rows) + 1, dtype=indptr.dtype)
     np.cumsum(indptr[rows + 1] - indptr[rows], out=sub_ptr[1:])
     sub_indices = np.empty(int(sub_ptr[-1]), dtype=indices.dtype)
     sub_data = np.empty(int(sub_ptr[-1]), dtype=data.dtype)
-    _csr_row_index(n, rows, indptr, indices, data, sub_indices, sub_data)
-    _csr_todense(n, n_cols, sub_ptr, sub_indices, sub_data, out)
-    return out
+    _csr_row_index(len(rows), rows, indptr, indices, data, sub_indices, sub_data)
+    return sub_data, sub_indices, sub_ptr
 
 
 class CSRTensor:
@@ -106,20 +113,44 @@ class CSRTensor:
             return torch.from_numpy(_dense_rows(*parts, idx.numpy(), self.shape))
         return self._rows_torch(idx)
 
-    def _rows_torch(self, idx: torch.Tensor) -> torch.Tensor:
+    def sparse_rows(self, idx: torch.Tensor) -> SparseRows:
+        """Rows ``idx`` kept sparse; a contiguous range shares this matrix's buffers."""
+        n = len(idx)
+        first = int(idx[0]) if n else 0
+        if n and int(idx[-1]) - first + 1 == n and (n == 1 or bool((idx.diff() == 1).all())):
+            if first < 0 or first + n > self.shape[0]:
+                raise IndexError(f"row indices must lie in [0, {self.shape[0]}).")
+            a, b = int(self.indptr[first]), int(self.indptr[first + n])
+            offsets = self.indptr[first : first + n + 1] - self.indptr[first]
+            return SparseRows(self.data[a:b], self.indices[a:b], offsets, self.shape[1])
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= self.shape[0]):
+            raise IndexError(f"row indices must lie in [0, {self.shape[0]}).")
+        if self.data.device.type == "cpu" and _csr_row_index is not None:
+            parts = _sub_csr(self.indptr.numpy(), self.indices.numpy(), self.data.numpy(), idx)
+            return SparseRows(*(torch.from_numpy(a) for a in parts), self.shape[1])
+        pos, lengths = self._positions(idx.to(self.indptr.device))
+        offsets = torch.zeros(n + 1, dtype=self.indptr.dtype, device=self.indptr.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return SparseRows(self.data[pos], self.indices[pos], offsets, self.shape[1])
+
+    def _positions(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions in ``data`` of the stored values of rows ``idx`` and each row's length."""
         starts = self.indptr[idx].long()
         lengths = self.indptr[idx + 1].long() - starts
+        total = int(lengths.sum())
+        # position of each stored value: its row's start plus its offset within the row
+        within = torch.arange(total, device=idx.device) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths, output_size=total
+        )
+        return torch.repeat_interleave(starts, lengths, output_size=total) + within, lengths
+
+    def _rows_torch(self, idx: torch.Tensor) -> torch.Tensor:
         n = len(idx)
         out = torch.zeros(n, self.shape[1], dtype=torch.float32, device=self.data.device)
-        total = int(lengths.sum())
-        if total == 0:
+        pos, lengths = self._positions(idx)
+        if len(pos) == 0:
             return out
         row_of = torch.repeat_interleave(torch.arange(n, device=idx.device), lengths)
-        # position of each stored value: its row's start plus its offset within the row
-        offsets = torch.arange(total, device=idx.device) - torch.repeat_interleave(
-            torch.cumsum(lengths, 0) - lengths, lengths
-        )
-        pos = torch.repeat_interleave(starts, lengths) + offsets
         out[row_of, self.indices[pos]] = self.data[pos]
         return out
 
@@ -141,6 +172,17 @@ class DiskRows:
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         block = self.source.read_rows(idx.cpu().numpy())
         return torch.from_numpy(block.toarray().astype(np.float32, copy=False))
+
+    def sparse_rows(self, idx: torch.Tensor) -> SparseRows:
+        """Rows ``idx`` read from disk and kept sparse."""
+        block = sparse.csr_matrix(self.source.read_rows(idx.cpu().numpy()))
+        block.sort_indices()
+        return SparseRows(
+            torch.from_numpy(block.data.astype(np.float32, copy=False)),
+            torch.from_numpy(block.indices.astype(np.int64)),
+            torch.from_numpy(block.indptr.astype(np.int64)),
+            self.shape[1],
+        )
 
 
 def _to_tensor(key: str, value) -> torch.Tensor | CSRTensor | DiskRows:
@@ -203,11 +245,20 @@ class TensorStore:
         out.n_obs = self.n_obs
         return out
 
-    def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Minibatch of cells ``idx``: one vectorised index operation per key, plus ``ind_x``."""
+    def gather(self, idx: torch.Tensor, sparse_keys=()) -> dict[str, torch.Tensor | SparseRows]:
+        """Minibatch of cells ``idx``: one vectorised index operation per key, plus ``ind_x``.
+
+        Keys in ``sparse_keys`` whose data are sparse come back as :class:`SparseRows`
+        (inference's encoder consumes them without densifying); all others are dense.
+        """
         idx = torch.as_tensor(idx, dtype=torch.int64)
         out = {}
         for key, tensor in self.tensors.items():
-            out[key] = tensor.rows(idx) if isinstance(tensor, CSRTensor | DiskRows) else tensor[idx]
+            if not isinstance(tensor, CSRTensor | DiskRows):
+                out[key] = tensor[idx]
+            elif key in sparse_keys:
+                out[key] = tensor.sparse_rows(idx)
+            else:
+                out[key] = tensor.rows(idx)
         out[REGISTRY_KEYS.INDICES_KEY] = idx.reshape(-1, 1)
         return out

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._constants import REGISTRY_KEYS
+from ..dataloaders import SparseRows
 from ..distributions import (
     NegativeBinomial,
     Poisson,
@@ -53,6 +54,10 @@ class VAE(nn.Module):
     use_size_factor_key
         Library size comes from registered size factors (``l = log sf``).
     """
+
+    #: :meth:`inference` also takes the counts as :class:`~cellvi.dataloaders.SparseRows`
+    #: (analyses that only encode and decode pass them; losses need dense counts).
+    accepts_sparse_x = True
 
     def __init__(
         self,
@@ -161,11 +166,15 @@ class VAE(nn.Module):
         """Encode a minibatch: ``qz_m``, ``qz_v``, ``z``, ``ql_m``, ``ql_v``, ``library``."""
         x = tensors[_K.X_KEY]
         batch_index = tensors[_K.BATCH_KEY]
-        x_in = torch.log1p(x) if self.config.log_variational else x
+        sparse_x = isinstance(x, SparseRows)  # inference on sparse counts (see accepts_sparse_x)
+        if self.config.log_variational:
+            x_in = x.map_values(torch.log1p) if sparse_x else torch.log1p(x)
+        else:
+            x_in = x
         cat, cont = self._covariates(tensors, batch_index)
         if self.config.encode_covariates:
             if self.use_batch_embedding:
-                x_in = self._with_embedding(x_in, batch_index)
+                x_in = self._with_embedding(x_in.to_dense() if sparse_x else x_in, batch_index)
             enc_cat, enc_cont = cat, cont
         else:
             enc_cat, enc_cont = [], None
@@ -174,7 +183,7 @@ class VAE(nn.Module):
         if self.use_size_factor_key:
             library = torch.log(tensors[_K.SIZE_FACTOR_KEY])
         elif self.observed_library:
-            library = torch.log(x.sum(dim=1, keepdim=True))
+            library = torch.log(x.row_sums() if sparse_x else x.sum(dim=1, keepdim=True))
         else:
             ql_m, ql_v, library = self.l_encoder(x_in, *enc_cat, cont=enc_cont)
         if n_samples > 1:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..dataloaders import SparseRows
+
 __all__ = ["FCLayers"]
 
 
@@ -58,8 +60,17 @@ class CovariateLinear(nn.Module):
         rows = self.cov_weight[codes + offsets]  # (cells, n_used_covs, n_out)
         return rows.sum(dim=1)
 
-    def forward(self, x: torch.Tensor, cat_list: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = self.linear(x)
+    def forward(
+        self,
+        x: torch.Tensor | SparseRows,
+        cat_list: Sequence[torch.Tensor],
+        tail: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``Linear([x, tail])`` plus the covariate columns; ``x`` may be :class:`SparseRows`."""
+        if isinstance(x, SparseRows):
+            out = x.linear(self.linear.weight, self.linear.bias, tail)
+        else:
+            out = self.linear(x if tail is None else torch.cat([x, tail], dim=-1))
         cov = self.covariate_term(cat_list)
         return out if cov is None else out + cov  # broadcasts over a leading sample axis
 
@@ -135,18 +146,22 @@ class FCLayers(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | SparseRows,
         *cat_list: torch.Tensor,
         cont: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the stack on ``x`` of shape ``(cells, n_in)`` or ``(samples, cells, n_in)``."""
+        """Run the stack on ``x`` of shape ``(cells, n_in)`` or ``(samples, cells, n_in)``.
+
+        ``x`` may also be :class:`~cellvi.dataloaders.SparseRows` (inference on sparse counts):
+        the first block's product then runs over the stored values only.
+        """
         h = x
         for i, block in enumerate(self.blocks):
             injected = i == 0 or self.inject_covariates
+            tail = None
             if injected and self.n_cont and cont is not None:
-                c = cont.expand(*h.shape[:-1], cont.shape[-1]) if h.dim() == 3 else cont
-                h = torch.cat([h, c], dim=-1)
-            h = block["linear"](h, cat_list if injected else [])
+                tail = cont.expand(*h.shape[:-1], cont.shape[-1]) if len(h.shape) == 3 else cont
+            h = block["linear"](h, cat_list if injected else [], tail)
             if "batch_norm" in block:
                 if h.dim() == 3:  # (samples, cells, c) -> (samples*cells, c)
                     s, n, c = h.shape

@@ -198,3 +198,40 @@ def test_raw_stats_sparse_equal_dense_with_empty_rows():
     a, b = _raw_stats(with_stored_zero, idx), _raw_stats(dense, idx)
     for key in a:
         np.testing.assert_allclose(a[key], b[key])
+
+
+def test_group_raw_stats_in_one_pass_equal_per_group_reads():
+    """One pass over a CSR matrix for both groups gives each group's own statistics."""
+    import scipy.sparse as sp
+
+    from cellvi.analysis._de import _group_raw_stats, _raw_stats
+
+    rng = np.random.default_rng(1)
+    dense = (rng.random((50, 15)) < 0.3) * rng.integers(1, 40, (50, 15))
+    dense[[0, 49]] = 0
+    csr = sp.csr_matrix(dense.astype(np.int32))
+    csr.data[5] = 0  # an explicitly stored zero
+    groups = [np.array([49, 3, 1, 7, 7]), np.arange(10, 50), np.array([0])]
+    for chunk in (4, 8192):  # several row ranges, or one
+        for got, idx in zip(_group_raw_stats(csr, groups, chunk=chunk), groups, strict=True):
+            want = _raw_stats(csr.toarray(), idx)
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+def test_latent_and_expression_of_sparse_counts_equal_dense_counts(fitted):
+    """Analyses feed sparse counts straight to the encoder: same numbers as dense counts."""
+    dense = fitted.adata.copy()
+    dense.X = dense.X.toarray()
+    np.testing.assert_allclose(
+        fitted.get_latent_representation(),
+        fitted.get_latent_representation(dense),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        fitted.get_normalized_expression(indices=np.arange(40)).to_numpy(),
+        fitted.get_normalized_expression(dense, indices=np.arange(40)).to_numpy(),
+        rtol=1e-4,
+        atol=1e-8,
+    )

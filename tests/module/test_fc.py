@@ -41,3 +41,21 @@ def test_fc_layers_accept_sample_axis_and_continuous_covariates():
     out = fc(x, cat, cont=cont)
     assert out.shape == (5, 10, 4)
     torch.testing.assert_close(out[2], fc(x[2], cat, cont=cont))
+
+
+def test_fc_layers_on_sparse_rows_equal_dense_input():
+    """The first block's product over stored values only gives the dense product."""
+    import scipy.sparse as sp
+
+    from cellvi.dataloaders import SparseRows
+
+    torch.manual_seed(0)
+    fc = FCLayers(12, 4, n_cat_list=[3], n_cont=2, n_layers=2, n_hidden=8)
+    fc.eval()
+    x = torch.poisson(torch.full((10, 12), 0.7))
+    csr = sp.csr_matrix(x.numpy())
+    rows = SparseRows(
+        torch.from_numpy(csr.data), torch.from_numpy(csr.indices), torch.from_numpy(csr.indptr), 12
+    )
+    cat, cont = torch.randint(0, 3, (10, 1)), torch.randn(10, 2)
+    torch.testing.assert_close(fc(rows, cat, cont=cont), fc(x, cat, cont=cont))

@@ -1,0 +1,121 @@
+"""Minibatch rows of a CSR count matrix kept sparse, for the encoder's first product."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SparseRows"]
+
+
+class SparseRows:
+    """Rows of a CSR matrix as torch tensors: stored ``values``, their column ``indices`` and the
+    row ``offsets`` (``n_rows + 1`` entries, ``offsets[0] == 0``).
+
+    Inference hands these to the encoder instead of a dense ``(cells, genes)`` block: the
+    first layer's product ``rows @ W`` runs over the stored values only (an ``embedding_bag``
+    sum, a vectorised sparse-times-dense kernel), and ``log1p`` touches the stored values only
+    (``log1p(0) = 0`` keeps the zeros implicit). Nothing of shape ``(cells, genes)`` is built.
+
+    Parameters
+    ----------
+    values
+        Stored values, float32, shape ``(nnz,)``.
+    indices
+        Column of each stored value, int32 or int64 (the same dtype as ``offsets``).
+    offsets
+        Start of each row in ``values`` plus the end of the last row, shape ``(n_rows + 1,)``.
+    n_cols
+        Number of columns of the matrix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> rows = SparseRows(torch.tensor([2.0, 3.0, 1.0]), torch.tensor([0, 2, 1]),
+    ...                   torch.tensor([0, 2, 3]), n_cols=3)
+    >>> rows.to_dense().tolist()
+    [[2.0, 0.0, 3.0], [0.0, 1.0, 0.0]]
+    >>> rows.row_sums().ravel().tolist()
+    [5.0, 1.0]
+    """
+
+    __slots__ = ("values", "indices", "offsets", "shape")
+
+    def __init__(
+        self, values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, n_cols: int
+    ):
+        if indices.dtype != offsets.dtype:
+            indices, offsets = indices.long(), offsets.long()
+        if values.shape != indices.shape or offsets.dim() != 1 or len(offsets) == 0:
+            raise ValueError(
+                f"SparseRows needs values and indices of one shape and 1-D offsets; got "
+                f"{tuple(values.shape)}, {tuple(indices.shape)} and {tuple(offsets.shape)}."
+            )
+        self.values = values
+        self.indices = indices
+        self.offsets = offsets
+        self.shape = (len(offsets) - 1, int(n_cols))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device, non_blocking: bool = False) -> SparseRows:
+        """The same rows on ``device``."""
+        move = [t.to(device, non_blocking=non_blocking) for t in (self.values, self.indices)]
+        offsets = self.offsets.to(device, non_blocking=non_blocking)
+        return SparseRows(move[0], move[1], offsets, self.shape[1])
+
+    def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SparseRows:
+        """Apply an elementwise ``fn`` with ``fn(0) == 0`` (e.g. ``torch.log1p``) to the values."""
+        return SparseRows(fn(self.values), self.indices, self.offsets, self.shape[1])
+
+    def row_sums(self) -> torch.Tensor:
+        """Sum of each row, shape ``(n_rows, 1)``."""
+        ones = torch.ones(self.shape[1], 1, dtype=self.values.dtype, device=self.device)
+        return self._bag(ones)
+
+    def linear(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        tail: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[rows, tail] @ weight.T + bias`` as in :func:`torch.nn.functional.linear`.
+
+        ``weight`` has shape ``(n_out, n_cols + tail columns)``; its first ``n_cols`` columns
+        multiply the sparse rows, the rest the dense ``tail`` (e.g. continuous covariates).
+        """
+        n = self.shape[1]
+        expected = n + (0 if tail is None else tail.shape[-1])
+        if weight.shape[1] != expected:
+            raise ValueError(f"weight has {weight.shape[1]} input columns, expected {expected}.")
+        out = self._bag(weight[:, :n].t().contiguous())
+        if bias is not None:
+            out = out.add_(bias)
+        if tail is not None:
+            out = out.addmm_(tail, weight[:, n:].t())
+        return out
+
+    def to_dense(self) -> torch.Tensor:
+        """The rows as a dense ``(n_rows, n_cols)`` tensor."""
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.device)
+        lengths = (self.offsets[1:] - self.offsets[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), lengths)
+        out[rows, self.indices.long()] = self.values
+        return out
+
+    def _bag(self, table: torch.Tensor) -> torch.Tensor:
+        """``Σ_j values[j] * table[indices[j]]`` per row: the sparse rows times ``table``."""
+        if self.shape[0] == 0:
+            return table.new_zeros(0, table.shape[1])
+        return F.embedding_bag(
+            self.indices,
+            table,
+            self.offsets,
+            mode="sum",
+            per_sample_weights=self.values.to(table.dtype),
+            include_last_offset=True,
+        )
