@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,31 @@ def test_two_process_training_gives_identical_weights_and_full_results(tmp_path)
     # each rank saw a disjoint half of the training cells in an epoch (up to padding)
     s0, s1 = set(r0["seen"]), set(r1["seen"])
     assert len(s0 & s1) <= 1 and s0 | s1 == set(model.train_indices.tolist())
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_compiled_training_under_ddp_keeps_ranks_in_step(tmp_path):
+    """plan_kwargs={"compile": True} with 2 processes: gradients are still all-reduced."""
+    adata = _data()
+    model = SCVI(adata, n_hidden=16, n_latent=3)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.train(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_notebook",
+        batch_size=64,
+        callbacks=[_PerRank(tmp_path)],
+        plan_kwargs={"compile": True},
+    )
+    r0, r1 = _ranks(tmp_path)
+    # parameters (all-reduced gradients); BatchNorm's running statistics are per rank between
+    # DDP's buffer broadcasts, as in eager training
+    for name, _ in model.module.named_parameters():
+        torch.testing.assert_close(r1["state"][name], r0["state"][name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(before["px_r"], r0["state"]["px_r"])  # the weights did train
+    elbo = model.history["elbo_train"]["elbo_train"].to_numpy()
+    assert np.isfinite(elbo).all() and elbo[-1] < elbo[0]
 
 
 def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
