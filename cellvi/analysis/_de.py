@@ -97,7 +97,8 @@ def _group_raw_stats(x, groups, chunk: int = 8192) -> list[dict[str, np.ndarray]
     for a in range(0, n_obs, chunk):
         b = min(a + chunk, n_obs)
         p0, p1 = int(indptr[a]), int(indptr[b])
-        ptr, genes = indptr[a : b + 1] - p0, x.indices[p0:p1]
+        ptr = indptr[a : b + 1] - p0
+        genes = x.indices[p0:p1].astype(ptr.dtype, copy=False)  # one index type for the kernel
         values = np.asarray(x.data[p0:p1], dtype=np.float32)
         totals = np.zeros(b - a, dtype=np.float32)  # exact for integer totals below 2^24
         _csr_matvec(b - a, n_genes, ptr, genes, values, ones, totals)
