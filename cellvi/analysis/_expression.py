@@ -48,13 +48,16 @@ def _gene_mask(model, gene_list) -> np.ndarray | None:
     return np.flatnonzero(names.isin(gene_list))
 
 
-def _decode(module, batch, n_samples, codes, quantity):
-    """Average over transform batches of ``quantity`` ('scale' or 'rate'), (S?, cells, genes)."""
+def _decode(module, batch, n_samples, codes, quantity, out=None):
+    """Average over transform batches of ``quantity`` ('scale' or 'rate'), (S?, cells, genes).
+
+    With ``out`` (one transform batch, ``quantity='scale'``), ρ is written straight into it.
+    """
     inf = module.inference(batch, n_samples=n_samples)
     total = None
     for code in codes:
         gen = module.generative(
-            inf["z"], inf["library"], batch, transform_batch=code, scale_only=True
+            inf["z"], inf["library"], batch, transform_batch=code, scale_only=True, scale_out=out
         )
         value = gen["scale"] if quantity == "scale" else gen["scale"] * inf["library"].exp()
         total = value if total is None else total.add_(value)
@@ -113,21 +116,28 @@ def get_normalized_expression(
         batches = inference_batches(
             model, adata, cell_idx, batch_size, sparse_x=True, elements_per_cell=per_cell
         )
+        # ρ of one transform batch, all genes, one sample, no rescaling: the softmax writes
+        # straight into the result (no temporary, no copy)
+        direct = quantity == "scale" and len(codes) == 1 and genes is None and factor == 1.0
+        direct = direct and n_samples == 1 and model.device.type == "cpu"
         for batch in batches:
+            stop = start + len(batch[REGISTRY_KEYS.BATCH_KEY])
+            target = torch.from_numpy(result[..., start:stop, :])
+            start = stop
+            if direct:
+                _decode(module, batch, n_samples, codes, quantity, out=target)
+                continue
             value = _decode(module, batch, n_samples, codes, quantity)
             if genes is not None:
                 value = value[..., torch.as_tensor(genes, device=value.device)]
             if n_samples > 1 and return_mean:
                 value = value.mean(0)
-            stop = start + value.shape[-2]
-            target = torch.from_numpy(result[..., start:stop, :])
             if value.device.type == "cpu" and factor == 1.0:
                 target.copy_(value)
             elif value.device.type == "cpu":
                 torch.mul(value, factor, out=target)  # written straight into the result
             else:
                 target.copy_((value * factor).cpu())
-            start = stop
     if n_samples > 1 and not return_mean:
         if return_numpy is False:
             warnings.warn(

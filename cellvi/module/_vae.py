@@ -219,8 +219,10 @@ class VAE(nn.Module):
         tensors: dict[str, torch.Tensor],
         transform_batch: int | None = None,
         scale_only: bool = False,
+        scale_out: torch.Tensor | None = None,
     ) -> dict:
-        """Decode ``z`` into the likelihood parameters (``scale_only``: just ρ, for outputs)."""
+        """Decode ``z`` into the likelihood parameters (``scale_only``: just ρ, for outputs;
+        ``scale_out``: a tensor ρ is written into, see :class:`~cellvi.nn.CountDecoder`)."""
         batch_index = tensors[_K.BATCH_KEY]
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
@@ -233,6 +235,7 @@ class VAE(nn.Module):
             cont=cont,
             need_dropout=self.config.gene_likelihood == "zinb" and not scale_only,
             scale_only=scale_only,
+            scale_out=scale_out,
         )
         if scale_only:
             return px

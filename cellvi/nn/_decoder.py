@@ -78,6 +78,7 @@ class CountDecoder(nn.Module):
         cont: torch.Tensor | None = None,
         need_dropout: bool = True,
         scale_only: bool = False,
+        scale_out: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Decode.
 
@@ -85,16 +86,17 @@ class CountDecoder(nn.Module):
         the rate itself is computed only where needed, see ``VAE.rate``),
         ``dispersion_logit`` (log θ for gene-cell dispersion, else None) and
         ``dropout_logits`` (zero-inflation logits, or None when not needed). With
-        ``scale_only`` just ``scale`` is computed (one softmax pass; the others are None).
+        ``scale_only`` just ``scale`` is computed (one softmax pass; the others are None),
+        written into ``scale_out`` when given (e.g. a slice of a caller's result array).
         """
         h = self.px_decoder(z, *cat_list, cont=cont)
         logits = self.px_scale_decoder(h)
         if scale_only:
-            scale = (
-                torch.softmax(logits, dim=-1)
-                if self.scale_activation == "softmax"
-                else F.softplus(logits)
-            )
+            if self.scale_activation == "softmax":
+                scale = torch.softmax(logits, dim=-1, out=scale_out)
+            else:
+                scale = F.softplus(logits)
+                scale = scale if scale_out is None else scale_out.copy_(scale)
             return {
                 "scale": scale,
                 "log_scale": None,

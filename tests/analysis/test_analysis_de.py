@@ -235,3 +235,13 @@ def test_latent_and_expression_of_sparse_counts_equal_dense_counts(fitted):
         rtol=1e-4,
         atol=1e-8,
     )
+
+
+def test_expression_decoded_into_the_result_equals_the_copied_path(fitted):
+    """ρ written straight into the result equals ρ decoded and then copied (rescaled)."""
+    direct = fitted.get_normalized_expression(indices=np.arange(300), batch_size=128)
+    copied = fitted.get_normalized_expression(
+        indices=np.arange(300), batch_size=128, library_size=2.0
+    )
+    np.testing.assert_allclose(direct.to_numpy(), copied.to_numpy() / 2.0, rtol=1e-6)
+    np.testing.assert_allclose(direct.to_numpy().sum(1), 1.0, rtol=1e-4)
