@@ -30,6 +30,22 @@ def _batch(n_cat_covs: int = 0, n_cont: int = 0, size_factor: bool = False):
     return tensors
 
 
+def _module(options: dict) -> VAE:
+    """A small module for ``_batch(n_cat_covs=1, n_cont=2)`` with the given config options."""
+    lib_kwargs = {}
+    if options.get("use_observed_lib_size") is False:
+        lib_kwargs = {"library_log_means": torch.zeros(1, 3), "library_log_vars": torch.ones(1, 3)}
+    return VAE(
+        N_GENES,
+        VAEConfig(n_hidden=16, n_latent=4, **options),
+        n_batch=3,
+        n_labels=2,
+        n_continuous_cov=2,
+        n_cats_per_cov=[4],
+        **lib_kwargs,
+    )
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -48,18 +64,7 @@ def _batch(n_cat_covs: int = 0, n_cont: int = 0, size_factor: bool = False):
 )
 def test_vae_loss_is_finite_for_every_option(options):
     torch.manual_seed(0)
-    lib_kwargs = {}
-    if options.get("use_observed_lib_size") is False:
-        lib_kwargs = {"library_log_means": torch.zeros(1, 3), "library_log_vars": torch.ones(1, 3)}
-    module = VAE(
-        N_GENES,
-        VAEConfig(n_hidden=16, n_latent=4, **options),
-        n_batch=3,
-        n_labels=2,
-        n_continuous_cov=2,
-        n_cats_per_cov=[4],
-        **lib_kwargs,
-    )
+    module = _module(options)
     out = module(_batch(n_cat_covs=1, n_cont=2), kl_weight=0.5)
     assert isinstance(out, LossOutput)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -132,17 +137,7 @@ def test_transform_batch_changes_only_the_decoder_batch():
 def test_inference_on_sparse_rows_equals_dense(options):
     """Analyses hand sparse counts to the encoder; its outputs match the dense input's."""
     torch.manual_seed(0)
-    lib_kwargs = {}
-    if options.get("use_observed_lib_size") is False:
-        lib_kwargs = {"library_log_means": torch.zeros(1, 3), "library_log_vars": torch.ones(1, 3)}
-    module = VAE(
-        N_GENES,
-        VAEConfig(n_hidden=16, n_latent=4, **options),
-        n_batch=3,
-        n_continuous_cov=2,
-        n_cats_per_cov=[4],
-        **lib_kwargs,
-    )
+    module = _module(options)
     assert module.accepts_sparse_x
     module.eval()
     tensors = _batch(n_cat_covs=1, n_cont=2)
