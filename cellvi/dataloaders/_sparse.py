@@ -64,9 +64,11 @@ class SparseRows:
 
     def to(self, device, non_blocking: bool = False) -> SparseRows:
         """The same rows on ``device``."""
-        move = [t.to(device, non_blocking=non_blocking) for t in (self.values, self.indices)]
-        offsets = self.offsets.to(device, non_blocking=non_blocking)
-        return SparseRows(move[0], move[1], offsets, self.shape[1])
+        values, indices, offsets = (
+            t.to(device, non_blocking=non_blocking)
+            for t in (self.values, self.indices, self.offsets)
+        )
+        return SparseRows(values, indices, offsets, self.shape[1])
 
     def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SparseRows:
         """Apply an elementwise ``fn`` with ``fn(0) == 0`` (e.g. ``torch.log1p``) to the values."""

@@ -30,6 +30,19 @@ except ImportError:  # pragma: no cover - a scipy that moved them: the public AP
     _csr_row_index = _csr_todense = None
 
 
+def _range_start(rows: np.ndarray, n_rows: int) -> int | None:
+    """First row when ``rows`` (non-empty) are one ascending range, else None.
+
+    Raises IndexError for rows outside ``[0, n_rows)``.
+    """
+    if rows.min() < 0 or rows.max() >= n_rows:
+        raise IndexError(f"row indices must lie in [0, {n_rows}).")
+    first, n = int(rows[0]), len(rows)
+    if int(rows[-1]) - first + 1 == n and (n == 1 or bool((np.diff(rows) == 1).all())):
+        return first
+    return None
+
+
 def _dense_rows(indptr, indices, data, rows: np.ndarray, shape) -> np.ndarray:
     """Dense float32 rows of a CSR matrix, without building intermediate scipy matrices.
 
@@ -41,10 +54,8 @@ def _dense_rows(indptr, indices, data, rows: np.ndarray, shape) -> np.ndarray:
     out = np.zeros((n, n_cols), dtype=np.float32)
     if n == 0:
         return out
-    if rows.min() < 0 or rows.max() >= shape[0]:
-        raise IndexError(f"row indices must lie in [0, {shape[0]}).")
-    first = int(rows[0])
-    if int(rows[-1]) - first + 1 == n and (n == 1 or bool((np.diff(rows) == 1).all())):
+    first = _range_start(rows, shape[0])
+    if first is not None:
         a, b = indptr[first], indptr[first + n]
         _csr_todense(n, n_cols, indptr[first : first + n + 1] - a, indices[a:b], data[a:b], out)
         return out
@@ -116,15 +127,11 @@ class CSRTensor:
     def sparse_rows(self, idx: torch.Tensor) -> SparseRows:
         """Rows ``idx`` kept sparse; a contiguous range shares this matrix's buffers."""
         n = len(idx)
-        first = int(idx[0]) if n else 0
-        if n and int(idx[-1]) - first + 1 == n and (n == 1 or bool((idx.diff() == 1).all())):
-            if first < 0 or first + n > self.shape[0]:
-                raise IndexError(f"row indices must lie in [0, {self.shape[0]}).")
+        first = _range_start(idx.cpu().numpy(), self.shape[0]) if n else None
+        if first is not None:
             a, b = int(self.indptr[first]), int(self.indptr[first + n])
             offsets = self.indptr[first : first + n + 1] - self.indptr[first]
             return SparseRows(self.data[a:b], self.indices[a:b], offsets, self.shape[1])
-        if n and (int(idx.min()) < 0 or int(idx.max()) >= self.shape[0]):
-            raise IndexError(f"row indices must lie in [0, {self.shape[0]}).")
         if self.data.device.type == "cpu" and _csr_row_index is not None:
             parts = _sub_csr(self.indptr.numpy(), self.indices.numpy(), self.data.numpy(), idx)
             return SparseRows(*(torch.from_numpy(a) for a in parts), self.shape[1])
