@@ -53,7 +53,7 @@ def _decode(module, batch, n_samples, codes, quantity, out=None):
 
     With ``out`` (one transform batch, ``quantity='scale'``), ρ is written straight into it.
     """
-    inf = module.inference(batch, n_samples=n_samples)
+    inf = module.inference(batch, n_samples=n_samples, library=quantity != "scale")
     total = None
     for code in codes:
         gen = module.generative(

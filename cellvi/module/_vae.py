@@ -161,9 +161,13 @@ class VAE(nn.Module):
 
     # --------------------------------------------------------------- inference
     def inference(
-        self, tensors: dict[str, torch.Tensor], n_samples: int = 1
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1, library: bool = True
     ) -> dict[str, torch.Tensor | None]:
-        """Encode a minibatch: ``qz_m``, ``qz_v``, ``z``, ``ql_m``, ``ql_v``, ``library``."""
+        """Encode a minibatch: ``qz_m``, ``qz_v``, ``z``, ``ql_m``, ``ql_v``, ``library``.
+
+        ``library=False`` skips the library size (then ``library``, ``ql_m`` and ``ql_v`` are
+        None): outputs that only need ``z``, such as latents and normalized expression.
+        """
         x = tensors[_K.X_KEY]
         batch_index = tensors[_K.BATCH_KEY]
         sparse_x = isinstance(x, SparseRows)  # inference on sparse counts (see accepts_sparse_x)
@@ -180,7 +184,9 @@ class VAE(nn.Module):
             enc_cat, enc_cont = [], None
         qz_m, qz_v, z = self.z_encoder(x_in, *enc_cat, cont=enc_cont)
         ql_m = ql_v = None
-        if self.use_size_factor_key:
+        if not library:
+            library = None
+        elif self.use_size_factor_key:
             library = torch.log(tensors[_K.SIZE_FACTOR_KEY])
         elif self.observed_library:
             library = torch.log(x.row_sums() if sparse_x else x.sum(dim=1, keepdim=True))
@@ -192,12 +198,12 @@ class VAE(nn.Module):
             z = qz_m_s + qz_v_s.sqrt() * torch.randn_like(qz_m_s)
             if self.config.latent_distribution == "ln":
                 z = torch.softmax(z, dim=-1)
-            if ql_m is None:
-                library = library.expand(n_samples, *library.shape)
-            else:
+            if ql_m is not None:
                 library = ql_m + ql_v.sqrt() * torch.randn(
                     n_samples, *ql_m.shape, device=ql_m.device
                 )
+            elif library is not None:
+                library = library.expand(n_samples, *library.shape)
         return {"qz_m": qz_m, "qz_v": qz_v, "z": z, "ql_m": ql_m, "ql_v": ql_v, "library": library}
 
     # -------------------------------------------------------------- generative

@@ -167,6 +167,29 @@ def test_inference_with_samples_adds_leading_axis():
     assert gen["scale"].shape == (7, N_CELLS, N_GENES)
 
 
+@pytest.mark.parametrize("options", [{}, {"use_observed_lib_size": False}])
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_inference_without_library_skips_only_the_library(options, n_samples):
+    """``library=False`` (latents, normalized expression) leaves the posterior of z as is."""
+    module = _module(options)
+    module.eval()
+    tensors = _batch(n_cat_covs=1, n_cont=2)
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        full = module.inference(tensors, n_samples=n_samples)
+        torch.manual_seed(1)
+        bare = module.inference(tensors, n_samples=n_samples, library=False)
+        scale = module.generative(bare["z"], bare["library"], tensors, scale_only=True)["scale"]
+        expected = module.generative(bare["z"], full["library"], tensors)["scale"]
+    assert bare["library"] is None and bare["ql_m"] is None and bare["ql_v"] is None
+    # z is the same draw unless a learned library's draw came between (several samples)
+    same_draw = n_samples == 1 or module.observed_library
+    for key in ("qz_m", "qz_v", *(("z",) if same_draw else ())):
+        torch.testing.assert_close(bare[key], full[key], rtol=0, atol=0)
+    assert bare["z"].shape == full["z"].shape
+    torch.testing.assert_close(scale, expected)
+
+
 def test_kl_helpers_match_torch_distributions():
     m, v = torch.randn(5, 3), torch.rand(5, 3) + 0.1
     pm, pv = torch.randn(5, 3), torch.rand(5, 3) + 0.1
