@@ -9,12 +9,27 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real datasets beside the checkout; tests using them skip in a user's clone."""
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent (only present in the development checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kang_pbmc(shared_data):
+    """Control PBMCs of 8 donors (Kang et al. 2018): 12,261 cells x 1,287 genes, raw UMI
+    counts, ``obs["donor"]`` and curated ``obs["cell_type"]``, genes named by symbol.
+    Tests copy it before registering."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(shared_data / "kang_muscat" / "kang_pbmc_ctrl_8donors.h5ad")
+    adata.var_names = adata.var["symbol"].astype(str).to_numpy()
+    adata.var_names_make_unique()
+    adata.obs["donor"] = adata.obs["donor"].astype(str)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    return adata
 
 
 @pytest.fixture(autouse=True)
