@@ -267,6 +267,8 @@ def run_training(
             warnings.filterwarnings("ignore", message=".*The number of training batches.*")
             # epoch metrics are logged after their sums were reduced across ranks
             warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log.*")
+            # Lightning's own pytree helper against newer torch; nothing the user can act on
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
             trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as exc:
         plan.restore_last_good_state()

@@ -50,6 +50,20 @@ def test_history_is_written_to_run_dir_every_epoch(sim_tiny):
     np.testing.assert_allclose(on_disk["elbo_train"], model.history["elbo_train"]["elbo_train"])
 
 
+def test_plain_training_and_outputs_raise_no_warnings(sim_small):
+    """A well-posed run is quiet: no framework chatter reaches the user (pytest shows every
+    warning, including the FutureWarnings and Lightning notices that are hidden elsewhere)."""
+    import warnings
+
+    model = _model(sim_small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train(max_epochs=2, check_val_every_n_epoch=1, early_stopping=True)
+        model.get_latent_representation()
+        model.get_normalized_expression()
+        model.differential_expression(groupby="cell_type", group1="type_0")
+
+
 def test_validation_metrics_absent_by_default(sim_tiny):
     model = _model(sim_tiny)
     model.train(max_epochs=1)
