@@ -281,7 +281,7 @@ class SCANVI(SCVI):
         adata, indices = self._data_source(adata, indices, dataloader)
         probs = []
         with eval_mode(self.module):
-            for batch in inference_batches(self, adata, indices, batch_size):
+            for batch in inference_batches(self, adata, indices, batch_size, sparse_x=True):
                 logits = self.module.classify(batch, use_posterior_mean=use_posterior_mean)
                 probs.append(logits.softmax(-1).cpu())
         p = torch.cat(probs).numpy()

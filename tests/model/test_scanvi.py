@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 
 import cellvi
@@ -44,6 +45,11 @@ def test_scanvi_from_scvi_predicts_hidden_labels(labeled_sim):
     assert (soft.columns[soft.to_numpy().argmax(1)] == pred).all()
     # columns in code order: sorted labels with "Unknown" swapped into the last code
     assert list(soft.columns) == model.labels_ == ["type_3", "type_0", "type_1", "type_2"]
+    # sparse counts reach the encoder as sparse rows; the same counts made dense agree
+    assert scipy.sparse.issparse(adata.X)
+    dense = adata.copy()
+    dense.X = dense.X.toarray()
+    np.testing.assert_allclose(model.predict(dense, soft=True), soft, rtol=1e-4, atol=1e-5)
 
 
 def test_scanvi_setup_puts_unlabeled_last_and_rejects_unseen_labels(labeled_sim, tmp_path):
