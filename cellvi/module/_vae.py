@@ -184,7 +184,7 @@ class VAE(nn.Module):
             enc_cat, enc_cont = [], None
         qz_m, qz_v, z = self.z_encoder(x_in, *enc_cat, cont=enc_cont)
         ql_m = ql_v = None
-        if not library:
+        if not library:  # the flag; from here on ``library`` holds the log library size
             library = None
         elif self.use_size_factor_key:
             library = torch.log(tensors[_K.SIZE_FACTOR_KEY])
