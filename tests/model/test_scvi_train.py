@@ -51,8 +51,8 @@ def test_history_is_written_to_run_dir_every_epoch(sim_tiny):
 
 
 def test_plain_training_and_outputs_raise_no_warnings(sim_small):
-    """A well-posed run is quiet: no framework chatter reaches the user (pytest shows every
-    warning, including the FutureWarnings and Lightning notices that are hidden elsewhere)."""
+    """A well-posed run is quiet: training, the common outputs and DE raise no warnings, so
+    third-party deprecation notices do not reach the user either."""
     import warnings
 
     model = _model(sim_small)
