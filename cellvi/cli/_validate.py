@@ -32,6 +32,7 @@ def validate_run(out_dir: str | Path, *, rerun: bool = False) -> dict:
     from ..model._save_load import load_registry
 
     out = Path(out_dir)
+    _check_finished(out)
     adata = anndata.read_h5ad(out / "adata.h5ad")
     data = adata
     if adata.X is None:  # the counts were read from disk and not copied: reopen the input
@@ -104,3 +105,19 @@ def _rerun(out: Path, latent: np.ndarray) -> dict:
         again = anndata.read_h5ad(Path(tmp) / "adata.h5ad").obsm["X_scVI"]
     diff = float(np.abs(again - latent).max())
     return {"max_abs_diff": diff, "ok": diff < 1e-5}
+
+
+def _check_finished(out: Path) -> None:
+    """A clear error for a folder that is not the output of a finished ``cellvi run``."""
+    if not out.is_dir():
+        raise ValueError(f"{out} is not a folder; pass the [outputs] dir of a `cellvi run`.")
+    state_file = out / "state.json"  # written by `cellvi run` (not by `cellvi quickstart`)
+    done = json.loads(state_file.read_text()) if state_file.exists() else {}
+    missing = [name for name in ("adata.h5ad", "model") if not (out / name).exists()]
+    if missing or (state_file.exists() and not done.get("outputs")):
+        finished = ", ".join(sorted(done)) or "none"
+        raise ValueError(
+            f"{out} holds no finished run (missing: {', '.join(missing) or 'the final outputs'};"
+            f" finished steps: {finished}). Finish it with `cellvi run WORKFLOW.toml --resume`"
+            " and validate again."
+        )

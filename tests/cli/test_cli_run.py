@@ -75,6 +75,11 @@ def test_run_then_validate(tmp_path, capsys):
     assert 0.0 <= report["scores"]["de_auroc"] <= 1.0
 
 
+def test_validate_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
 def test_bad_config_names_the_key_and_suggests(tmp_path):
     path = _write(tmp_path, **{"max_epochs =": "max_epoch ="})
     result = _cli("run", str(path))
@@ -88,7 +93,7 @@ def test_wrong_type_names_the_field(tmp_path):
     assert result.returncode == 2 and "[model].n_latent must be int" in result.stderr
 
 
-def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path):
+def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path, capsys):
     path = _write(tmp_path, epochs=300)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -109,6 +114,10 @@ def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and b"interrupted by SIGTERM" in err
+    # validating the unfinished folder is a clear error that says how to finish it
+    assert main(["validate", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "holds no finished run" in message and "--resume" in message
     done_before = len(pd.read_csv(history))
     path.write_text(path.read_text().replace("max_epochs = 300", "max_epochs = 12"))
     if done_before >= 12:
