@@ -126,6 +126,7 @@ def load_workflow(path: str | Path) -> dict:
             raise ConfigError(f"{path}: [input].{key} applies to paths = [...] only.")
     if inp.get("join", "inner") not in ("inner", "outer"):
         raise ConfigError(f"{path}: [input].join must be 'inner' or 'outer'.")
+    _check_files(path, "[input]", [inp["path"]] if "path" in inp else inp.get("paths", []))
     on_disk = inp.get("backed", False) or "paths" in inp
     if on_disk and config.get("outputs", {}).get("normalized_expression"):
         raise ConfigError(
@@ -152,7 +153,18 @@ def load_workflow(path: str | Path) -> dict:
         )
         if "query" not in mapping:
             raise ConfigError(f"{path}: [outputs.reference_mapping] needs query = '...h5ad'.")
+        _check_files(path, "[outputs.reference_mapping].query", [mapping["query"]])
     outputs.setdefault("dir", "cellvi_run")
     outputs.setdefault("latent", True)
     outputs.setdefault("save_model", True)
     return config
+
+
+def _check_files(path: Path, where: str, files) -> None:
+    """Input files must exist before anything starts (paths are read from the working folder)."""
+    missing = [str(f) for f in files if not Path(f).exists()]
+    if missing:
+        raise ConfigError(
+            f"{path}: {where} names files that do not exist: {missing}. Relative paths are "
+            f"read from the working folder ({Path.cwd()})."
+        )

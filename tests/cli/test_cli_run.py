@@ -93,6 +93,19 @@ def test_wrong_type_names_the_field(tmp_path):
     assert result.returncode == 2 and "[model].n_latent must be int" in result.stderr
 
 
+def test_missing_input_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    missing, out = tmp_path / "counts.h5ad", tmp_path / "out"
+    path = tmp_path / "wf.toml"
+    path.write_text(
+        f'[input]\npath = "{missing.as_posix()}"\n\n[setup]\nbatch_key = "batch"\n\n'
+        f'[outputs]\ndir = "{out.as_posix()}"\n'
+    )
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[input] names files that do not exist" in err and "counts.h5ad" in err
+    assert not out.exists()
+
+
 def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path, capsys):
     path = _write(tmp_path, epochs=300)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
