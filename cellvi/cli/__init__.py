@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             adata.write_h5ad(args.output)
             print(f"Wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.output}")
-    except (FileExistsError, ValueError, KeyError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError, TypeError) as err:
         print(f"cellvi {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -144,7 +144,17 @@ def load_workflow(path: str | Path) -> dict:
                 f"{path}: SCANVI needs [setup].labels_key and [setup].unlabeled_category."
             )
     config.setdefault("setup", {})
-    config.setdefault("train", {})
+    train = config.setdefault("train", {})
+    for key in ("max_epochs", "batch_size"):
+        if key in train and train[key] < 1:
+            raise ConfigError(f"{path}: [train].{key} must be a positive integer.")
+    if "plan_kwargs" in train:  # checked here, before the run folder is created
+        from ..train._config import TrainingPlanConfig, build_dataclass
+
+        try:
+            build_dataclass(TrainingPlanConfig, train["plan_kwargs"], "[train].plan_kwargs")
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {err}") from err
     outputs = config.setdefault("outputs", {})
     mapping = outputs.get("reference_mapping")
     if mapping is not None:

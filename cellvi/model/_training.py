@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,18 @@ def train_unsupervised(
     elif not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"max_epochs={max_epochs!r} must be a positive integer or None.")
     batch_size = settings.batch_size if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size={batch_size!r} must be a positive integer.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    batch_size = int(batch_size)
+    norm = getattr(getattr(model.module, "config", None), "use_batch_norm", "none")
+    if batch_size == 1 and norm != "none":
+        raise ValueError(
+            f"batch_size=1 cannot train this model: batch normalisation (use_batch_norm="
+            f"{norm!r}) needs at least 2 cells per minibatch. Use batch_size >= 2, or build "
+            "the model with use_batch_norm='none'."
+        )
 
     cfg = resolve_trainer_config(
         trainer_config,
@@ -214,6 +227,7 @@ def train_unsupervised(
     )
     plan_values = config_to_kwargs(plan_config, "plan_config")
     plan_values.update(plan_kwargs or {})
+    build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")  # names and types, first
     user_set_warmup = "n_epochs_kl_warmup" in plan_values or "n_steps_kl_warmup" in plan_values
 
     strategy = cfg.strategy

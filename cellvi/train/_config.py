@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -102,6 +103,7 @@ class TrainingPlanConfig:
     loss_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_numbers(self)
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(
                 f"optimizer={self.optimizer!r} is not supported; use one of {list(_OPTIMIZERS)}."
@@ -134,6 +136,25 @@ class TrainingPlanConfig:
     def to_kwargs(self) -> dict:
         """Field values as a dict (``loss_kwargs`` kept as one entry)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_numbers(config) -> None:
+    """Numeric fields hold numbers (``lr="1e-3"`` would fail deep inside the optimiser)."""
+    for f in dataclasses.fields(config):
+        kinds = str(f.type)
+        if "float" not in kinds and "int" not in kinds:
+            continue
+        value = getattr(config, f.name)
+        if value is None and "None" in kinds:
+            continue
+        integral = "float" not in kinds
+        ok = isinstance(value, numbers.Integral if integral else numbers.Real)
+        if not ok or isinstance(value, bool):
+            expected = "an integer" if integral else "a number"
+            raise TypeError(
+                f"{f.name}={value!r} ({type(value).__name__}) must be {expected}"
+                + (" or None." if "None" in kinds else ".")
+            )
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,22 @@ def test_missing_input_file_is_refused_before_anything_is_written(tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("max_epochs = 8", "max_epochs = 8\nbatch_size = 0", "[train].batch_size must be"),
+        ("n_epochs_kl_warmup = 5", 'n_epochs_kl_warmup = 5, lr = "big"', "lr='big' (str) must be"),
+        ("n_epochs_kl_warmup = 5", "n_epochs_kl_warmup = 5, lrr = 0.1", "did you mean 'lr'?"),
+    ],
+)
+def test_bad_training_settings_are_refused_before_the_run_folder_exists(
+    tmp_path, capsys, old, new, message
+):
+    assert main(["run", str(_write(tmp_path, **{old: new}))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path, capsys):
     path = _write(tmp_path, epochs=300)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

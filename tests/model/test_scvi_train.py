@@ -97,6 +97,30 @@ def test_unknown_monitor_is_an_error_listing_metrics(sim_tiny):
         model.train(max_epochs=2, early_stopping=True, early_stopping_monitor="elbo_valdation")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size=0 must be a positive integer"),
+        ({"batch_size": -5}, ValueError, "batch_size=-5 must be a positive integer"),
+        ({"batch_size": 1.5}, TypeError, "batch_size=1.5 must be a positive integer"),
+        ({"batch_size": 1}, ValueError, "batch normalisation .* at least 2 cells"),
+        ({"plan_kwargs": {"lr": "1e-3"}}, TypeError, "lr='1e-3' \\(str\\) must be a number"),
+        ({"plan_kwargs": {"n_epochs_kl_warmup": 2.5}}, TypeError, "must be an integer or None"),
+    ],
+)
+def test_bad_training_arguments_fail_before_training(sim_tiny, kwargs, error, message):
+    model = _model(sim_tiny)
+    with pytest.raises(error, match=message):
+        model.train(max_epochs=2, **kwargs)
+    assert not model.is_trained and model.history == {}
+
+
+def test_batch_size_one_trains_without_batch_norm(sim_tiny):
+    model = _model(sim_tiny, use_batch_norm="none")
+    model.train(max_epochs=1, batch_size=1, train_size=0.2)
+    assert model.is_trained
+
+
 def test_unknown_trainer_argument_suggests_the_right_one(sim_tiny):
     model = _model(sim_tiny)
     with pytest.raises(TypeError, match="'early_stoping'.*Did you mean 'early_stopping'"):
