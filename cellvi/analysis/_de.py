@@ -399,6 +399,13 @@ def differential_expression(
         firsts = categories
     else:
         firsts = [group1] if isinstance(group1, str) else list(group1)
+    unknown = [str(g) for g in [*firsts, *([] if group2 is None else [group2])]]
+    unknown = [g for g in unknown if g not in categories]
+    if unknown:
+        raise ValueError(
+            f"No cells in obs[{groupby!r}] are {', '.join(map(repr, unknown))}; its values: "
+            f"{categories[:20]}{' ...' if len(categories) > 20 else ''}."
+        )
     tables = []
     for g1 in firsts:
         i1 = np.flatnonzero(labels == str(g1))

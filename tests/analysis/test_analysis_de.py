@@ -90,6 +90,13 @@ def test_one_vs_rest_covers_every_group(fitted):
     assert set(table["comparison"]) == {"type_0 vs Rest", "type_1 vs Rest", "type_2 vs Rest"}
 
 
+def test_unknown_groups_are_named_with_the_available_values(fitted):
+    with pytest.raises(ValueError, match=r"obs\['cell_type'\] are 'typo'.*'type_0'"):
+        fitted.differential_expression(groupby="cell_type", group1="typo")
+    with pytest.raises(ValueError, match="are 'type_9'"):
+        fitted.differential_expression(groupby="cell_type", group1="type_0", group2="type_9")
+
+
 def test_de_is_deterministic(fitted):
     a = fitted.differential_expression(
         groupby="cell_type", group1="type_0", mode="change", n_samples_overall=500
