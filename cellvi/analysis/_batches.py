@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
+from ..errors import CellviWarning
 
 __all__ = ["inference_batches", "inference_batch_size", "resolve_indices", "eval_mode"]
 
@@ -75,6 +77,13 @@ def inference_batches(
     when the module accepts them (``module.accepts_sparse_x``): for analyses that only encode
     and decode, which then never build a dense ``(cells, genes)`` block of the input.
     """
+    if not getattr(model, "is_trained", True):
+        warnings.warn(
+            f"This {type(model).__name__} has not been trained: its outputs come from randomly "
+            "initialised weights. Call model.train() first.",
+            CellviWarning,
+            stacklevel=4,
+        )
     manager = model._manager_for(adata)
     store = model._tensor_store(manager)
     idx = resolve_indices(indices, manager.summary_stats["n_cells"])

@@ -96,6 +96,16 @@ def resolve_trainer_config(
     return build_dataclass(TrainerConfig, values, "trainer_config")
 
 
+def _save_checkpoint_model(model, path) -> None:
+    """Write a best-model checkpoint: its weights come from training, so it loads as trained."""
+    was_trained = model.is_trained_
+    model.is_trained_ = True
+    try:
+        model.save(path, overwrite=True)
+    finally:
+        model.is_trained_ = was_trained
+
+
 def _adapt_kl_warmup(
     plan_values: dict, user_set: bool, max_epochs: int, n_steps_per_epoch: int
 ) -> None:
@@ -277,6 +287,6 @@ def train_unsupervised(
         ckpt_path=ckpt_path,
         run_dir=_run_dir_for(model, ckpt_path),
         record=lambda result: model._record_run(result, resumed=ckpt_path is not None),
-        save_fn=lambda path: model.save(path, overwrite=True),
+        save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
     )

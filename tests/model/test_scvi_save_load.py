@@ -76,6 +76,7 @@ def test_best_checkpoint_is_a_loadable_model_directory(sim_tiny):
     paths = [cb.best_model_path for cb in best if getattr(cb, "best_model_path", "")]
     assert paths, "no best checkpoint written"
     loaded = SCVI.load(paths[0], adata=sim_tiny.copy())
+    assert loaded.is_trained  # weights from training: no "not trained" warning on outputs
     np.testing.assert_allclose(
         loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6
     )

@@ -64,6 +64,18 @@ def test_plain_training_and_outputs_raise_no_warnings(sim_small):
         model.differential_expression(groupby="cell_type", group1="type_0")
 
 
+def test_outputs_of_an_untrained_model_warn(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.warns(cellvi.errors.CellviWarning, match="has not been trained"):
+        model.get_latent_representation()
+    model.train(max_epochs=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.get_latent_representation()
+
+
 def test_validation_metrics_absent_by_default(sim_tiny):
     model = _model(sim_tiny)
     model.train(max_epochs=1)
