@@ -151,8 +151,12 @@ def load_workflow(path: str | Path) -> dict:
     if "plan_kwargs" in train:  # checked here, before the run folder is created
         from ..train._config import TrainingPlanConfig, build_dataclass
 
+        plan = dict(train["plan_kwargs"])
+        ratio = plan.pop("classification_ratio", 1.0) if model.get("name") == "SCANVI" else 1.0
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+            raise ConfigError(f"{path}: [train].plan_kwargs.classification_ratio must be a number.")
         try:
-            build_dataclass(TrainingPlanConfig, train["plan_kwargs"], "[train].plan_kwargs")
+            build_dataclass(TrainingPlanConfig, plan, "[train].plan_kwargs")
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{path}: {err}") from err
     outputs = config.setdefault("outputs", {})

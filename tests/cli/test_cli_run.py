@@ -276,3 +276,18 @@ def test_workflow_trains_from_files_left_on_disk(tmp_path):
     )
     result = _cli("run", str(too_big))
     assert result.returncode == 2 and "normalized_expression" in result.stderr
+
+
+def test_scanvi_plan_settings_pass_the_config_check(tmp_path):
+    from cellvi.cli._schema import ConfigError, load_workflow
+
+    scanvi = {
+        "[model]": '[model]\nname = "SCANVI"',
+        "[setup]": '[setup]\nlabels_key = "cell_type"\nunlabeled_category = "Unknown"',
+        "n_epochs_kl_warmup = 5": "n_epochs_kl_warmup = 5, classification_ratio = 20.0",
+    }
+    config = load_workflow(_write(tmp_path, **scanvi))
+    assert config["train"]["plan_kwargs"]["classification_ratio"] == 20.0
+    scvi = {"n_epochs_kl_warmup = 5": "n_epochs_kl_warmup = 5, classification_ratio = 20.0"}
+    with pytest.raises(ConfigError, match="unknown argument.*classification_ratio"):
+        load_workflow(_write(tmp_path, **scvi))
