@@ -103,7 +103,7 @@ class TrainingPlanConfig:
     loss_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        _check_numbers(self)
+        _check_field_types(self)
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(
                 f"optimizer={self.optimizer!r} is not supported; use one of {list(_OPTIMIZERS)}."
@@ -138,19 +138,25 @@ class TrainingPlanConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _check_numbers(config) -> None:
-    """Numeric fields hold numbers (``lr="1e-3"`` would fail deep inside the optimiser)."""
+def _check_field_types(config) -> None:
+    """Boolean and numeric fields hold what they say (``lr="1e-3"`` or ``patience="5"`` would
+    otherwise fail deep inside the optimiser or a callback, ``early_stopping="no"`` would be
+    true)."""
     for f in dataclasses.fields(config):
-        kinds = str(f.type)
-        if "float" not in kinds and "int" not in kinds:
-            continue
+        kinds = {kind.strip() for kind in str(f.type).split("|")}
         value = getattr(config, f.name)
         if value is None and "None" in kinds:
             continue
-        integral = "float" not in kinds
-        ok = isinstance(value, numbers.Integral if integral else numbers.Real)
-        if not ok or isinstance(value, bool):
-            expected = "an integer" if integral else "a number"
+        is_bool = type(value).__name__ in ("bool", "bool_")
+        if kinds <= {"bool", "None"}:
+            ok, expected = is_bool, "True or False"
+        elif "float" in kinds:
+            ok, expected = isinstance(value, numbers.Real) and not is_bool, "a number"
+        elif "int" in kinds:
+            ok, expected = isinstance(value, numbers.Integral) and not is_bool, "an integer"
+        else:
+            continue
+        if not ok:
             raise TypeError(
                 f"{f.name}={value!r} ({type(value).__name__}) must be {expected}"
                 + (" or None." if "None" in kinds else ".")
@@ -210,6 +216,7 @@ class TrainerConfig:
     extra_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        _check_field_types(self)
         if self.early_stopping_mode not in ("min", "max"):
             raise ValueError(
                 f"early_stopping_mode={self.early_stopping_mode!r}: use 'min' or 'max'."

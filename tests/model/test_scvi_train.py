@@ -118,6 +118,8 @@ def test_unknown_monitor_is_an_error_listing_metrics(sim_tiny):
         ({"batch_size": 1}, ValueError, "batch normalisation .* at least 2 cells"),
         ({"plan_kwargs": {"lr": "1e-3"}}, TypeError, "lr='1e-3' \\(str\\) must be a number"),
         ({"plan_kwargs": {"n_epochs_kl_warmup": 2.5}}, TypeError, "must be an integer or None"),
+        ({"early_stopping": "yes"}, TypeError, "early_stopping='yes' \\(str\\) must be True or"),
+        ({"early_stopping_patience": "5"}, TypeError, "early_stopping_patience='5' \\(str\\)"),
     ],
 )
 def test_bad_training_arguments_fail_before_training(sim_tiny, kwargs, error, message):
