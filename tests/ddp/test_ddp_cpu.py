@@ -43,6 +43,9 @@ class _PerRank(pl.Callback):
         )
 
 
+TWO_CPU_RANKS = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_notebook"}
+
+
 def _data(n=400, seed=0):
     adata = cellvi.data.simulate(n_cells=n, n_genes=40, n_de_genes_per_type=5, seed=seed)
     SCVI.setup_anndata(adata, batch_key="batch")
@@ -58,9 +61,7 @@ def test_two_process_training_gives_identical_weights_and_full_results(tmp_path)
     model = SCVI(adata, n_hidden=16, n_latent=3)
     model.train(
         max_epochs=3,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_notebook",
+        **TWO_CPU_RANKS,
         check_val_every_n_epoch=1,
         callbacks=[_PerRank(tmp_path)],
     )
@@ -86,9 +87,7 @@ def test_compiled_training_under_ddp_keeps_ranks_in_step(tmp_path):
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     model.train(
         max_epochs=3,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_notebook",
+        **TWO_CPU_RANKS,
         batch_size=64,
         callbacks=[_PerRank(tmp_path)],
         plan_kwargs={"compile": True},
@@ -107,9 +106,7 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
     model = SCVI(_data(), n_hidden=16, n_latent=3)
     model.train(
         max_epochs=30,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_notebook",
+        **TWO_CPU_RANKS,
         early_stopping=True,
         early_stopping_patience=2,
         early_stopping_min_delta=1e9,
@@ -126,9 +123,9 @@ def test_several_models_one_after_another_in_one_process(tmp_path):
     labels[::3] = "Unknown"
     adata.obs["labels"] = labels
     scvi_model = SCVI(adata, n_hidden=16, n_latent=3)
-    scvi_model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_notebook")
+    scvi_model.train(max_epochs=2, **TWO_CPU_RANKS)
     scanvi = SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels")
-    scanvi.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_notebook")
+    scanvi.train(max_epochs=2, **TWO_CPU_RANKS)
     assert scanvi.is_trained and len(scanvi.history["train_accuracy"]) == 2
     assert scanvi.predict().shape == (adata.n_obs,)
 
@@ -194,9 +191,7 @@ def test_two_processes_train_from_a_file_on_disk(tmp_path):
     with cellvi.settings.override(dl_chunk_size=20, dl_buffer_size=100):
         model.train(
             max_epochs=2,
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp_notebook",
+            **TWO_CPU_RANKS,
             check_val_every_n_epoch=1,
             callbacks=[_PerRank(tmp_path)],
         )
