@@ -1,11 +1,16 @@
 """Training throughput: cellvi (Lightning) vs a minimal plain-PyTorch loop, and scvi-tools.
 
-Run: python benchmarks/bench_training.py --n-cells 20000 --n-genes 2000 --epochs 3
-Optional: --scvi-python /path/to/venv/bin/python runs scvi-tools (same data, architecture,
-batch size, epochs) in that interpreter, alternating with cellvi; the data are shared through
-a temporary h5ad. Prints seconds per epoch, held-out ELBO and the ratios side by side.
---compile adds a run with plan_kwargs={"compile": True} (steady epochs and the first epoch,
-which includes compilation, reported apart; needs --epochs >= 3).
+Run: python benchmarks/bench_training.py --epochs 4 --rounds 3 --compile \
+    --scvi-python <venv>/bin/python
+--scvi-python runs scvi-tools (same data, architecture, batch size, epochs) in that
+interpreter; the data are shared through a temporary h5ad. The contenders run in turn, round
+after round (plain loop, cellvi, scvi-tools, compiled cellvi; --rounds times), so the shared
+machine's drifts hit all alike, and the median of the rounds is reported. Two figures per
+contender: ``s_epoch``, all of ``train()`` divided by the epochs (set-up included), and
+``steady``, the mean epoch after the first (needs --epochs >= 3). Ratios compare like with
+like: eager cellvi and the plain loop on ``s_epoch``, the compiled run (whose first epoch
+includes compilation) on ``steady`` against scvi-tools' ``steady``. Also prints held-out
+ELBOs (last round).
 """
 
 from __future__ import annotations
@@ -28,17 +33,24 @@ from cellvi.model import SCVI
 
 SCVI_SCRIPT = r"""
 import json, sys, time, anndata, scvi, torch, numpy as np
+from lightning.pytorch.callbacks import Callback
 path, batch_size, epochs, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+class Clock(Callback):
+    def __init__(self):
+        self.ends = []
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.ends.append(time.perf_counter())
 adata = anndata.read_h5ad(path)
 scvi.settings.seed = seed
 scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
 model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
+clock = Clock()
 t0 = time.perf_counter()
 model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, enable_progress_bar=False,
-            plan_kwargs={"n_epochs_kl_warmup": 1})
+            plan_kwargs={"n_epochs_kl_warmup": 1}, callbacks=[clock])
 dt = (time.perf_counter() - t0) / epochs
 elbo = -model.get_elbo(indices=model.validation_indices)
-print(json.dumps({"s_per_epoch": dt, "elbo_validation": float(elbo)}))
+print(json.dumps({"s_epoch": dt, "ends": [t0, *clock.ends], "elbo_validation": float(elbo)}))
 """
 
 
@@ -52,8 +64,13 @@ class EpochClock(Callback):
         self.ends.append(time.perf_counter())
 
 
-def cellvi_epoch_time(adata, batch_size, epochs, *, compile=False):
-    """Seconds per epoch (all of ``train()`` over ``epochs``), the model, and the clock."""
+def steady_epoch(ends: list[float]) -> float | None:
+    """Mean epoch time after the first (``ends`` starts with the start of training)."""
+    return float(np.mean(np.diff(ends[1:]))) if len(ends) >= 3 else None
+
+
+def cellvi_run(adata, batch_size, epochs, *, compile=False):
+    """Seconds per epoch (all of ``train()`` over ``epochs``), epoch end times, the model."""
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
     clock = EpochClock()
@@ -68,10 +85,10 @@ def cellvi_epoch_time(adata, batch_size, epochs, *, compile=False):
         callbacks=[clock],
     )
     dt = (time.perf_counter() - start) / epochs
-    return dt, model, [start, *clock.ends]
+    return dt, [start, *clock.ends], model
 
 
-def plain_loop_epoch_time(adata, batch_size, epochs):
+def plain_loop_run(adata, batch_size, epochs):
     """The same module, loader and optimiser in a bare loop: the framework-free floor."""
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
@@ -83,6 +100,7 @@ def plain_loop_epoch_time(adata, batch_size, epochs):
     opt = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, weight_decay=1e-6, fused=True)
     module.train()
     start = time.perf_counter()
+    ends = [start]
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         for batch in loader:
@@ -90,7 +108,20 @@ def plain_loop_epoch_time(adata, batch_size, epochs):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return (time.perf_counter() - start) / epochs
+        ends.append(time.perf_counter())
+    return (ends[-1] - start) / epochs, ends, model
+
+
+def scvi_run(python: str, data: Path, batch_size: int, epochs: int):
+    """scvi-tools in its own interpreter: seconds per epoch, epoch ends, held-out ELBO."""
+    out = subprocess.run(
+        [python, "-c", SCVI_SCRIPT, str(data), str(batch_size), str(epochs), "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    return theirs["s_epoch"], theirs["ends"], theirs["elbo_validation"]
 
 
 def held_out_elbo(model) -> float:
@@ -115,9 +146,9 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also train with plan_kwargs={'compile': True}; reports the steady epoch time "
-        "(after the first, which includes compilation) and the first epoch's time",
+        help="also train with plan_kwargs={'compile': True} (compared on steady epochs)",
     )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per contender")
     args = parser.parse_args()
     adata = cellvi.data.simulate(
         n_cells=args.n_cells,
@@ -137,46 +168,55 @@ def main() -> None:
         adata.write_h5ad(tmp / "data.h5ad")
     with cellvi.settings.override(progress_bar_style="none", logging_dir=tmp / "runs"):
         for batch_size in args.batch_sizes:
-            plain = plain_loop_epoch_time(adata.copy(), batch_size, args.epochs)
-            ours, model, _ = cellvi_epoch_time(adata.copy(), batch_size, args.epochs)
-            row = {
-                "batch": batch_size,
-                "cellvi_s_epoch": round(ours, 3),
-                "plain_loop_s_epoch": round(plain, 3),
-                "overhead_vs_plain": round(ours / plain, 3),
-                "cellvi_elbo_validation": round(held_out_elbo(model), 2),
-            }
-            if args.scvi_python:
-                out = subprocess.run(
-                    [
-                        args.scvi_python,
-                        "-c",
-                        SCVI_SCRIPT,
-                        str(tmp / "data.h5ad"),
-                        str(batch_size),
-                        str(args.epochs),
-                        "0",
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                theirs = json.loads(out.stdout.strip().splitlines()[-1])
-                row["scvi_s_epoch"] = round(theirs["s_per_epoch"], 3)
-                row["speedup_vs_scvi"] = round(theirs["s_per_epoch"] / ours, 2)
-                row["scvi_elbo_validation"] = round(theirs["elbo_validation"], 2)
-            if args.compile:
-                _, compiled, ends = cellvi_epoch_time(
-                    adata.copy(), batch_size, args.epochs, compile=True
-                )
-                steady = float(np.mean(np.diff(ends[1:])))
-                row["compiled_s_epoch_steady"] = round(steady, 3)
-                row["compiled_first_epoch_s"] = round(ends[1] - ends[0], 1)
-                row["compiled_elbo_validation"] = round(held_out_elbo(compiled), 2)
-                if "scvi_s_epoch" in row:
-                    row["compiled_speedup_vs_scvi"] = round(row["scvi_s_epoch"] / steady, 2)
-            print(json.dumps(row))
+            print(json.dumps(compare(adata, batch_size, args, tmp)))
             sys.stdout.flush()
+
+
+def compare(adata, batch_size: int, args, tmp: Path) -> dict:
+    """Alternating rounds of every contender; medians over the rounds and their ratios."""
+    times: dict[str, list[tuple[float, float | None]]] = {}
+    elbos: dict[str, float] = {}
+    for _ in range(args.rounds):
+        s_epoch, ends, _ = plain_loop_run(adata.copy(), batch_size, args.epochs)
+        times.setdefault("plain", []).append((s_epoch, steady_epoch(ends)))
+        s_epoch, ends, model = cellvi_run(adata.copy(), batch_size, args.epochs)
+        times.setdefault("cellvi", []).append((s_epoch, steady_epoch(ends)))
+        elbos["cellvi"] = held_out_elbo(model)
+        if args.scvi_python:
+            s_epoch, ends, elbos["scvi"] = scvi_run(
+                args.scvi_python, tmp / "data.h5ad", batch_size, args.epochs
+            )
+            times.setdefault("scvi", []).append((s_epoch, steady_epoch(ends)))
+        if args.compile:
+            s_epoch, ends, model = cellvi_run(adata.copy(), batch_size, args.epochs, compile=True)
+            times.setdefault("compiled", []).append((s_epoch, steady_epoch(ends)))
+            elbos["compiled"] = held_out_elbo(model)
+    med = {
+        name: (float(np.median([t[0] for t in runs])), _median_or_none([t[1] for t in runs]))
+        for name, runs in times.items()
+    }
+    row = {"batch": batch_size, "rounds": args.rounds}
+    for name, (s_epoch, steady) in med.items():
+        row[f"{name}_s_epoch"] = round(s_epoch, 3)
+        if steady is not None:
+            row[f"{name}_steady"] = round(steady, 3)
+    row["overhead_vs_plain"] = round(med["cellvi"][0] / med["plain"][0], 3)
+    if "scvi" in med:
+        row["speedup_vs_scvi"] = round(med["scvi"][0] / med["cellvi"][0], 2)
+        if med["scvi"][1] is not None:
+            row["steady_speedup_vs_scvi"] = round(med["scvi"][1] / med["cellvi"][1], 2)
+            if "compiled" in med:
+                row["compiled_steady_speedup_vs_scvi"] = round(
+                    med["scvi"][1] / med["compiled"][1], 2
+                )
+    for name, elbo in elbos.items():
+        row[f"{name}_elbo_validation"] = round(elbo, 2)
+    return row
+
+
+def _median_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
 
 
 if __name__ == "__main__":
