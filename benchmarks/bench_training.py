@@ -11,6 +11,10 @@ contender: ``s_epoch``, all of ``train()`` divided by the epochs (set-up include
 like: eager cellvi and the plain loop on ``s_epoch``, the compiled run (whose first epoch
 includes compilation) on ``steady`` against scvi-tools' ``steady``. Also prints held-out
 ELBOs (last round).
+
+--memory-cells N (e.g. 100000) instead measures peak memory: one epoch of each library, each
+in a fresh process reading the same in-memory h5ad of N simulated cells, reporting the
+process's peak RSS (VmHWM) and its growth during ``train()``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,33 @@ model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, enable_pro
 dt = (time.perf_counter() - t0) / epochs
 elbo = -model.get_elbo(indices=model.validation_indices)
 print(json.dumps({"s_epoch": dt, "ends": [t0, *clock.ends], "elbo_validation": float(elbo)}))
+"""
+
+
+MEMORY_CHILD = r"""
+import json, sys, time
+import anndata
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+lib, path, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if lib == "scvi":
+    import scvi as lib_mod
+    kw = {"enable_progress_bar": False}
+else:
+    import cellvi as lib_mod
+    lib_mod.settings.progress_bar_style = "none"
+    kw = {"save_resume_checkpoint": False}
+adata = anndata.read_h5ad(path)
+lib_mod.model.SCVI.setup_anndata(adata, batch_key="batch")
+model = lib_mod.model.SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
+before = status("VmRSS")
+t0 = time.perf_counter()
+model.train(max_epochs=1, batch_size=batch_size, train_size=0.9,
+            plan_kwargs={"n_epochs_kl_warmup": 1}, **kw)
+print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mib": before,
+                  "peak_mib": status("VmHWM")}))
 """
 
 
@@ -149,7 +180,12 @@ def main() -> None:
         help="also train with plan_kwargs={'compile': True} (compared on steady epochs)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per contender")
+    parser.add_argument(
+        "--memory-cells", type=int, default=0, help="peak-memory mode: cells of the data set"
+    )
     args = parser.parse_args()
+    if args.memory_cells:
+        return peak_memory(args)
     adata = cellvi.data.simulate(
         n_cells=args.n_cells,
         n_genes=args.n_genes,
@@ -212,6 +248,38 @@ def compare(adata, batch_size: int, args, tmp: Path) -> dict:
     for name, elbo in elbos.items():
         row[f"{name}_elbo_validation"] = round(elbo, 2)
     return row
+
+
+def peak_memory(args) -> None:
+    """Peak RSS of one epoch per library, each in a fresh process on the same h5ad."""
+    adata = cellvi.data.simulate(
+        n_cells=args.memory_cells,
+        n_genes=args.n_genes,
+        n_batches=2,
+        n_cell_types=5,
+        library_size_log_mean=float(np.log(700)),
+        seed=0,
+    )
+    del adata.varm["true_lfc"]
+    path = Path(tempfile.mkdtemp()) / "data.h5ad"
+    adata.write_h5ad(path)
+    pythons = {"cellvi": sys.executable}
+    if args.scvi_python:
+        pythons["scvi"] = args.scvi_python
+    for batch_size in args.batch_sizes:
+        row = {"cells": args.memory_cells, "batch": batch_size}
+        for lib, python in pythons.items():
+            out = subprocess.run(
+                [python, "-c", MEMORY_CHILD, lib, str(path), str(batch_size)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            row[f"{lib}_peak_mib"] = round(res["peak_mib"])
+            row[f"{lib}_train_growth_mib"] = round(res["peak_mib"] - res["rss_before_mib"])
+        print(json.dumps(row))
+        sys.stdout.flush()
 
 
 def _median_or_none(values):

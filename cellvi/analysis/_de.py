@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -9,7 +11,9 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from ..data import is_on_disk
-from ._expression import get_normalized_expression, transform_batch_codes
+from ..errors import CellviWarning
+from ._batches import check_count, resolve_indices
+from ._expression import as_name_list, get_normalized_expression, transform_batch_codes
 
 __all__ = ["differential_expression", "estimate_delta", "estimate_pseudocount", "fdr_calls"]
 
@@ -68,11 +72,13 @@ def fdr_calls(proba_de: np.ndarray, fdr_target: float) -> np.ndarray:
     return calls
 
 
-def _resolve_group(adata, idx) -> np.ndarray:
+def _resolve_group(adata, idx, arg: str) -> np.ndarray:
     if isinstance(idx, str):
         return np.flatnonzero(adata.obs.eval(idx).to_numpy())
-    idx = np.asarray(idx)
-    return np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+    try:
+        return resolve_indices(idx, adata.n_obs)
+    except (ValueError, IndexError) as err:
+        raise type(err)(f"{arg}: {err}") from None
 
 
 def _group_raw_stats(x, groups, chunk: int = 8192) -> list[dict[str, np.ndarray]]:
@@ -266,6 +272,13 @@ def _log2_ratio(t1: torch.Tensor, t2: torch.Tensor, pseudocount: float) -> torch
     return r.div_(torch.add(t2, pseudocount)).log2_()
 
 
+def _batch_codes(model, names, arg: str) -> list[int]:
+    codes = transform_batch_codes(model, names, arg)
+    if None in codes:
+        raise ValueError(f"{arg} must name batches of this model (None is not a batch).")
+    return codes
+
+
 def _compare(
     model,
     adata,
@@ -290,8 +303,15 @@ def _compare(
         raise ValueError("Both groups need at least one cell (a group is empty).")
     if batch_correction:
         all_codes = list(range(model.summary_stats["n_batch"]))
-        codes1 = all_codes if batchid1 is None else transform_batch_codes(model, list(batchid1))
-        codes2 = all_codes if batchid2 is None else transform_batch_codes(model, list(batchid2))
+        codes1 = all_codes if batchid1 is None else _batch_codes(model, batchid1, "batchid1")
+        codes2 = all_codes if batchid2 is None else _batch_codes(model, batchid2, "batchid2")
+        if set(codes1) & set(codes2) and set(codes1) != set(codes2):
+            warnings.warn(
+                "batchid1 and batchid2 share some batches but not all, so the two groups' "
+                "samples are paired globally rather than within each batch.",
+                CellviWarning,
+                stacklevel=4,
+            )
     elif batchid1 is not None or batchid2 is not None:
         raise ValueError("batchid1/batchid2 need batch_correction=True.")
     else:
@@ -358,6 +378,11 @@ def differential_expression(
         raise ValueError(f"mode={mode!r}: use 'vanilla' or 'change'.")
     if test_mode not in ("two", "three"):
         raise ValueError(f"test_mode={test_mode!r}: use 'two' or 'three'.")
+    if delta is not None and not delta >= 0:
+        raise ValueError(f"delta={delta!r} must be >= 0 (or None to estimate it).")
+    if not 0 < fdr_target <= 1:
+        raise ValueError(f"fdr_target={fdr_target!r} must lie in (0, 1], e.g. 0.05.")
+    n_samples_overall = check_count(n_samples_overall, "n_samples_overall")
     manager = model._manager_for(adata)
     data = manager.adata
     x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -380,25 +405,30 @@ def differential_expression(
         batch_size=batch_size,
     )
     if idx1 is not None:
-        i1 = _resolve_group(data, idx1)
-        i2 = np.setdiff1d(np.arange(data.n_obs), i1) if idx2 is None else _resolve_group(data, idx2)
+        i1 = _resolve_group(data, idx1, "idx1")
+        if idx2 is None:
+            i2 = np.setdiff1d(np.arange(data.n_obs), i1)
+        else:
+            i2 = _resolve_group(data, idx2, "idx2")
         return _compare(model, data, x, i1, i2, **kwargs)
     if groupby is None:
         raise ValueError("Give groupby= (with group1/group2) or idx1=.")
     if groupby not in data.obs:
         raise KeyError(f"groupby={groupby!r} is not an obs column.")
-    labels = data.obs[groupby].astype(str).to_numpy()
+    column = data.obs[groupby]
+    known = column.notna().to_numpy()  # cells without a value only ever count as "Rest"
+    labels = np.where(known, column.astype(str).to_numpy(), None)
     categories = (
-        list(pd.unique(labels))
-        if not hasattr(data.obs[groupby], "cat")
-        else [str(c) for c in data.obs[groupby].cat.categories if (labels == str(c)).any()]
+        list(pd.unique(labels[known]))
+        if not hasattr(column, "cat")
+        else [str(c) for c in column.cat.categories if (labels == str(c)).any()]
     )
     if group1 is None:
         if len(categories) < 2:
             raise ValueError(f"groupby={groupby!r} has a single category; nothing to compare.")
         firsts = categories
     else:
-        firsts = [group1] if isinstance(group1, str) else list(group1)
+        firsts = as_name_list(group1)
     unknown = [str(g) for g in [*firsts, *([] if group2 is None else [group2])]]
     unknown = [g for g in unknown if g not in categories]
     if unknown:

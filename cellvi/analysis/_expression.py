@@ -3,6 +3,7 @@ likelihood parameters (``analysis.md`` §3)."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from ..errors import CellviWarning
-from ._batches import eval_mode, inference_batches, resolve_indices
+from ._batches import check_count, eval_mode, inference_batches, resolve_indices
 
 __all__ = [
     "transform_batch_codes",
@@ -22,30 +23,56 @@ __all__ = [
 ]
 
 
-def transform_batch_codes(model, transform_batch) -> list[int | None]:
-    """Batch names (or a list of them) → codes; None keeps each cell's own batch."""
+def as_name_list(value) -> list:
+    """A lone name (a string or a scalar) as a one-item list; list-likes as lists."""
+    if isinstance(value, str) or np.ndim(value) == 0:
+        return [value]
+    return list(value)
+
+
+def transform_batch_codes(model, transform_batch, arg: str = "transform_batch") -> list:
+    """Batch names (or a list of them) → codes; None (also inside a list) keeps each cell's
+    own batch."""
     if transform_batch is None:
         return [None]
-    names = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+    names = as_name_list(transform_batch)
+    if not names:
+        raise ValueError(f"{arg}=[] names no batch; use None for each cell's own batch.")
     mapping = list(model.get_state_registry(REGISTRY_KEYS.BATCH_KEY)["categorical_mapping"])
     codes = []
     for name in names:
-        if name not in mapping:
-            raise ValueError(
-                f"transform_batch={name!r} is not a batch of this model; batches: {mapping}."
-            )
-        codes.append(mapping.index(name))
+        if name is None:
+            codes.append(None)
+        elif name in mapping:
+            codes.append(mapping.index(name))
+        else:
+            raise ValueError(f"{arg}={name!r} is not a batch of this model; batches: {mapping}.")
     return codes
 
 
 def _gene_mask(model, gene_list) -> np.ndarray | None:
     if gene_list is None:
         return None
+    gene_list = as_name_list(gene_list)
     names = pd.Index(model.registry_["field_registries"]["X"]["state_registry"]["column_names"])
     missing = [g for g in gene_list if g not in names]
     if missing:
         raise KeyError(f"gene_list has genes the model does not know: {missing[:5]}")
     return np.flatnonzero(names.isin(gene_list))
+
+
+def _library_factor(library_size) -> tuple[str, float]:
+    if isinstance(library_size, str):
+        if library_size != "latent":
+            raise ValueError(
+                f"library_size={library_size!r} must be a positive number or 'latent'."
+            )
+        return "rate", 1.0
+    if isinstance(library_size, bool) or not isinstance(library_size, numbers.Real):
+        raise TypeError(f"library_size={library_size!r} must be a positive number or 'latent'.")
+    if not library_size > 0:
+        raise ValueError(f"library_size={library_size!r} must be a positive number or 'latent'.")
+    return "scale", float(library_size)
 
 
 def _decode(module, batch, n_samples, codes, quantity, out=None):
@@ -90,6 +117,7 @@ def get_normalized_expression(
         raise ValueError(
             f"weights={weights!r}: cellvi supports uniform resampling only ('uniform' or None)."
         )
+    n_samples = check_count(n_samples, "n_samples")
     module = model.module
     codes = transform_batch_codes(model, transform_batch)
     genes = _gene_mask(model, gene_list)
@@ -101,8 +129,7 @@ def get_normalized_expression(
         rng = np.random.default_rng(seed)
         cell_idx = rng.choice(cell_idx, size=n_samples_overall, replace=True)
         return_mean, return_numpy = True, True
-    quantity = "rate" if library_size == "latent" else "scale"
-    factor = 1.0 if library_size == "latent" else float(library_size)
+    quantity, factor = _library_factor(library_size)
     n_genes = len(genes) if genes is not None else manager.summary_stats["n_vars"]
     per_sample = n_samples > 1 and not return_mean
     # the result is allocated once and filled minibatch by minibatch (no concatenation copy)
@@ -165,6 +192,7 @@ def posterior_predictive_sample(
 ):
     """Counts drawn from p(x | z) with z ~ q(z | x): sparse ``(cells, genes)`` or, for several
     samples, a dense array ``(cells, genes, n_samples)``."""
+    n_samples = check_count(n_samples, "n_samples")
     module = model.module
     codes = transform_batch_codes(model, transform_batch)
     genes = _gene_mask(model, gene_list)
@@ -197,6 +225,7 @@ def get_likelihood_parameters(
     batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``mean`` (μ), ``dispersions`` (θ; not for Poisson) and ``dropout`` (π; ZINB only)."""
+    n_samples = check_count(n_samples, "n_samples")
     module = model.module
     lik = module.config.gene_likelihood
     parts: dict[str, list] = {"mean": [], "dispersions": [], "dropout": []}

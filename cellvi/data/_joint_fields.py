@@ -20,6 +20,15 @@ def _check_unique(obs_keys: list) -> None:
         raise SetupError(f"obs columns are listed more than once: {dup}; list each once.")
 
 
+def _key_list(obs_keys) -> list[str]:
+    """Column names as a list; a lone string is one column (not a list of its letters)."""
+    if not obs_keys:
+        return []
+    if isinstance(obs_keys, str):
+        return [obs_keys]
+    return list(obs_keys)
+
+
 class CategoricalJointObsField(BaseField):
     """Several categorical obs columns, codes in ``obsm['_cellvi_<registry_key>']``.
 
@@ -33,7 +42,7 @@ class CategoricalJointObsField(BaseField):
 
     def __init__(self, registry_key: str, obs_keys: list[str] | None):
         self.registry_key = registry_key
-        self.obs_keys = list(obs_keys) if obs_keys else []
+        self.obs_keys = _key_list(obs_keys)
         _check_unique(self.obs_keys)
         self.attr_name, self.attr_key = "obsm", f"{CELLVI_PREFIX}{registry_key}"
 
@@ -113,7 +122,7 @@ class NumericalJointObsField(BaseField):
 
     def __init__(self, registry_key: str, obs_keys: list[str] | None):
         self.registry_key = registry_key
-        self.obs_keys = list(obs_keys) if obs_keys else []
+        self.obs_keys = _key_list(obs_keys)
         _check_unique(self.obs_keys)
         self.attr_name, self.attr_key = "obsm", f"{CELLVI_PREFIX}{registry_key}"
 

@@ -22,7 +22,8 @@ class SparseRows:
     Parameters
     ----------
     values
-        Stored values, float32, shape ``(nnz,)``.
+        Stored values, shape ``(nnz,)``: float32, or integer counts (read as float32 by every
+        product and view, so integer storage is never copied whole).
     indices
         Column of each stored value, int32 or int64 (the same dtype as ``offsets``).
     offsets
@@ -76,7 +77,7 @@ class SparseRows:
 
     def row_sums(self) -> torch.Tensor:
         """Sum of each row, shape ``(n_rows, 1)``."""
-        ones = torch.ones(self.shape[1], 1, dtype=self.values.dtype, device=self.device)
+        ones = torch.ones(self.shape[1], 1, dtype=self._float_dtype, device=self.device)
         return self._bag(ones)
 
     def linear(
@@ -103,11 +104,15 @@ class SparseRows:
 
     def to_dense(self) -> torch.Tensor:
         """The rows as a dense ``(n_rows, n_cols)`` tensor."""
-        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.device)
+        out = torch.zeros(self.shape, dtype=self._float_dtype, device=self.device)
         lengths = (self.offsets[1:] - self.offsets[:-1]).long()
         rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), lengths)
-        out[rows, self.indices.long()] = self.values
+        out[rows, self.indices.long()] = self.values.to(out.dtype)
         return out
+
+    @property
+    def _float_dtype(self) -> torch.dtype:
+        return self.values.dtype if self.values.is_floating_point() else torch.float32
 
     def _bag(self, table: torch.Tensor) -> torch.Tensor:
         """``Σ_j values[j] * table[indices[j]]`` per row: the sparse rows times ``table``."""

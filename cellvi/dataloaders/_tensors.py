@@ -57,10 +57,11 @@ def _dense_rows(indptr, indices, data, rows: np.ndarray, shape) -> np.ndarray:
     first = _range_start(rows, shape[0])
     if first is not None:
         a, b = indptr[first], indptr[first + n]
-        _csr_todense(n, n_cols, indptr[first : first + n + 1] - a, indices[a:b], data[a:b], out)
+        values = data[a:b].astype(np.float32, copy=False)  # integer counts: this batch only
+        _csr_todense(n, n_cols, indptr[first : first + n + 1] - a, indices[a:b], values, out)
         return out
     sub_data, sub_indices, sub_ptr = _sub_csr(indptr, indices, data, rows)
-    _csr_todense(n, n_cols, sub_ptr, sub_indices, sub_data, out)
+    _csr_todense(n, n_cols, sub_ptr, sub_indices, sub_data.astype(np.float32, copy=False), out)
     return out
 
 
@@ -75,11 +76,18 @@ def _sub_csr(indptr, indices, data, rows) -> tuple[np.ndarray, np.ndarray, np.nd
     return sub_data, sub_indices, sub_ptr
 
 
+# Stored values kept in their own type (counts as int32 are common): shared with the AnnData,
+# not copied, and made float32 one minibatch at a time. Other types become float32 once.
+_KEPT_VALUE_TYPES = (np.float32, np.int32, np.int16, np.int8, np.uint8)
+
+
 class CSRTensor:
     """A CSR matrix held as torch tensors; ``rows(idx)`` densifies rows in one gather.
 
     Index arrays are int32 while the matrix has fewer than 2^31 stored values and int64
-    beyond, so very large matrices are safe.
+    beyond, so very large matrices are safe. Values stay float32 or small-integer (e.g. int32
+    counts, then shared with the caller's matrix instead of copied); every row read returns
+    float32.
     """
 
     def __init__(self, matrix: sparse.spmatrix):
@@ -91,7 +99,10 @@ class CSRTensor:
         index_dtype = np.int32 if csr.nnz < np.iinfo(np.int32).max else np.int64
         self.indptr = torch.from_numpy(np.asarray(csr.indptr, dtype=index_dtype))
         self.indices = torch.from_numpy(np.asarray(csr.indices, dtype=index_dtype))
-        self.data = torch.from_numpy(np.asarray(csr.data, dtype=np.float32))
+        data = np.asarray(csr.data)
+        if data.dtype.type not in _KEPT_VALUE_TYPES:
+            data = data.astype(np.float32)
+        self.data = torch.from_numpy(data)
 
     def to(self, device) -> CSRTensor:
         out = object.__new__(CSRTensor)
@@ -119,7 +130,8 @@ class CSRTensor:
         """
         if self.data.device.type == "cpu":
             if _csr_todense is None:  # scipy without its compiled kernels' module
-                return torch.from_numpy(self._scipy_view()[idx.numpy()].toarray())
+                dense = self._scipy_view()[idx.numpy()].toarray()
+                return torch.from_numpy(dense.astype(np.float32, copy=False))
             parts = (self.indptr.numpy(), self.indices.numpy(), self.data.numpy())
             return torch.from_numpy(_dense_rows(*parts, idx.numpy(), self.shape))
         return self._rows_torch(idx)
@@ -158,7 +170,7 @@ class CSRTensor:
         if len(pos) == 0:
             return out
         row_of = torch.repeat_interleave(torch.arange(n, device=idx.device), lengths)
-        out[row_of, self.indices[pos]] = self.data[pos]
+        out[row_of, self.indices[pos]] = self.data[pos].float()
         return out
 
 

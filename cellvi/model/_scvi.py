@@ -93,6 +93,13 @@ class SCVI(BaseModel):
         stats = self.summary_stats
         n_batch = stats.get("n_batch", 1)
         library_means = library_vars = None
+        size_factors = _K.SIZE_FACTOR_KEY in self._data_keys()
+        if size_factors and not self.config_.use_observed_lib_size:
+            raise ValueError(
+                "use_observed_lib_size=False learns each cell's library size, but the data "
+                "were registered with size_factor_key, which fixes it; drop one of the two "
+                "(setup_anndata without size_factor_key, or use_observed_lib_size=True)."
+            )
         if not self.config_.use_observed_lib_size:
             library_means, library_vars = self._library_priors(n_batch)
         cat_state = self.registry_["field_registries"].get(_K.CAT_COVS_KEY, {})
@@ -103,7 +110,7 @@ class SCVI(BaseModel):
             "n_cats_per_cov": list(n_cats),
             "library_log_means": library_means,
             "library_log_vars": library_vars,
-            "use_size_factor_key": _K.SIZE_FACTOR_KEY in self._data_keys(),
+            "use_size_factor_key": size_factors,
         }
 
     def _build_module(self) -> VAE:
@@ -234,8 +241,13 @@ class SCVI(BaseModel):
         return_mean: bool = True,
         return_numpy: bool | None = None,
         dataloader=None,
+        silent: bool = True,
     ):
-        """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`."""
+        """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`.
+
+        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
+        progress for this call.
+        """
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_normalized_expression(
             self,
@@ -261,8 +273,13 @@ class SCVI(BaseModel):
         gene_list=None,
         batch_size: int | None = None,
         dataloader=None,
+        silent: bool = True,
     ):
-        """Counts drawn from the posterior predictive; see :mod:`cellvi.analysis`."""
+        """Counts drawn from the posterior predictive; see :mod:`cellvi.analysis`.
+
+        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
+        progress for this call.
+        """
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.posterior_predictive_sample(
             self, adata, indices, transform_batch, n_samples, gene_list, batch_size
@@ -333,8 +350,13 @@ class SCVI(BaseModel):
         pseudocounts: float | None = None,
         test_mode: str = "three",
         dataloader=None,
+        silent: bool = True,
     ):
-        """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`."""
+        """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`.
+
+        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
+        progress for this call.
+        """
         adata, _ = self._data_source(adata, None, dataloader)
         return analysis.differential_expression(
             self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -61,6 +62,15 @@ def _run_dir_for(model, ckpt_path):
     return default_run_dir(type(model).__name__)
 
 
+_SPLIT_ARGUMENTS = {
+    "train_size",
+    "validation_size",
+    "shuffle_set_split",
+    "batch_size",
+    "distributed_sampler",
+}
+
+
 def _lightning_trainer_args() -> set[str]:
     return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
@@ -88,9 +98,14 @@ def resolve_trainer_config(
                 f"train() got an unknown argument {name!r}.{hint} Valid trainer arguments are "
                 f"cellvi's {sorted(fields)} and Lightning Trainer's arguments."
             )
-    reserved = {"max_epochs", "accelerator", "devices", "logger", "callbacks"} & set(extra)
-    for name in reserved - {"callbacks"}:
-        extra.pop(name)
+    # train()'s own max_epochs/accelerator/devices win over a config's (spec: discarded)
+    for name in ("max_epochs", "accelerator", "devices"):
+        extra.pop(name, None)
+    if "use_distributed_sampler" in extra:
+        raise ValueError(
+            "use_distributed_sampler is set by cellvi (its data splitter shards the cells "
+            "across processes when the strategy is DDP); remove it from the train() arguments."
+        )
     values.update({k: v for k, v in explicit.items() if v is not UNSET})
     values["extra_kwargs"] = extra
     return build_dataclass(TrainerConfig, values, "trainer_config")
@@ -104,6 +119,25 @@ def _save_checkpoint_model(model, path) -> None:
         model.save(path, overwrite=True)
     finally:
         model.is_trained_ = was_trained
+
+
+def _fields_set_in(config: Any) -> set[str]:
+    """Keys a plan config really sets: a dataclass's fields that differ from their defaults."""
+    if config is None:
+        return set()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        out = set()
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if getattr(config, f.name) != default:
+                out.add(f.name)
+        return out
+    return set(config_to_kwargs(config, "plan_config"))
 
 
 def _adapt_kl_warmup(
@@ -214,8 +248,13 @@ def train_unsupervised(
     n_obs = manager.summary_stats["n_cells"]
     if max_epochs is None:
         max_epochs = default_max_epochs(n_obs)
-    elif not isinstance(max_epochs, int) or max_epochs < 1:
+    elif (
+        isinstance(max_epochs, bool)
+        or not isinstance(max_epochs, numbers.Integral)
+        or max_epochs < 1
+    ):
         raise ValueError(f"max_epochs={max_epochs!r} must be a positive integer or None.")
+    max_epochs = int(max_epochs)
     batch_size = settings.batch_size if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
         raise TypeError(f"batch_size={batch_size!r} must be a positive integer.")
@@ -238,8 +277,15 @@ def train_unsupervised(
     plan_values = config_to_kwargs(plan_config, "plan_config")
     plan_values.update(plan_kwargs or {})
     build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")  # names and types, first
-    user_set_warmup = "n_epochs_kl_warmup" in plan_values or "n_steps_kl_warmup" in plan_values
+    explicit = set(plan_kwargs or {}) | _fields_set_in(plan_config)
+    user_set_warmup = bool({"n_epochs_kl_warmup", "n_steps_kl_warmup"} & explicit)
 
+    taken = _SPLIT_ARGUMENTS & set(datasplitter_kwargs or {})
+    if taken:
+        raise ValueError(
+            f"datasplitter_kwargs sets {sorted(taken)}, which are train()'s own arguments; "
+            f"pass them to train() directly (e.g. train({sorted(taken)[0]}=...))."
+        )
     strategy = cfg.strategy
     distributed = (isinstance(strategy, str) and "ddp" in strategy) or (
         not isinstance(strategy, str) and "DDP" in type(strategy).__name__
@@ -274,6 +320,15 @@ def train_unsupervised(
         plan = TrainingPlan(model.module, plan_cfg, batch_categories=batch_names)
     else:
         plan = make_plan(plan_cfg, batch_names)
+    if model.is_trained_ and ckpt_path is None:
+        warnings.warn(
+            f"This {type(model).__name__} is already trained: train() continues from its "
+            "current weights with a fresh optimiser state and the KL warm-up restarting at "
+            "epoch 0 (new rows are appended to model.history). To continue an interrupted run "
+            "exactly instead, pass ckpt_path=<its run dir>/checkpoints/last.ckpt.",
+            TrainingWarning,
+            stacklevel=3,
+        )
     if ckpt_path is None:
         seed_torch()  # dropout and reparameterisation draws (a resume restores its own RNG)
     run_training(

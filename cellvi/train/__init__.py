@@ -1,6 +1,12 @@
 """Training: plans, trainer runner, callbacks, progress display, structured configs."""
 
-from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
+from ._callbacks import (
+    BestModelCheckpoint,
+    HistoryWriter,
+    LoudEarlyStopping,
+    ResumeCheckpoint,
+    SaveCheckpoint,
+)
 from ._config import UNSET, TrainerConfig, TrainingPlanConfig, build_dataclass, config_to_kwargs
 from ._plan import TrainingPlan
 from ._progress import EpochProgress
@@ -14,6 +20,7 @@ __all__ = [
     "LoudEarlyStopping",
     "ResumeCheckpoint",
     "RunResult",
+    "SaveCheckpoint",
     "SemiSupervisedTrainingPlan",
     "TrainerConfig",
     "TrainingInterrupted",

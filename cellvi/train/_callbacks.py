@@ -13,7 +13,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 
-__all__ = ["HistoryWriter", "LoudEarlyStopping", "BestModelCheckpoint", "ResumeCheckpoint"]
+__all__ = [
+    "HistoryWriter",
+    "LoudEarlyStopping",
+    "BestModelCheckpoint",
+    "ResumeCheckpoint",
+    "SaveCheckpoint",
+]
 
 logger = logging.getLogger("cellvi")
 
@@ -126,20 +132,23 @@ class BestModelCheckpoint(ModelCheckpoint):
         Load the best weights into the model when training ends.
     dirpath, monitor, mode
         As in Lightning's ``ModelCheckpoint`` (``save_top_k`` is 1).
+
+    ``save_fn``, ``load_fn`` and ``dirpath`` may be left out when the callback is handed to
+    ``model.train(callbacks=[...])``: training binds them to the model and its run directory.
     """
 
     def __init__(
         self,
         *,
-        save_fn: Callable[[str], None],
-        load_fn: Callable[[str], None],
-        dirpath: str | Path,
+        save_fn: Callable[[str], None] | None = None,
+        load_fn: Callable[[str], None] | None = None,
+        dirpath: str | Path | None = None,
         monitor: str = "validation_loss",
         mode: str = "min",
         load_best_on_end: bool = False,
     ):
         super().__init__(
-            dirpath=str(dirpath),
+            dirpath=None if dirpath is None else str(dirpath),
             filename="epoch={epoch}-step={step}-" + monitor + "={" + monitor + ":.6g}",
             auto_insert_metric_name=False,
             monitor=monitor,
@@ -152,6 +161,13 @@ class BestModelCheckpoint(ModelCheckpoint):
         self.load_fn = load_fn
         self.load_best_on_end = load_best_on_end
         self.FILE_EXTENSION = ""
+
+    def bind(self, save_fn, load_fn, dirpath: str | Path) -> None:
+        """Attach the model's save/load functions (and a folder) where none were given."""
+        self.save_fn = self.save_fn or save_fn
+        self.load_fn = self.load_fn or load_fn
+        if self.dirpath is None:
+            self.dirpath = str(dirpath)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if trainer.is_global_zero:
@@ -174,6 +190,42 @@ class BestModelCheckpoint(ModelCheckpoint):
         """JSON line describing the best checkpoint."""
         score = None if self.best_model_score is None else float(self.best_model_score)
         return json.dumps({"best_model_path": self.best_model_path, "best_model_score": score})
+
+
+class SaveCheckpoint(BestModelCheckpoint):
+    """Best-model checkpoints for ``model.train(callbacks=[SaveCheckpoint(...)])``.
+
+    Under scvi-tools' name and arguments: each checkpoint is a model directory (loads with
+    ``Model.load``), named ``epoch=E-step=S-<monitor>=V`` in ``dirpath`` (default: the run
+    directory's ``best/``). Supplying one switches checkpointing on (validation runs each
+    epoch when ``monitor`` is a validation metric).
+
+    Parameters
+    ----------
+    dirpath
+        Folder of the checkpoints.
+    monitor, mode
+        Metric to keep the best of (``"validation_loss"``), and ``"min"`` or ``"max"``.
+    load_best_on_end
+        Load the best weights into the model when training ends.
+    check_nan_gradients
+        If training then fails (a NaN loss or gradient, any error but an interrupt), load the
+        best checkpoint's weights into the model rather than the last finite epoch's. NaN
+        losses and gradients are always caught at the step they appear.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        monitor: str = "validation_loss",
+        mode: str = "min",
+        load_best_on_end: bool = False,
+        check_nan_gradients: bool = False,
+    ):
+        super().__init__(
+            dirpath=dirpath, monitor=monitor, mode=mode, load_best_on_end=load_best_on_end
+        )
+        self.check_nan_gradients = check_nan_gradients
 
 
 class ResumeCheckpoint(Checkpoint):

@@ -184,6 +184,9 @@ class TrainerConfig:
         be resumed exactly with ``ckpt_path`` (on by default).
     enable_progress_bar
         Show the progress bar (subject to ``cellvi.settings``).
+    learning_rate_monitor
+        Record the learning rate per epoch in the history as ``lr-<optimizer>`` (e.g.
+        ``lr-Adam``); on whenever ``reduce_lr_on_plateau`` is.
     gradient_clip_val
         Clip the gradient norm at this value (off).
     strategy, num_nodes, precision, deterministic
@@ -207,6 +210,7 @@ class TrainerConfig:
     load_best_on_end: bool = False
     save_resume_checkpoint: bool = True
     enable_progress_bar: bool = True
+    learning_rate_monitor: bool = False
     gradient_clip_val: float | None = None
     strategy: Any = "auto"
     num_nodes: int = 1

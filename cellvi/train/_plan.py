@@ -59,6 +59,8 @@ class TrainingPlan(pl.LightningModule):
         self._last_good_state = None
         self._current_batch: dict = {}
         self._current_batch_idx = -1
+        # the learning rate joins the history (``lr-<optimizer>``) when asked or scheduled
+        self.log_learning_rate = bool(self.config.reduce_lr_on_plateau)
         self._compiled = bool(self.config.compile)
         self._compiled_size: int | None = None
         self._forward = (
@@ -108,6 +110,7 @@ class TrainingPlan(pl.LightningModule):
             self._stats[split] = row
 
     def training_step(self, batch, batch_idx):
+        self._kl_weight_used = self.kl_weight  # the history records the last step's weight
         out = self._step_forward(batch)
         if not bool(torch.isfinite(out.loss)):
             self._raise_nonfinite("loss", batch, batch_idx)
@@ -140,6 +143,8 @@ class TrainingPlan(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         out = self.module(batch, kl_weight=self.kl_weight, **self.config.loss_kwargs)
+        if not bool(torch.isfinite(out.loss)):
+            self._raise_nonfinite("loss", batch, batch_idx, phase="validation")
         self._accumulate("validation", out)
 
     # ------------------------------------------------------------ epoch metrics
@@ -178,7 +183,12 @@ class TrainingPlan(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         metrics = self._epoch_metrics("train", self.n_obs_training)
-        metrics["kl_weight"] = float(self.kl_weight)
+        metrics["kl_weight"] = float(getattr(self, "_kl_weight_used", self.kl_weight))
+        if self.log_learning_rate:
+            optimizer = self.optimizers()
+            optimizer = getattr(optimizer, "optimizer", optimizer)
+            name = f"lr-{type(optimizer).__name__}"
+            metrics[name] = float(optimizer.param_groups[0]["lr"])
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name == "train_loss")
         row = {"epoch": int(self.current_epoch), **metrics, **self._val_row}
@@ -209,7 +219,9 @@ class TrainingPlan(pl.LightningModule):
         self.module.load_state_dict(self._last_good_state)
         return True
 
-    def _raise_nonfinite(self, what: str, batch: dict, batch_idx: int) -> None:
+    def _raise_nonfinite(
+        self, what: str, batch: dict, batch_idx: int, phase: str = "training"
+    ) -> None:
         cells = batch.get(REGISTRY_KEYS.INDICES_KEY)
         cell_text = ""
         if cells is not None:
@@ -227,9 +239,12 @@ class TrainingPlan(pl.LightningModule):
             x_text = f" Largest count in it: {float(x.max()):.6g}."
             if not math.isfinite(float(x.sum())):
                 x_text += " The input itself contains NaN/inf."
+        where = f"step {self.global_step} (minibatch {batch_idx} of the epoch)"
+        if phase == "validation":
+            where = f"validation minibatch {batch_idx}"
         raise NonFiniteLossError(
-            f"The training {what} became NaN/inf at epoch {self.current_epoch}, step "
-            f"{self.global_step} (minibatch {batch_idx} of the epoch).{batch_text}{cell_text}"
+            f"The {phase} {what} became NaN/inf at epoch {self.current_epoch}, "
+            f"{where}.{batch_text}{cell_text}"
             f"{x_text} The weights were rolled back to the last finite state (end of the "
             "previous epoch). Likely causes: the matrix is not raw counts (check layer=), a "
             "learning rate that is too high (lower plan_kwargs={'lr': ...}), a very small "

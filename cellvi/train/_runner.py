@@ -133,23 +133,31 @@ def _check_devices(accelerator, devices) -> None:
         )
 
 
-def _validation_needed(cfg: TrainerConfig, plan: TrainingPlan) -> int | None:
+def _validation_needed(
+    cfg: TrainerConfig, plan: TrainingPlan, checkpoint_monitor: str | None
+) -> int | None:
     if cfg.check_val_every_n_epoch is not None:
         return cfg.check_val_every_n_epoch
-    if cfg.early_stopping or cfg.enable_checkpointing or plan.config.reduce_lr_on_plateau:
+    if cfg.early_stopping or checkpoint_monitor or plan.config.reduce_lr_on_plateau:
         return 1
     return None
 
 
-def _check_monitors(cfg: TrainerConfig, plan: TrainingPlan, n_val: int, every: int | None):
+def _check_monitors(
+    cfg: TrainerConfig,
+    plan: TrainingPlan,
+    n_val: int,
+    every: int | None,
+    checkpoint_monitor: str | None,
+):
     """Fail before training when a monitored metric would never be logged."""
     validating = every is not None and n_val > 0
     available = plan.metric_names(validation=validating)
     wanted = []
     if cfg.early_stopping:
         wanted.append(("early_stopping_monitor", cfg.early_stopping_monitor))
-    if cfg.enable_checkpointing:
-        wanted.append(("checkpointing_monitor", cfg.checkpointing_monitor))
+    if checkpoint_monitor:
+        wanted.append(("checkpointing_monitor", checkpoint_monitor))
     if plan.config.reduce_lr_on_plateau:
         wanted.append(("lr_scheduler_metric", plan.config.lr_scheduler_metric))
     for arg, metric in wanted:
@@ -194,14 +202,21 @@ def run_training(
     datamodule.setup("fit")
     val_idx = getattr(datamodule, "val_idx", None)
     n_val = 0 if val_idx is None else len(val_idx)
-    every = _validation_needed(cfg, plan)
-    _check_monitors(cfg, plan, n_val, every)
+    extra = dict(cfg.extra_kwargs)
+    cbs: list = list(callbacks or []) + list(extra.pop("callbacks", None) or [])
+    supplied = [cb for cb in cbs if isinstance(cb, BestModelCheckpoint)]
+    if supplied:
+        checkpoint_monitor = supplied[0].monitor
+    else:
+        checkpoint_monitor = cfg.checkpointing_monitor if cfg.enable_checkpointing else None
+    every = _validation_needed(cfg, plan, checkpoint_monitor)
+    _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
     _tune_allocator()
     plan.module.train()
+    plan.log_learning_rate = cfg.learning_rate_monitor or plan.config.reduce_lr_on_plateau
     plan.n_obs_training = len(datamodule.train_idx)
     plan.n_obs_validation = n_val
 
-    cbs: list = list(callbacks or [])
     cbs.append(HistoryWriter(run_dir))
     if cfg.enable_progress_bar and settings.show_progress:
         cbs.append(EpochProgress())
@@ -215,10 +230,12 @@ def run_training(
             warmup_epochs=cfg.early_stopping_warmup_epochs,
         )
         cbs.append(early)
-    best = None
-    if cfg.enable_checkpointing:
-        if save_fn is None or load_fn is None:
-            raise ValueError("enable_checkpointing needs a model that can save itself.")
+    best = supplied[0] if supplied else None
+    if checkpoint_monitor and (save_fn is None or load_fn is None):
+        raise ValueError("Best-model checkpoints need a model that can save itself.")
+    for cb in supplied:
+        cb.bind(save_fn, load_fn, run_dir / "best")
+    if cfg.enable_checkpointing and not supplied:
         best = BestModelCheckpoint(
             save_fn=save_fn,
             load_fn=load_fn,
@@ -235,8 +252,15 @@ def run_training(
     old_levels = [log.level for log in quiet]
     for log in quiet:
         log.setLevel(logging.WARNING)
-    trainer_kwargs = dict(cfg.extra_kwargs)
-    if every is None:
+    # cellvi's Lightning defaults; the user's Lightning arguments (and logger) win
+    trainer_kwargs = {
+        "logger": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(run_dir),
+        **extra,
+    }
+    if every is None or n_val == 0:  # nothing to validate: no empty validation loop
         trainer_kwargs.update(limit_val_batches=0, check_val_every_n_epoch=1)
     else:
         trainer_kwargs["check_val_every_n_epoch"] = every
@@ -250,12 +274,8 @@ def run_training(
         deterministic=cfg.deterministic,
         gradient_clip_val=cfg.gradient_clip_val,
         callbacks=cbs,
-        logger=False,
         enable_checkpointing=True,
         enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(run_dir),
         use_distributed_sampler=False,
         **trainer_kwargs,
     )
@@ -277,6 +297,7 @@ def run_training(
         result.resume_checkpoint = last if last.exists() else None
         record(result)
         _annotate(exc, result, max_epochs)
+        _load_best_after_failure(exc, supplied)
         raise
     finally:
         for log, level in zip(quiet, old_levels, strict=True):
@@ -292,6 +313,20 @@ def run_training(
     result.best_checkpoint = best.best_model_path if best is not None else None
     record(result)
     return result
+
+
+def _load_best_after_failure(exc: BaseException, checkpoints: list) -> None:
+    """``SaveCheckpoint(check_nan_gradients=True)``: a failed run ends on the best weights."""
+    if isinstance(exc, KeyboardInterrupt | TrainingInterrupted):
+        return
+    for cb in checkpoints:
+        if getattr(cb, "check_nan_gradients", False) and cb.best_model_path:
+            cb.load_fn(cb.best_model_path)
+            exc.add_note(
+                "check_nan_gradients=True: the model then loaded the best checkpoint's "
+                f"weights instead, from {cb.best_model_path}"
+            )
+            return
 
 
 def _history_from_disk(run_dir: Path) -> list[dict]:
@@ -327,6 +362,8 @@ def _annotate(exc: BaseException, result: RunResult, max_epochs: int) -> None:
             f"To resume exactly where it stopped: model.train(max_epochs={max_epochs}, "
             f"ckpt_path='{result.resume_checkpoint}') with the same other arguments."
         )
+    elif n_done:
+        todo = "No resumable checkpoint was written (save_resume_checkpoint=False)."
     else:
         todo = "No resumable checkpoint was written (no epoch finished)."
     if hasattr(exc, "add_note"):

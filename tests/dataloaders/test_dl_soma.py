@@ -162,5 +162,6 @@ def test_train_arguments_override_the_data_module_split(experiment):
     model = SCVI(adata=None, registry=dm.registry, n_hidden=16, n_latent=4)
     model.train(max_epochs=1, datamodule=dm, batch_size=32, train_size=0.8)
     assert len(model.train_indices) == 480
-    model.train(max_epochs=1, datamodule=dm)  # the module's own split
+    with pytest.warns(cellvi.errors.TrainingWarning, match="already trained"):
+        model.train(max_epochs=1, datamodule=dm)  # the module's own split
     assert len(model.train_indices) == 300

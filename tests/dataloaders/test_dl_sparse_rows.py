@@ -95,3 +95,28 @@ def test_csr_sparse_rows_reject_rows_out_of_range():
     for bad in ([38, 39, 40], [2, 45]):
         with pytest.raises(IndexError, match=r"\[0, 40\)"):
             store.tensors["X"].sparse_rows(torch.tensor(bad))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("idx", [[5, 6, 7], [12, 3, 3, 39]], ids=["range", "gather"])
+def test_integer_counts_are_shared_not_copied_and_read_as_float32(dtype, idx):
+    dense = _counts()
+    matrix = sp.csr_matrix(dense.astype(dtype))
+    csr = TensorStore({"X": matrix}).tensors["X"]
+    shared = dtype in (np.int32, np.uint8, np.float32)
+    # int32 counts (and float32) stay in the caller's buffer; other types become float32 once
+    assert np.shares_memory(csr.data.numpy(), matrix.data) == shared
+    assert csr.data.dtype == (torch.from_numpy(matrix.data).dtype if shared else torch.float32)
+    tensor_idx = torch.tensor(idx)
+    for rows in (csr.rows(tensor_idx), csr._rows_torch(tensor_idx)):
+        assert rows.dtype == torch.float32
+        np.testing.assert_array_equal(rows.numpy(), dense[idx])
+    sparse = csr.sparse_rows(tensor_idx)  # integer values stay integer, read as float32
+    assert sparse.to_dense().dtype == torch.float32
+    np.testing.assert_array_equal(sparse.to_dense().numpy(), dense[idx])
+    np.testing.assert_allclose(sparse.row_sums().ravel().numpy(), dense[idx].sum(1))
+    weight = torch.randn(3, dense.shape[1])
+    torch.testing.assert_close(
+        sparse.map_values(torch.log1p).linear(weight),
+        torch.log1p(torch.from_numpy(dense[idx])) @ weight.T,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cellvi.errors import CellviWarning, InvalidDataError, SetupError
 from cellvi.model import SCVI
@@ -80,3 +81,39 @@ def test_best_checkpoint_is_a_loadable_model_directory(sim_tiny):
     np.testing.assert_allclose(
         loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_supplied_save_checkpoint_switches_checkpointing_on(sim_tiny, tmp_path):
+    from cellvi.train import SaveCheckpoint
+
+    SCVI.setup_anndata(sim_tiny, batch_key="batch")
+    model = SCVI(sim_tiny, n_hidden=16, n_latent=4)
+    ckpt = SaveCheckpoint(dirpath=tmp_path / "best", monitor="elbo_validation")
+    model.train(max_epochs=4, callbacks=[ckpt])  # validation is switched on for its monitor
+    assert len(model.history["elbo_validation"]) == 4
+    best_epoch = int(model.history["elbo_validation"]["elbo_validation"].to_numpy().argmin())
+    assert ckpt.best_model_path.startswith(str(tmp_path / "best" / f"epoch={best_epoch}-"))
+    assert SCVI.load(ckpt.best_model_path, adata=sim_tiny.copy()).is_trained
+
+
+def test_check_nan_gradients_ends_a_failed_run_on_the_best_weights(sim_tiny):
+    import lightning.pytorch as pl
+
+    from cellvi.train import SaveCheckpoint
+
+    class FailAtEpoch3(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 3:
+                raise RuntimeError("disk full")
+
+    SCVI.setup_anndata(sim_tiny, batch_key="batch")
+    model = SCVI(sim_tiny, n_hidden=16, n_latent=4)
+    ckpt = SaveCheckpoint(monitor="elbo_validation", mode="max", check_nan_gradients=True)
+    with pytest.raises(RuntimeError, match="disk full") as err:
+        model.train(max_epochs=6, callbacks=[ckpt, FailAtEpoch3()])
+    assert "best checkpoint's weights" in "".join(err.value.__notes__)
+    # mode="max" keeps the worst ELBO: epoch 0's, not the last finished epoch's weights
+    assert ckpt.best_model_path.split("/")[-1].startswith("epoch=0-")
+    best = SCVI.load(ckpt.best_model_path, adata=sim_tiny.copy())
+    for name, value in best.module.state_dict().items():
+        torch.testing.assert_close(model.module.state_dict()[name], value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cellvi
-from cellvi.errors import TrainingWarning
+from cellvi.errors import NonFiniteLossError, TrainingWarning
 from cellvi.model import SCVI
 from cellvi.model._training import default_max_epochs
 
@@ -82,11 +82,53 @@ def test_validation_metrics_absent_by_default(sim_tiny):
     assert "elbo_validation" not in model.history
 
 
-def test_training_again_appends_history(sim_tiny):
+def test_training_again_appends_history_and_warns_of_the_restart(sim_tiny):
     model = _model(sim_tiny)
     model.train(max_epochs=2)
-    model.train(max_epochs=3)
+    with pytest.warns(TrainingWarning, match="already trained.*fresh optimiser state.*ckpt_path"):
+        model.train(max_epochs=3)
     assert list(model.history["elbo_train"].index) == [0, 1, 2, 3, 4]
+
+
+def test_lightning_arguments_cellvi_sets_can_be_overridden(sim_tiny, tmp_path):
+    model = _model(sim_tiny)
+    model.train(
+        max_epochs=np.int64(2),  # numpy integers count as integers
+        num_sanity_val_steps=2,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        check_val_every_n_epoch=1,
+    )
+    assert model.trainer.num_sanity_val_steps == 2
+    assert len(model.history["elbo_validation"]) == 2  # sanity steps are not epochs
+
+
+def test_split_arguments_in_datasplitter_kwargs_and_sampler_override_are_refused(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(ValueError, match=r"datasplitter_kwargs sets \['train_size'\]"):
+        model.train(max_epochs=1, datasplitter_kwargs={"train_size": 0.5})
+    with pytest.raises(ValueError, match="use_distributed_sampler is set by cellvi"):
+        model.train(max_epochs=1, use_distributed_sampler=True)
+    assert not model.is_trained
+
+
+def test_validation_every_epoch_without_validation_cells_runs_quietly(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=2, train_size=1.0, check_val_every_n_epoch=1)  # no warning
+    assert "elbo_validation" not in model.history
+
+
+def test_a_nan_in_validation_cells_stops_training_with_a_clear_error(sim_tiny):
+    adata = sim_tiny.copy()
+    adata.X = adata.X.astype(np.float32)
+    probe = _model(adata)
+    probe.train(max_epochs=1, shuffle_set_split=False)  # the unshuffled split's cells
+    cell = int(probe.validation_indices[0])
+    model = _model(adata)
+    adata.X.data[adata.X.indptr[cell]] = np.nan  # after setup's checks
+    with pytest.raises(NonFiniteLossError, match="validation loss became NaN/inf.*itself"):
+        model.train(max_epochs=3, check_val_every_n_epoch=1, shuffle_set_split=False)
+    assert not model.is_trained
 
 
 def test_elbo_improves_with_training(sim_small):
@@ -219,3 +261,63 @@ def test_progress_is_silent_at_warning_verbosity(sim_tiny, capsys):
     with cellvi.settings.override(progress_bar_style="rich", verbosity="warning"):
         model.train(max_epochs=2)
     assert "Epoch" not in capsys.readouterr().out
+
+
+def test_a_plan_config_with_default_warmup_is_adapted_like_plan_kwargs(sim_tiny):
+    from cellvi.train import TrainingPlanConfig
+
+    model = _model(sim_tiny)
+    model.train(max_epochs=4, plan_config=TrainingPlanConfig(lr=2e-3))  # no warning
+    assert model.history["kl_weight"]["kl_weight"].iloc[-1] == pytest.approx(1.0)
+
+
+def test_covariate_keys_given_as_one_string_are_one_column(sim_tiny):
+    adata = sim_tiny.copy()
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
+    SCVI.setup_anndata(adata, batch_key="batch", categorical_covariate_keys="donor")
+    model = SCVI(adata, n_latent=3)
+    assert model.summary_stats["n_extra_categorical_covs"] == 1
+
+
+def test_learned_library_size_conflicts_with_size_factors(sim_tiny):
+    adata = sim_tiny.copy()
+    adata.obs["sf"] = 1.0
+    SCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf")
+    with pytest.raises(ValueError, match="use_observed_lib_size=False.*size_factor_key"):
+        SCVI(adata, use_observed_lib_size=False)
+
+
+def test_step_warmup_history_records_the_weight_of_each_epochs_last_step(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(
+        max_epochs=3,
+        batch_size=60,  # 180 training cells: 3 steps per epoch
+        plan_kwargs={"n_epochs_kl_warmup": None, "n_steps_kl_warmup": 6},
+    )
+    weights = model.history["kl_weight"]["kl_weight"].to_numpy()
+    np.testing.assert_allclose(weights, [2 / 6, 5 / 6, 1.0])
+
+
+def test_the_learning_rate_joins_the_history_when_monitored_or_scheduled(sim_tiny):
+    model = _model(sim_tiny)
+    model.train(max_epochs=2, learning_rate_monitor=True, plan_kwargs={"lr": 2e-3})
+    np.testing.assert_allclose(model.history["lr-Adam"]["lr-Adam"], [2e-3, 2e-3])
+    scheduled = _model(sim_tiny)
+    scheduled.train(
+        max_epochs=6,
+        plan_kwargs={
+            "reduce_lr_on_plateau": True,
+            "lr_patience": 1,
+            "lr_threshold": 1e9,  # no epoch counts as an improvement: the LR keeps dropping
+            "lr_scheduler_metric": "elbo_validation",
+        },
+    )
+    lrs = scheduled.history["lr-Adam"]["lr-Adam"].to_numpy()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]
+    assert "lr-Adam" not in _trained_history_keys(sim_tiny)
+
+
+def _trained_history_keys(adata):
+    model = _model(adata)
+    model.train(max_epochs=1)
+    return set(model.history)

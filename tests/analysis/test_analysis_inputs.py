@@ -1,0 +1,111 @@
+"""Argument handling of the outputs: scvi-tools-style inputs work, bad ones get clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellvi
+from cellvi.errors import CellviWarning
+from cellvi.model import SCVI
+
+
+@pytest.fixture(scope="module")
+def model():
+    adata = cellvi.data.simulate(n_cells=300, n_genes=60, n_batches=3, n_cell_types=3, seed=2)
+    SCVI.setup_anndata(adata, batch_key="batch")
+    m = SCVI(adata, n_latent=4)
+    with cellvi.settings.override(progress_bar_style="none"):
+        m.train(max_epochs=3, save_resume_checkpoint=False)
+    return m
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused(model, bad):
+    for call in (
+        model.get_latent_representation,
+        model.get_normalized_expression,
+        model.get_likelihood_parameters,
+    ):
+        with pytest.raises((ValueError, TypeError), match="batch_size"):
+            call(batch_size=bad)
+
+
+def test_sample_counts_delta_and_fdr_target_are_checked(model):
+    with pytest.raises(ValueError, match="n_samples=0"):
+        model.get_normalized_expression(n_samples=0)
+    with pytest.raises(ValueError, match="n_samples=-2"):
+        model.posterior_predictive_sample(n_samples=-2)
+    de = {"groupby": "cell_type", "group1": "type_0"}
+    with pytest.raises(ValueError, match="delta=-0.1"):
+        model.differential_expression(**de, mode="change", delta=-0.1)
+    with pytest.raises(ValueError, match="fdr_target=2"):
+        model.differential_expression(**de, mode="change", fdr_target=2)
+    with pytest.raises(ValueError, match="library_size='foo'"):
+        model.get_normalized_expression(library_size="foo")
+
+
+def test_lone_names_are_one_name_not_a_list_of_letters(model):
+    genes = model.adata.var_names
+    one = model.get_normalized_expression(gene_list=genes[5])
+    assert list(one.columns) == [genes[5]]
+    arr = model.get_normalized_expression(transform_batch=np.array(["batch_0", "batch_1"]))
+    pair = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"])
+    np.testing.assert_allclose(arr.to_numpy(), pair.to_numpy())
+    with pytest.raises(ValueError, match=r"batchid1='batch_9' is not a batch"):
+        model.differential_expression(
+            groupby="cell_type", group1="type_0", batch_correction=True, batchid1="batch_9"
+        )
+    one_batch = model.differential_expression(
+        groupby="cell_type",
+        group1="type_0",
+        batch_correction=True,
+        batchid1="batch_0",
+        batchid2="batch_0",
+    )
+    assert len(one_batch) == model.adata.n_vars
+
+
+def test_transform_batch_none_in_a_list_is_the_cells_own_batch(model):
+    own = model.get_normalized_expression(transform_batch=None, return_numpy=True)
+    b0 = model.get_normalized_expression(transform_batch="batch_0", return_numpy=True)
+    mixed = model.get_normalized_expression(transform_batch=[None, "batch_0"], return_numpy=True)
+    np.testing.assert_allclose(mixed, (own + b0) / 2, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"transform_batch=\[\] names no batch"):
+        model.get_normalized_expression(transform_batch=[])
+
+
+def test_partly_overlapping_batch_sets_warn(model):
+    with pytest.warns(CellviWarning, match="share some batches but not all"):
+        model.differential_expression(
+            groupby="cell_type",
+            group1="type_0",
+            batch_correction=True,
+            batchid1=["batch_0"],
+            batchid2=["batch_0", "batch_1"],
+        )
+
+
+def test_de_groups_numeric_labels_masks_and_missing_values(model):
+    adata = model.adata.copy()
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    adata.obs["cluster"] = codes  # integer labels
+    by_int = model.differential_expression(adata, groupby="cluster", group1=0)
+    assert set(by_int["comparison"]) == {"0 vs Rest"}
+    with_nan = adata.obs["cell_type"].astype(object)
+    with_nan.iloc[:20] = np.nan
+    adata.obs["partial"] = with_nan
+    table = model.differential_expression(adata, groupby="partial")
+    assert set(table["group1"]) == {"type_0", "type_1", "type_2"}  # no 'nan' group
+    mask = np.zeros(adata.n_obs, dtype=bool)
+    with pytest.raises(ValueError, match="idx1: Boolean indices have length 100"):
+        model.differential_expression(idx1=mask[:100])
+    with pytest.raises(IndexError, match="idx2"):
+        model.differential_expression(idx1=[0, 1], idx2=[5000])
+
+
+def test_silent_is_accepted_like_scvi_tools(model):
+    assert isinstance(model.get_normalized_expression(silent=True), pd.DataFrame)
+    model.posterior_predictive_sample(silent=False)
+    model.differential_expression(groupby="cell_type", group1="type_1", silent=True)
