@@ -72,8 +72,11 @@ class SparseRows:
         return SparseRows(values, indices, offsets, self.shape[1])
 
     def map_values(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SparseRows:
-        """Apply an elementwise ``fn`` with ``fn(0) == 0`` (e.g. ``torch.log1p``) to the values."""
-        return SparseRows(fn(self.values), self.indices, self.offsets, self.shape[1])
+        """Apply an elementwise ``fn`` with ``fn(0) == 0`` (e.g. ``torch.log1p``) to the values
+        (integer values are made float32 first: a cast then ``log1p`` is faster than
+        ``log1p`` of integers)."""
+        values = self.values.to(self._float_dtype)
+        return SparseRows(fn(values), self.indices, self.offsets, self.shape[1])
 
     def row_sums(self) -> torch.Tensor:
         """Sum of each row, shape ``(n_rows, 1)``."""
