@@ -1,6 +1,7 @@
 """Downstream analyses on fitted models: latent space, expression, DE, diagnostics."""
 
 from ._batches import eval_mode, inference_batch_size, inference_batches, resolve_indices
+from ._correlation import get_feature_correlation_matrix
 from ._de import differential_expression, estimate_delta, estimate_pseudocount, fdr_calls
 from ._diagnostics import get_elbo, get_marginal_ll, get_reconstruction_error
 from ._expression import (
@@ -8,7 +9,7 @@ from ._expression import (
     get_normalized_expression,
     posterior_predictive_sample,
 )
-from ._latent import get_latent_representation
+from ._latent import get_latent_library_size, get_latent_representation
 from ._metrics import (
     adjusted_rand_index,
     batch_mixing,
@@ -27,6 +28,8 @@ __all__ = [
     "estimate_pseudocount",
     "fdr_calls",
     "get_elbo",
+    "get_feature_correlation_matrix",
+    "get_latent_library_size",
     "get_likelihood_parameters",
     "get_marginal_ll",
     "get_normalized_expression",

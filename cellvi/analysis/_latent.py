@@ -52,3 +52,30 @@ def get_latent_representation(
     if return_dist:
         return torch.cat(means).numpy(), torch.cat(variances).numpy()
     return torch.cat(out).numpy() if out else np.zeros((0, module.config.n_latent), np.float32)
+
+
+def get_latent_library_size(
+    model, adata=None, indices=None, give_mean: bool = True, batch_size: int | None = None
+) -> np.ndarray:
+    """Library size per cell, shape ``(n_cells, 1)`` (``analysis.md`` §3).
+
+    ``give_mean=True`` needs a learned library (``use_observed_lib_size=False``) and returns
+    the mean ``exp(μ_l + σ_l² / 2)`` of its log-normal posterior; ``give_mean=False`` returns
+    ``exp(l)``: the observed total count (or size factor), or one posterior draw.
+    """
+    module = model.module
+    if give_mean and module.config.use_observed_lib_size:
+        raise ValueError(
+            "give_mean=True asks for the posterior mean of a learned library size, but this "
+            "model uses the observed one (use_observed_lib_size=True); use give_mean=False "
+            "for each cell's observed total."
+        )
+    out = []
+    with eval_mode(module):
+        for batch in inference_batches(model, adata, indices, batch_size, sparse_x=True):
+            inf = module.inference(batch)
+            if give_mean:
+                out.append(torch.exp(inf["ql_m"] + 0.5 * inf["ql_v"]).cpu())
+            else:
+                out.append(torch.exp(inf["library"]).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)

@@ -300,6 +300,38 @@ class SCVI(BaseModel):
             self, adata, indices, n_samples, give_mean, batch_size
         )
 
+    def get_latent_library_size(
+        self, adata=None, indices=None, give_mean: bool = True, batch_size=None, dataloader=None
+    ):
+        """Library size per cell; see :func:`cellvi.analysis.get_latent_library_size`."""
+        adata, indices = self._data_source(adata, indices, dataloader)
+        return analysis.get_latent_library_size(self, adata, indices, give_mean, batch_size)
+
+    def get_feature_correlation_matrix(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: float = 1000,
+        transform_batch=None,
+        correlation_type: str = "spearman",
+        dataloader=None,
+    ):
+        """Gene-gene correlation of denoised expression draws; see
+        :func:`cellvi.analysis.get_feature_correlation_matrix`."""
+        adata, indices = self._data_source(adata, indices, dataloader)
+        return analysis.get_feature_correlation_matrix(
+            self,
+            adata,
+            indices,
+            n_samples,
+            batch_size,
+            rna_size_factor,
+            transform_batch,
+            correlation_type,
+        )
+
     def get_elbo(
         self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
     ):
