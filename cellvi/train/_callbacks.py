@@ -159,13 +159,14 @@ class BestModelCheckpoint(ModelCheckpoint):
         )
         self.save_fn = save_fn
         self.load_fn = load_fn
+        self._bound_by_training = save_fn is None  # rebound to the model of each train()
         self.load_best_on_end = load_best_on_end
         self.FILE_EXTENSION = ""
 
     def bind(self, save_fn, load_fn, dirpath: str | Path) -> None:
         """Attach the model's save/load functions (and a folder) where none were given."""
-        self.save_fn = self.save_fn or save_fn
-        self.load_fn = self.load_fn or load_fn
+        if self._bound_by_training:
+            self.save_fn, self.load_fn = save_fn, load_fn
         if self.dirpath is None:
             self.dirpath = str(dirpath)
 
