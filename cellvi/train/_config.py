@@ -184,6 +184,10 @@ class TrainerConfig:
         be resumed exactly with ``ckpt_path`` (on by default).
     enable_progress_bar
         Show the progress bar (subject to ``cellvi.settings``).
+    progress_bar_refresh_rate
+        1 (draw) or 0 (no bar); other values are an error.
+    simple_progress_bar
+        One bar per run advancing per epoch (default); ``False``: Lightning's per-step bar.
     learning_rate_monitor
         Record the learning rate per epoch in the history as ``lr-<optimizer>`` (e.g.
         ``lr-Adam``); on whenever ``reduce_lr_on_plateau`` is.
@@ -210,6 +214,8 @@ class TrainerConfig:
     load_best_on_end: bool = False
     save_resume_checkpoint: bool = True
     enable_progress_bar: bool = True
+    progress_bar_refresh_rate: int = 1
+    simple_progress_bar: bool = True
     learning_rate_monitor: bool = False
     gradient_clip_val: float | None = None
     strategy: Any = "auto"
@@ -228,6 +234,11 @@ class TrainerConfig:
         if self.early_stopping_patience < 1:
             raise ValueError(
                 f"early_stopping_patience={self.early_stopping_patience} must be >= 1."
+            )
+        if self.progress_bar_refresh_rate not in (0, 1):
+            raise ValueError(
+                f"progress_bar_refresh_rate={self.progress_bar_refresh_rate!r}: use 1 (draw the "
+                "bar) or 0 (no bar)."
             )
         cv = self.check_val_every_n_epoch
         if cv is not None and (not isinstance(cv, int) or cv < 1):

@@ -218,7 +218,10 @@ def run_training(
     plan.n_obs_validation = n_val
 
     cbs.append(HistoryWriter(run_dir))
-    if cfg.enable_progress_bar and settings.show_progress:
+    progress = (
+        cfg.enable_progress_bar and cfg.progress_bar_refresh_rate == 1 and settings.show_progress
+    )
+    if progress and cfg.simple_progress_bar:
         cbs.append(EpochProgress())
     early = None
     if cfg.early_stopping:
@@ -275,7 +278,7 @@ def run_training(
         gradient_clip_val=cfg.gradient_clip_val,
         callbacks=cbs,
         enable_checkpointing=True,
-        enable_progress_bar=False,
+        enable_progress_bar=progress and not cfg.simple_progress_bar,
         use_distributed_sampler=False,
         **trainer_kwargs,
     )

@@ -263,6 +263,24 @@ def test_progress_is_silent_at_warning_verbosity(sim_tiny, capsys):
     assert "Epoch" not in capsys.readouterr().out
 
 
+def test_progress_bar_refresh_rate_and_lightnings_per_step_bar(sim_tiny, capsys):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from cellvi.train import EpochProgress
+
+    model = _model(sim_tiny)
+    with cellvi.settings.override(progress_bar_style="rich"):
+        model.train(max_epochs=2, progress_bar_refresh_rate=0)
+        assert "Epoch" not in capsys.readouterr().out
+        with pytest.warns(TrainingWarning, match="already trained"):
+            model.train(max_epochs=1, simple_progress_bar=False)
+    callbacks = model.trainer.callbacks
+    assert any(isinstance(cb, ProgressBar) for cb in callbacks)
+    assert not any(isinstance(cb, EpochProgress) for cb in callbacks)
+    with pytest.raises(ValueError, match="progress_bar_refresh_rate=5: use 1"):
+        model.train(max_epochs=1, progress_bar_refresh_rate=5)
+
+
 def test_a_plan_config_with_default_warmup_is_adapted_like_plan_kwargs(sim_tiny):
     from cellvi.train import TrainingPlanConfig
 
