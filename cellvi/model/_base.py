@@ -39,11 +39,16 @@ def append_history(
     """Concatenate a later run's history after an earlier one; metrics new in either are kept."""
     if not old:
         return new
-    offset = 1 + max(int(df.index.max()) for df in old.values() if len(df))
+    offsets: dict[str, int] = {}  # per index kind: "epoch" metrics and "step" metrics
+    for df in old.values():
+        if len(df):
+            kind = df.index.name or "epoch"
+            offsets[kind] = max(offsets.get(kind, 0), 1 + int(df.index.max()))
     merged = dict(old)
     for name, frame in new.items():
+        kind = frame.index.name or "epoch"
         shifted = frame.copy()
-        shifted.index = pd.Index(shifted.index + offset, name="epoch")
+        shifted.index = pd.Index(shifted.index + offsets.get(kind, 0), name=kind)
         merged[name] = pd.concat([old[name], shifted]) if name in old else shifted
     return merged
 
@@ -422,6 +427,12 @@ class BaseModel:
         else:
             base = self.history_
         new = history_from_rows(result.history_rows)
+        if result.step_rows:
+            steps = [r["step"] for r in result.step_rows]
+            losses = [r["train_loss_step"] for r in result.step_rows]
+            new["train_loss_step"] = pd.DataFrame(
+                {"train_loss_step": losses}, index=pd.Index(steps, name="step")
+            )
         self.history_ = append_history(base, new)
         self.run_dir_ = str(result.run_dir)
         if result.completed:

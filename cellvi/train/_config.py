@@ -80,6 +80,9 @@ class TrainingPlanConfig:
         Keyword arguments for ``torch.compile`` (``dynamic=False`` unless given).
     loss_kwargs
         Extra keyword arguments for the module's ``loss``.
+    on_step
+        Also record every step's training loss: ``model.history["train_loss_step"]``, indexed
+        by ``step`` (epoch metrics are recorded either way).
     """
 
     optimizer: str = "Adam"
@@ -101,6 +104,7 @@ class TrainingPlanConfig:
     compile: bool = False
     compile_kwargs: dict | None = None
     loss_kwargs: dict = field(default_factory=dict)
+    on_step: bool = False
 
     def __post_init__(self):
         _check_field_types(self)

@@ -54,6 +54,7 @@ class TrainingPlan(pl.LightningModule):
         self.n_obs_training: int | None = None
         self.n_obs_validation: int | None = None
         self.history_rows: list[dict] = []
+        self.step_rows: list[dict] = []  # with ``on_step``: the loss of every training step
         self._stats: dict[str, torch.Tensor] = {}
         self._val_row: dict[str, float] = {}
         self._last_good_state = None
@@ -137,6 +138,11 @@ class TrainingPlan(pl.LightningModule):
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
             self._raise_nonfinite("gradient", self._current_batch, self._current_batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.config.on_step:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.step_rows.append({"step": len(self.step_rows), "train_loss_step": float(loss)})
 
     def on_train_batch_start(self, batch, batch_idx):
         self._current_batch, self._current_batch_idx = batch, batch_idx
@@ -285,10 +291,12 @@ class TrainingPlan(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cellvi_history_rows"] = [dict(r) for r in self.history_rows]
+        checkpoint["cellvi_step_rows"] = [dict(r) for r in self.step_rows]
         checkpoint["cellvi_rng"] = {"torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]
+        self.step_rows = [dict(r) for r in checkpoint.get("cellvi_step_rows", [])]
         rng = checkpoint.get("cellvi_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

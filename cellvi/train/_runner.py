@@ -45,6 +45,7 @@ class RunResult:
 
     history_rows: list[dict]
     run_dir: Path
+    step_rows: list[dict] = field(default_factory=list)
     train_idx: object = None
     val_idx: object = None
     test_idx: object = None
@@ -296,6 +297,7 @@ def run_training(
     except BaseException as exc:
         plan.restore_last_good_state()
         result.history_rows = list(plan.history_rows)
+        result.step_rows = list(plan.step_rows)
         last = resume_dir / "last.ckpt"
         result.resume_checkpoint = last if last.exists() else None
         record(result)
@@ -306,6 +308,7 @@ def run_training(
         for log, level in zip(quiet, old_levels, strict=True):
             log.setLevel(level)
     result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
+    result.step_rows = list(plan.step_rows)
     result.completed = True
     result.train_idx = datamodule.train_idx
     result.val_idx = datamodule.val_idx

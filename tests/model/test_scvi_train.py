@@ -339,3 +339,20 @@ def _trained_history_keys(adata):
     model = _model(adata)
     model.train(max_epochs=1)
     return set(model.history)
+
+
+def test_on_step_records_every_steps_loss_and_appends_across_runs(sim_tiny, tmp_path):
+    model = _model(sim_tiny)
+    model.train(max_epochs=2, batch_size=60, plan_kwargs={"on_step": True})  # 3 steps/epoch
+    steps = model.history["train_loss_step"]
+    assert steps.index.name == "step" and list(steps.index) == list(range(6))
+    # train_loss is the mean of the epoch's minibatch losses
+    first = steps["train_loss_step"].iloc[:3].mean()
+    assert first == pytest.approx(model.history["train_loss"]["train_loss"].iloc[0], rel=1e-5)
+    model.save(tmp_path / "m")
+    loaded = SCVI.load(tmp_path / "m", adata=sim_tiny)
+    with pytest.warns(TrainingWarning, match="already trained"):
+        loaded.train(max_epochs=1, batch_size=60, plan_kwargs={"on_step": True})
+    assert list(loaded.history["train_loss_step"].index) == list(range(9))
+    assert list(loaded.history["train_loss"].index) == [0, 1, 2]
+    assert "train_loss_step" not in _trained_history_keys(sim_tiny)
