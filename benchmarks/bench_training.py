@@ -95,6 +95,18 @@ class EpochClock(Callback):
         self.ends.append(time.perf_counter())
 
 
+def benchmark_data(n_cells: int, n_genes: int):
+    """The simulated data of every comparison here (fixed seed, 5 types, 2 batches)."""
+    return cellvi.data.simulate(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_batches=2,
+        n_cell_types=5,
+        library_size_log_mean=float(np.log(700)),
+        seed=0,
+    )
+
+
 def steady_epoch(ends: list[float]) -> float | None:
     """Mean epoch time after the first (``ends`` starts with the start of training)."""
     return float(np.mean(np.diff(ends[1:]))) if len(ends) >= 3 else None
@@ -186,14 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_cells:
         return peak_memory(args)
-    adata = cellvi.data.simulate(
-        n_cells=args.n_cells,
-        n_genes=args.n_genes,
-        n_batches=2,
-        n_cell_types=5,
-        library_size_log_mean=float(np.log(700)),
-        seed=0,
-    )
+    adata = benchmark_data(args.n_cells, args.n_genes)
     density = adata.X.nnz / np.prod(adata.shape)
     print(
         f"{args.n_cells} cells x {args.n_genes} genes, {density:.1%} nonzero, ZINB, "
@@ -252,14 +257,7 @@ def compare(adata, batch_size: int, args, tmp: Path) -> dict:
 
 def peak_memory(args) -> None:
     """Peak RSS of one epoch per library, each in a fresh process on the same h5ad."""
-    adata = cellvi.data.simulate(
-        n_cells=args.memory_cells,
-        n_genes=args.n_genes,
-        n_batches=2,
-        n_cell_types=5,
-        library_size_log_mean=float(np.log(700)),
-        seed=0,
-    )
+    adata = benchmark_data(args.memory_cells, args.n_genes)
     del adata.varm["true_lfc"]
     path = Path(tempfile.mkdtemp()) / "data.h5ad"
     adata.write_h5ad(path)

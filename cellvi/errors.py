@@ -8,7 +8,10 @@ purpose.
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = [
+    "check_count",
     "CellviError",
     "InvalidDataError",
     "MissingKeyError",
@@ -68,3 +71,13 @@ class SmallCategoryWarning(CellviWarning):
 
 class TrainingWarning(CellviWarning):
     """Something about the training configuration deserves attention."""
+
+
+def check_count(value, name: str) -> int:
+    """``value`` as a positive integer (a count: epochs, cells, samples), else a ``TypeError``
+    or ``ValueError`` naming the argument ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be a positive integer.")
+    if value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    return int(value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from collections.abc import Iterator
 
@@ -12,15 +11,9 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
-from ..errors import CellviWarning
+from ..errors import CellviWarning, check_count
 
-__all__ = [
-    "check_count",
-    "inference_batches",
-    "inference_batch_size",
-    "resolve_indices",
-    "eval_mode",
-]
+__all__ = ["inference_batches", "inference_batch_size", "resolve_indices", "eval_mode"]
 
 # Inference keeps no activations for gradients, so its minibatches are sized by memory: the
 # largest per-minibatch tensor holds about 2^23 float32 values (32 MB; 4096 cells of 2,000
@@ -29,15 +22,6 @@ __all__ = [
 # than 1024.
 INFERENCE_ELEMENTS = 1 << 23
 INFERENCE_MAX_BATCH = 4096
-
-
-def check_count(value, name: str) -> int:
-    """``value`` as a positive integer, or a ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be a positive integer.")
-    if value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
-    return int(value)
 
 
 def inference_batch_size(elements_per_cell: int) -> int:

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._batches import check_count, eval_mode, inference_batches
+from ..errors import check_count
+from ._batches import eval_mode, inference_batches
 from ._expression import transform_batch_codes
 
 __all__ = ["get_feature_correlation_matrix"]

@@ -11,8 +11,8 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from ..data import is_on_disk
-from ..errors import CellviWarning
-from ._batches import check_count, resolve_indices
+from ..errors import CellviWarning, check_count
+from ._batches import resolve_indices
 from ._expression import as_name_list, get_normalized_expression, transform_batch_codes
 
 __all__ = ["differential_expression", "estimate_delta", "estimate_pseudocount", "fdr_calls"]

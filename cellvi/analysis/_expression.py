@@ -12,8 +12,8 @@ import scipy.sparse as sp
 import torch
 
 from .._constants import REGISTRY_KEYS
-from ..errors import CellviWarning
-from ._batches import check_count, eval_mode, inference_batches, resolve_indices
+from ..errors import CellviWarning, check_count
+from ._batches import eval_mode, inference_batches, resolve_indices
 
 __all__ = [
     "transform_batch_codes",

@@ -146,8 +146,9 @@ def load_workflow(path: str | Path) -> dict:
     config.setdefault("setup", {})
     train = config.setdefault("train", {})
     for key in ("max_epochs", "batch_size"):
-        if key in train and train[key] < 1:
-            raise ConfigError(f"{path}: [train].{key} must be a positive integer.")
+        value = train.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: [train].{key} must be a positive integer (got {value!r}).")
     if "plan_kwargs" in train:  # checked here, before the run folder is created
         from ..train._config import TrainingPlanConfig, build_dataclass
 

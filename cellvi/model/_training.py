@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
 from ..dataloaders import DataSplitter
-from ..errors import SetupError, TrainingWarning
+from ..errors import SetupError, TrainingWarning, check_count
 from ..train import (
     UNSET,
     TrainerConfig,
@@ -256,11 +256,7 @@ def train_unsupervised(
         raise ValueError(f"max_epochs={max_epochs!r} must be a positive integer or None.")
     max_epochs = int(max_epochs)
     batch_size = settings.batch_size if batch_size is None else batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size={batch_size!r} must be a positive integer.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    batch_size = int(batch_size)
+    batch_size = check_count(batch_size, "batch_size")
     norm = getattr(getattr(model.module, "config", None), "use_batch_norm", "none")
     if batch_size == 1 and norm != "none":
         raise ValueError(
