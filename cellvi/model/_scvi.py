@@ -7,12 +7,12 @@ import inspect
 import numpy as np
 import torch
 
-from .. import analysis
 from .._constants import REGISTRY_KEYS
 from ..data import AnnDataManager, row_totals, standard_fields
 from ..module import VAE, VAEConfig
 from ..train import UNSET
 from ._base import BaseModel, seed_torch
+from ._rna_outputs import RNAOutputsMixin
 from ._training import train_unsupervised
 
 __all__ = ["SCVI"]
@@ -20,7 +20,7 @@ __all__ = ["SCVI"]
 _K = REGISTRY_KEYS
 
 
-class SCVI(BaseModel):
+class SCVI(RNAOutputsMixin, BaseModel):
     """Single-cell variational inference (Lopez et al. 2018) for UMI counts.
 
     Parameters
@@ -206,210 +206,6 @@ class SCVI(BaseModel):
         manager = cls._build_manager(setup_args)
         manager.register_fields(adata)
         cls._register_manager(manager)
-
-    # --------------------------------------------------------------- outputs
-    def get_latent_representation(
-        self,
-        adata=None,
-        indices=None,
-        give_mean: bool = True,
-        mc_samples: int = 5000,
-        batch_size: int | None = None,
-        return_dist: bool = False,
-        dataloader=None,
-    ):
-        """Posterior mean (or a draw, or the Gaussian's parameters) of ``z`` per cell.
-
-        See :func:`cellvi.analysis.get_latent_representation`.
-        """
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_latent_representation(
-            self, adata, indices, give_mean, mc_samples, batch_size, return_dist
-        )
-
-    def get_normalized_expression(
-        self,
-        adata=None,
-        indices=None,
-        transform_batch=None,
-        gene_list=None,
-        library_size: float | str = 1,
-        n_samples: int = 1,
-        n_samples_overall: int | None = None,
-        weights: str | None = None,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-        return_numpy: bool | None = None,
-        dataloader=None,
-        silent: bool = True,
-    ):
-        """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`.
-
-        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
-        progress for this call.
-        """
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_normalized_expression(
-            self,
-            adata,
-            indices,
-            transform_batch,
-            gene_list,
-            library_size,
-            n_samples,
-            n_samples_overall,
-            weights,
-            batch_size,
-            return_mean,
-            return_numpy,
-        )
-
-    def posterior_predictive_sample(
-        self,
-        adata=None,
-        indices=None,
-        transform_batch=None,
-        n_samples: int = 1,
-        gene_list=None,
-        batch_size: int | None = None,
-        dataloader=None,
-        silent: bool = True,
-    ):
-        """Counts drawn from the posterior predictive; see :mod:`cellvi.analysis`.
-
-        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
-        progress for this call.
-        """
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.posterior_predictive_sample(
-            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
-        )
-
-    def get_likelihood_parameters(
-        self,
-        adata=None,
-        indices=None,
-        n_samples: int = 1,
-        give_mean: bool = False,
-        batch_size: int | None = None,
-        dataloader=None,
-    ) -> dict:
-        """``mean``, ``dispersions`` and ``dropout`` of p(x | z) per cell and gene."""
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_likelihood_parameters(
-            self, adata, indices, n_samples, give_mean, batch_size
-        )
-
-    def get_latent_library_size(
-        self, adata=None, indices=None, give_mean: bool = True, batch_size=None, dataloader=None
-    ):
-        """Library size per cell; see :func:`cellvi.analysis.get_latent_library_size`."""
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_latent_library_size(self, adata, indices, give_mean, batch_size)
-
-    def get_feature_correlation_matrix(
-        self,
-        adata=None,
-        indices=None,
-        n_samples: int = 10,
-        batch_size: int = 64,
-        rna_size_factor: float = 1000,
-        transform_batch=None,
-        correlation_type: str = "spearman",
-        dataloader=None,
-    ):
-        """Gene-gene correlation of denoised expression draws; see
-        :func:`cellvi.analysis.get_feature_correlation_matrix`."""
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_feature_correlation_matrix(
-            self,
-            adata,
-            indices,
-            n_samples,
-            batch_size,
-            rna_size_factor,
-            transform_batch,
-            correlation_type,
-        )
-
-    def get_elbo(
-        self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
-    ):
-        """ELBO (KL weight 1); higher is better."""
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_elbo(self, adata, indices, batch_size, return_mean)
-
-    def get_reconstruction_error(
-        self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
-    ) -> dict:
-        """Negative log-likelihood of the counts; lower is better."""
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_reconstruction_error(self, adata, indices, batch_size, return_mean)
-
-    def get_marginal_ll(
-        self,
-        adata=None,
-        indices=None,
-        n_mc_samples: int = 1000,
-        batch_size=None,
-        return_mean: bool = True,
-        n_mc_samples_per_pass: int = 1,
-        dataloader=None,
-    ):
-        """Importance-sampled log-likelihood of the data under the model."""
-        adata, indices = self._data_source(adata, indices, dataloader)
-        return analysis.get_marginal_ll(
-            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
-        )
-
-    def differential_expression(
-        self,
-        adata=None,
-        groupby=None,
-        group1=None,
-        group2=None,
-        idx1=None,
-        idx2=None,
-        mode: str = "vanilla",
-        delta: float | None = 0.25,
-        batch_size=None,
-        all_stats: bool = True,
-        batch_correction: bool = False,
-        batchid1=None,
-        batchid2=None,
-        fdr_target: float = 0.05,
-        n_samples_overall: int = 5000,
-        pseudocounts: float | None = None,
-        test_mode: str = "three",
-        dataloader=None,
-        silent: bool = True,
-    ):
-        """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`.
-
-        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
-        progress for this call.
-        """
-        adata, _ = self._data_source(adata, None, dataloader)
-        return analysis.differential_expression(
-            self,
-            adata,
-            groupby,
-            group1,
-            group2,
-            idx1,
-            idx2,
-            mode=mode,
-            delta=delta,
-            batch_size=batch_size,
-            all_stats=all_stats,
-            batch_correction=batch_correction,
-            batchid1=batchid1,
-            batchid2=batchid2,
-            fdr_target=fdr_target,
-            n_samples_overall=n_samples_overall,
-            pseudocounts=pseudocounts,
-            test_mode=test_mode,
-        )
 
     # ------------------------------------------------------------------ train
     def train(
