@@ -2,7 +2,8 @@
 
 from ._batches import eval_mode, inference_batch_size, inference_batches, resolve_indices
 from ._correlation import get_feature_correlation_matrix
-from ._de import differential_expression, estimate_delta, estimate_pseudocount, fdr_calls
+from ._de import differential_expression
+from ._de_stats import credible_intervals, estimate_delta, estimate_pseudocount, fdr_calls
 from ._diagnostics import get_elbo, get_marginal_ll, get_reconstruction_error
 from ._expression import (
     get_likelihood_parameters,
@@ -18,12 +19,15 @@ from ._metrics import (
     knn_label_accuracy,
     normalized_mutual_info,
 )
+from ._outliers import robust_inliers
 
 __all__ = [
     "adjusted_rand_index",
     "kmeans",
     "normalized_mutual_info",
+    "credible_intervals",
     "differential_expression",
+    "robust_inliers",
     "estimate_delta",
     "estimate_pseudocount",
     "fdr_calls",

@@ -44,10 +44,15 @@ def get_feature_correlation_matrix(
     if not rna_size_factor > 0:
         raise ValueError(f"rna_size_factor={rna_size_factor!r} must be positive.")
     module = model.module
-    if module.config.gene_likelihood == "poisson":
+    likelihood = module.config.gene_likelihood
+    if likelihood not in ("nb", "zinb"):
+        why = {
+            "poisson": "a Poisson model has no dispersion θ",
+            "normal": "a 'normal' model's θ is the standard deviation of a Gaussian",
+        }.get(likelihood, f"gene_likelihood={likelihood!r} has no NB dispersion θ")
         raise ValueError(
-            "The feature correlation draws from Gamma(θ, θ/μ); a Poisson model has no "
-            "dispersion θ. Use a model with gene_likelihood='nb' or 'zinb'."
+            f"The feature correlation draws from Gamma(θ, θ/μ), and {why}. Use a model with "
+            "gene_likelihood='nb' or 'zinb'."
         )
     matrices = []
     for code in transform_batch_codes(model, transform_batch):

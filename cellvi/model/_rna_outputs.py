@@ -184,16 +184,19 @@ class RNAOutputsMixin:
         batchid1=None,
         batchid2=None,
         fdr_target: float = 0.05,
-        n_samples_overall: int = 5000,
-        pseudocounts: float | None = None,
-        test_mode: str = "three",
-        dataloader=None,
         silent: bool = True,
+        weights: str | None = "uniform",
+        filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
+        dataloader=None,
+        **kwargs,
     ):
         """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`.
 
-        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
-        progress for this call.
+        ``kwargs`` are its Bayes-factor options: ``n_samples_overall``, ``pseudocounts``,
+        ``test_mode``, ``use_permutation``, ``m_permutation``, ``change_fn``,
+        ``m1_domain_fn``, ``cred_interval_lvls``, ``seed``. ``silent`` is accepted for
+        scvi-tools compatibility: cellvi shows no per-minibatch progress for this call.
         """
         adata, _ = self._data_source(adata, None, dataloader)
         return analysis.differential_expression(
@@ -212,7 +215,8 @@ class RNAOutputsMixin:
             batchid1=batchid1,
             batchid2=batchid2,
             fdr_target=fdr_target,
-            n_samples_overall=n_samples_overall,
-            pseudocounts=pseudocounts,
-            test_mode=test_mode,
+            weights=weights,
+            filter_outlier_cells=filter_outlier_cells,
+            importance_weighting_kwargs=importance_weighting_kwargs,
+            **kwargs,
         )
