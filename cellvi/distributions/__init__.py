@@ -1,4 +1,5 @@
-"""Count distributions: NB, ZINB, Poisson, NB mixture (torch ``Distribution`` objects)."""
+"""Count distributions: NB, ZINB, Poisson, NB mixture, and the experimental Normal
+(torch ``Distribution`` objects)."""
 
 from ._counts import (
     NegativeBinomial,
@@ -15,16 +16,19 @@ from ._gammaless import (
     poisson_log_likelihood_gammaless,
     zinb_log_likelihood_gammaless,
 )
+from ._normal import Normal, log_normal_density
 
 __all__ = [
     "NegativeBinomial",
     "NegativeBinomialMixture",
+    "Normal",
     "Poisson",
     "ZeroInflatedNegativeBinomial",
     "log_factorial",
     "log_gamma_ratio",
     "log_mixture_nb",
     "log_nb_positive",
+    "log_normal_density",
     "log_poisson",
     "log_zinb_positive",
     "nb_log_likelihood",

@@ -18,6 +18,12 @@ from ._training import train_unsupervised
 __all__ = ["SCVI"]
 
 _K = REGISTRY_KEYS
+_PASS_THROUGH = (
+    "var_activation",
+    "extra_encoder_kwargs",
+    "extra_decoder_kwargs",
+    "batch_embedding_kwargs",
+)
 
 
 class SCVI(RNAOutputsMixin, BaseModel):
@@ -31,6 +37,14 @@ class SCVI(RNAOutputsMixin, BaseModel):
     latent_distribution, use_observed_lib_size, log_variational, encode_covariates,
     deeply_inject_covariates, batch_representation, use_batch_norm, use_layer_norm
         Architecture; see :class:`~cellvi.module.VAEConfig` for meanings and defaults.
+        ``gene_likelihood="normal"`` (experimental) is a Gaussian on the raw counts.
+    var_activation, extra_encoder_kwargs, extra_decoder_kwargs, batch_embedding_kwargs
+        scvi-tools' pass-through options, restricted to what a model file can store as
+        data: ``var_activation`` is ``"exp"`` or ``"softplus"`` (or ``torch.exp``,
+        ``torch.nn.functional.softplus``); the dicts take the keys listed in
+        :class:`~cellvi.module.VAEConfig` (e.g. ``{"activation_fn": "leaky_relu"}``,
+        ``{"var_eps": 1e-5}``, ``{"embedding_dim": 10}``). Unknown keys raise ``TypeError``
+        listing the valid ones.
     registry
         A data registry (from a data module or a saved model) when ``adata`` is None.
 
@@ -62,6 +76,10 @@ class SCVI(RNAOutputsMixin, BaseModel):
         batch_representation: str = "one-hot",
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
+        var_activation: str | None = None,
+        extra_encoder_kwargs: dict | None = None,
+        extra_decoder_kwargs: dict | None = None,
+        batch_embedding_kwargs: dict | None = None,
         registry: dict | None = None,
     ):
         super().__init__(adata, registry=registry)
@@ -80,10 +98,20 @@ class SCVI(RNAOutputsMixin, BaseModel):
             batch_representation=batch_representation,
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
+            var_activation=var_activation,
+            extra_encoder_kwargs=extra_encoder_kwargs,
+            extra_decoder_kwargs=extra_decoder_kwargs,
+            batch_embedding_kwargs=batch_embedding_kwargs,
         )
         accepted = set(inspect.signature(type(self).__init__).parameters)
+        # pass-through options left at None are not recorded, so the file stays loadable by
+        # classes without them (SCANVI.from_scvi_model, older cellvi versions)
         self.init_params_ = {
-            "non_kwargs": {k: v for k, v in self.config_.to_dict().items() if k in accepted},
+            "non_kwargs": {
+                k: v
+                for k, v in self.config_.to_dict().items()
+                if k in accepted and not (k in _PASS_THROUGH and v is None)
+            },
             "kwargs": {},
         }
         self.module = self._build_module() if self.registry_ is not None else None

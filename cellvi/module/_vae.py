@@ -12,9 +12,11 @@ from .._constants import REGISTRY_KEYS
 from ..dataloaders import SparseRows
 from ..distributions import (
     NegativeBinomial,
+    Normal,
     Poisson,
     ZeroInflatedNegativeBinomial,
     log_nb_positive,
+    log_normal_density,
     log_poisson,
     log_zinb_positive,
     nb_log_likelihood,
@@ -24,13 +26,23 @@ from ..distributions import (
     zinb_log_likelihood,
     zinb_log_likelihood_gammaless,
 )
-from ..nn import CountDecoder, Encoder
+from ..nn import HIDDEN_ACTIVATIONS, VARIANCE_ACTIVATIONS, CountDecoder, Encoder
 from ._base import LossOutput, kl_normal_normal, kl_normal_standard
 from ._vae_config import VAEConfig
 
 __all__ = ["VAE"]
 
 _K = REGISTRY_KEYS
+
+
+def _fc_options(extra: dict | None) -> dict:
+    """FC stack arguments from ``extra_encoder_kwargs``/``extra_decoder_kwargs``."""
+    extra = extra or {}
+    return {
+        "activation": HIDDEN_ACTIVATIONS[extra.get("activation_fn", "relu")],
+        "use_activation": extra.get("use_activation", True),
+        "bias": extra.get("bias", True),
+    }
 
 
 class VAE(nn.Module):
@@ -98,7 +110,9 @@ class VAE(nn.Module):
 
         self.use_batch_embedding = cfg.batch_representation == "embedding"
         if self.use_batch_embedding:
-            self.batch_embedding = nn.Embedding(n_batch, cfg.batch_embedding_dim)
+            emb_options = dict(cfg.batch_embedding_kwargs or {})
+            emb_options.pop("embedding_dim", None)  # already folded into batch_embedding_dim
+            self.batch_embedding = nn.Embedding(n_batch, cfg.batch_embedding_dim, **emb_options)
             batch_cats: list[int] = []
         else:
             batch_cats = [n_batch]
@@ -119,6 +133,8 @@ class VAE(nn.Module):
             "use_layer_norm": enc_ln,
             "inject_covariates": cfg.deeply_inject_covariates,
             "var_eps": cfg.var_eps,
+            "var_activation": VARIANCE_ACTIVATIONS[cfg.var_activation or "exp"],
+            **_fc_options(cfg.extra_encoder_kwargs),
         }
         n_enc_in = n_input + (emb_dim if enc_cov else 0)
         self.z_encoder = Encoder(
@@ -141,6 +157,7 @@ class VAE(nn.Module):
             use_layer_norm=dec_ln,
             scale_activation="softplus" if use_size_factor_key else "softmax",
             gene_cell_dispersion=cfg.dispersion == "gene-cell",
+            **_fc_options(cfg.extra_decoder_kwargs),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -208,7 +225,10 @@ class VAE(nn.Module):
 
     # -------------------------------------------------------------- generative
     def dispersion(self, px: dict, batch_index: torch.Tensor, labels: torch.Tensor | None):
-        """Inverse dispersion θ, shape ``(genes,)`` or broadcastable to ``(cells, genes)``."""
+        """Inverse dispersion θ, shape ``(genes,)`` or broadcastable to ``(cells, genes)``.
+
+        For ``gene_likelihood="normal"`` the same parameter is the standard deviation σ.
+        """
         d = self.config.dispersion
         if d == "gene":
             return self.px_r.exp()
@@ -259,8 +279,14 @@ class VAE(nn.Module):
         return px["log_rate"].exp()
 
     def likelihood(self, px: dict):
-        """The count distribution p(x | z, l) as a torch ``Distribution``."""
+        """The count distribution p(x | z, l) as a torch ``Distribution``.
+
+        ``"normal"``: ``N(μ, σ²)`` with ``σ = px["theta"]`` (see :class:`VAEConfig`).
+        """
         lik = self.config.gene_likelihood
+        if lik == "normal":
+            rate = self.rate(px)
+            return Normal(rate, px["theta"].expand_as(rate), rho=px["scale"])
         if lik == "zinb":
             return ZeroInflatedNegativeBinomial(
                 mu=self.rate(px),
@@ -277,10 +303,13 @@ class VAE(nn.Module):
 
         For a plain ``(cells, genes)`` minibatch this uses the fused kernels of
         :mod:`cellvi.distributions` (hand-written gradients, log-gamma only at nonzeros);
-        with a leading sample axis it falls back to the elementwise formulas.
+        with a leading sample axis it falls back to the elementwise formulas. The Gaussian
+        of ``"normal"`` is one elementwise formula in every case (compiled or not).
         """
         lik = self.config.gene_likelihood
         theta = px["theta"]
+        if lik == "normal":
+            return log_normal_density(x, self.rate(px), theta).sum(dim=-1)
         if px["log_rate"].dim() == 2 and torch.compiler.is_compiling():
             if lik == "zinb":
                 return zinb_log_likelihood_gammaless(x, px["log_rate"], theta, px["dropout_logits"])

@@ -31,8 +31,9 @@ class CountDecoder(nn.Module):
         ``"softmax"`` (ρ sums to 1) or ``"softplus"`` (size-factor models).
     gene_cell_dispersion
         Add a head that predicts a per-cell, per-gene dispersion.
-    activation
-        Activation class of the FC stack.
+    activation, use_activation, bias
+        Activation class of the FC stack, whether its blocks apply it, and whether its linear
+        layers have a bias (see :class:`~cellvi.nn.FCLayers`).
     """
 
     def __init__(
@@ -50,6 +51,8 @@ class CountDecoder(nn.Module):
         scale_activation: str = "softmax",
         gene_cell_dispersion: bool = False,
         activation: type[nn.Module] = nn.ReLU,
+        use_activation: bool = True,
+        bias: bool = True,
     ):
         super().__init__()
         self.scale_activation = scale_activation
@@ -65,6 +68,8 @@ class CountDecoder(nn.Module):
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
             activation=activation,
+            use_activation=use_activation,
+            bias=bias,
         )
         self.px_scale_decoder = nn.Linear(n_hidden, n_output)
         self.px_r_decoder = nn.Linear(n_hidden, n_output) if gene_cell_dispersion else None

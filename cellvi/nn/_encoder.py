@@ -13,7 +13,7 @@ __all__ = ["Encoder"]
 
 
 class Encoder(nn.Module):
-    """Amortised Gaussian posterior: ``h = FC(x)``, ``μ = Linear(h)``, ``σ² = exp(Linear(h)) + ε``.
+    """Amortised Gaussian posterior: ``h = FC(x)``, ``μ = Linear(h)``, ``σ² = a(Linear(h)) + ε``.
 
     Parameters
     ----------
@@ -22,13 +22,14 @@ class Encoder(nn.Module):
     n_cat_list, n_cont
         Covariates injected into the FC stack.
     n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm, inject_covariates
-        FC stack settings (see :class:`~cellvi.nn.FCLayers`).
+        FC stack settings (see :class:`~cellvi.nn.FCLayers`); so are ``activation`` (class),
+        ``use_activation`` and ``bias``.
     distribution
         ``"normal"`` or ``"ln"`` (logistic normal: softmax of the Gaussian draw).
     var_eps
         Added to the variance for numerical stability (1e-4).
     var_activation
-        Maps the variance head to positive values (``torch.exp`` by default).
+        Maps the variance head to positive values ``a`` (``torch.exp`` by default).
     """
 
     def __init__(
@@ -48,6 +49,8 @@ class Encoder(nn.Module):
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
         activation: type[nn.Module] = nn.ReLU,
+        use_activation: bool = True,
+        bias: bool = True,
     ):
         super().__init__()
         self.distribution = distribution
@@ -64,6 +67,8 @@ class Encoder(nn.Module):
             use_layer_norm=use_layer_norm,
             inject_covariates=inject_covariates,
             activation=activation,
+            use_activation=use_activation,
+            bias=bias,
         )
         self.mean_encoder = nn.Linear(n_hidden, n_output)
         self.var_encoder = nn.Linear(n_hidden, n_output)
