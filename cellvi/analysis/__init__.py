@@ -10,6 +10,7 @@ from ._expression import (
     get_normalized_expression,
     posterior_predictive_sample,
 )
+from ._importance import get_importance_weights, pairwise_log_likelihood
 from ._latent import get_latent_library_size, get_latent_representation
 from ._metrics import (
     adjusted_rand_index,
@@ -33,6 +34,8 @@ __all__ = [
     "fdr_calls",
     "get_elbo",
     "get_feature_correlation_matrix",
+    "get_importance_weights",
+    "pairwise_log_likelihood",
     "get_latent_library_size",
     "get_likelihood_parameters",
     "get_marginal_ll",

@@ -14,6 +14,7 @@ import torch
 from .._constants import REGISTRY_KEYS
 from ..errors import CellviWarning, check_count
 from ._batches import eval_mode, inference_batches, resolve_indices
+from ._importance import importance_resample
 
 __all__ = [
     "transform_batch_codes",
@@ -105,24 +106,31 @@ def get_normalized_expression(
     return_mean: bool = True,
     return_numpy: bool | None = None,
     seed: int | None = 0,
+    **importance_weighting_kwargs,
 ):
     """Decoded expression ρ × ``library_size`` per cell (``analysis.md`` §3).
 
     ``library_size="latent"`` returns the rate μ = e^l ρ. With ``n_samples > 1`` and
     ``return_mean=False`` the result is an array ``(n_samples, n_cells, n_genes)``.
     ``n_samples_overall=M`` returns ``M`` rows drawn uniformly from the cells' posterior
-    (the sampler DE uses). Results for several ``transform_batch`` values are averaged.
+    (the sampler DE uses); ``weights="importance"`` resamples them by importance weight
+    (``importance_weighting_kwargs``: ``max_cells``, ``truncation``, ``n_mc_samples``,
+    ``n_mc_samples_per_pass``; see :mod:`cellvi.analysis._importance`). Results for several
+    ``transform_batch`` values are averaged.
     """
-    if weights not in (None, "uniform"):
-        raise ValueError(
-            f"weights={weights!r}: cellvi supports uniform resampling only ('uniform' or None)."
-        )
+    if weights not in (None, "uniform", "importance"):
+        raise ValueError(f"weights={weights!r}: use 'uniform' (or None) or 'importance'.")
     n_samples = check_count(n_samples, "n_samples")
     module = model.module
     codes = transform_batch_codes(model, transform_batch)
     genes = _gene_mask(model, gene_list)
     manager = model._manager_for(adata)
     cell_idx = resolve_indices(indices, manager.summary_stats["n_cells"])
+    if weights == "importance" or importance_weighting_kwargs:
+        return _importance_weighted(
+            model, adata, cell_idx, codes, genes, library_size, n_samples, n_samples_overall,
+            weights, seed, batch_size, importance_weighting_kwargs,
+        )  # fmt: skip
     if n_samples_overall is not None:
         if n_samples != 1:
             raise ValueError("n_samples_overall needs n_samples=1.")
@@ -191,7 +199,8 @@ def posterior_predictive_sample(
     batch_size: int | None = None,
 ):
     """Counts drawn from p(x | z) with z ~ q(z | x): sparse ``(cells, genes)`` or, for several
-    samples, a dense array ``(cells, genes, n_samples)``."""
+    samples, a dense array ``(cells, genes, n_samples)``. With ``gene_likelihood="normal"``
+    the draws are real-valued and may be negative."""
     n_samples = check_count(n_samples, "n_samples")
     module = model.module
     codes = transform_batch_codes(model, transform_batch)
@@ -224,7 +233,8 @@ def get_likelihood_parameters(
     give_mean: bool = False,
     batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """``mean`` (μ), ``dispersions`` (θ; not for Poisson) and ``dropout`` (π; ZINB only)."""
+    """``mean`` (μ), ``dispersions`` (θ; the standard deviation σ for ``"normal"``; not for
+    Poisson) and ``dropout`` (π; ZINB only)."""
     n_samples = check_count(n_samples, "n_samples")
     module = model.module
     lik = module.config.gene_likelihood
@@ -250,3 +260,38 @@ def get_likelihood_parameters(
         array = torch.cat(values, dim=axis).cpu().numpy()
         result[key] = array.mean(0) if (give_mean and n_samples > 1) else array
     return result
+
+
+_IMPORTANCE_KWARGS = ("max_cells", "truncation", "n_mc_samples", "n_mc_samples_per_pass")
+
+
+def _importance_weighted(
+    model, adata, cell_idx, codes, genes, library_size, n_samples, n_overall, weights, seed,
+    batch_size, kwargs,
+):  # fmt: skip
+    """``n_samples_overall`` rows of ρ × ``library_size`` resampled by importance weight."""
+    unknown = sorted(set(kwargs) - set(_IMPORTANCE_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"Unknown argument(s) {unknown}; importance weighting takes {list(_IMPORTANCE_KWARGS)}."
+        )
+    if weights != "importance":
+        raise ValueError(f"{sorted(kwargs)} need weights='importance'.")
+    if n_overall is None or n_samples != 1:
+        raise ValueError("weights='importance' needs n_samples_overall=M (and n_samples=1).")
+    if len(codes) != 1:
+        raise ValueError(
+            "weights='importance' needs a single transform_batch: weights of draws averaged "
+            "over several batches are not defined."
+        )
+    quantity, factor = _library_factor(library_size)
+    if quantity != "scale":
+        raise ValueError("weights='importance' returns ρ × library_size; 'latent' is not allowed.")
+    n_overall = check_count(n_overall, "n_samples_overall")
+    rho = importance_resample(
+        model, adata, cell_idx, codes[0], n_overall, 0 if seed is None else seed, batch_size,
+        **kwargs,
+    )  # fmt: skip
+    if genes is not None:
+        rho = rho[:, genes]
+    return rho * factor if factor != 1.0 else rho

@@ -48,11 +48,13 @@ class RNAOutputsMixin:
         return_numpy: bool | None = None,
         dataloader=None,
         silent: bool = True,
+        **importance_weighting_kwargs,
     ):
         """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`.
 
-        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-minibatch
-        progress for this call.
+        ``importance_weighting_kwargs`` (with ``weights="importance"``): ``max_cells``,
+        ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass``. ``silent`` is accepted
+        for scvi-tools compatibility: cellvi shows no per-minibatch progress for this call.
         """
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_normalized_expression(
@@ -68,6 +70,7 @@ class RNAOutputsMixin:
             batch_size,
             return_mean,
             return_numpy,
+            **importance_weighting_kwargs,
         )
 
     def posterior_predictive_sample(

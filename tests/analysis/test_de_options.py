@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cellvi
 from cellvi.analysis import credible_intervals, get_latent_representation, robust_inliers
 from cellvi.simulate import true_pairwise_log2fc
 
@@ -123,3 +124,112 @@ def test_credible_interval_columns_bracket_the_lfc(fitted):
         **GROUPS, mode="change", cred_interval_lvls=[0.5, 0.9], change_fn=_log_fold
     ).loc[table.index]
     assert np.allclose(custom["lfc_confidence_interval_0.9_min"], lo90, atol=1e-4)
+
+
+def test_pairwise_likelihood_equals_the_elementwise_densities():
+    import torch
+
+    from cellvi.analysis._importance import pairwise_log_likelihood
+    from cellvi.distributions import log_nb_positive, log_zinb_positive
+
+    torch.manual_seed(0)
+    x = torch.poisson(torch.rand(5, 30) * 3)
+    log_rho = torch.log_softmax(torch.randn(7, 30), -1)
+    zl = torch.randn(7, 30)
+    for theta in (torch.rand(30) + 0.5, torch.rand(7, 30) + 0.5):  # per gene, per draw
+        for lik in ("zinb", "nb", "poisson"):
+            got = pairwise_log_likelihood(lik, x, log_rho, theta, zl if lik == "zinb" else None)
+            for s in range(7):
+                th = theta if theta.dim() == 1 else theta[s]
+                for a in range(5):
+                    mu = log_rho[s].exp() * x[a].sum()
+                    if lik == "zinb":
+                        want = log_zinb_positive(x[a], mu, th, zl[s]).sum()
+                    elif lik == "nb":
+                        want = log_nb_positive(x[a], mu, th).sum()
+                    else:
+                        want = torch.distributions.Poisson(mu).log_prob(x[a]).sum()
+                    assert float(got[s, a]) == pytest.approx(float(want), abs=1e-3), (lik, s, a)
+
+
+IMPORTANCE = dict(max_cells=64, n_mc_samples=50, n_mc_samples_per_pass=25)
+
+
+def test_importance_weighted_expression_and_de(fitted):
+    cells = np.flatnonzero(fitted.adata.obs["cell_type"] == "type_0")
+    uniform = fitted.get_normalized_expression(indices=cells, n_samples_overall=2000)
+    weighted = fitted.get_normalized_expression(
+        indices=cells, n_samples_overall=2000, weights="importance", **IMPORTANCE
+    )
+    assert weighted.shape == (2000, fitted.adata.n_vars)
+    assert np.allclose(weighted.sum(1), 1, atol=1e-4)  # rows are ρ
+    again = fitted.get_normalized_expression(
+        indices=cells, n_samples_overall=2000, weights="importance", **IMPORTANCE
+    )
+    assert np.array_equal(weighted, again)
+    # the re-weighted draws still describe the same group
+    assert np.corrcoef(np.log(weighted.mean(0)), np.log(uniform.mean(0)))[0, 1] > 0.99
+    table = fitted.differential_expression(
+        **GROUPS, mode="change", weights="importance", importance_weighting_kwargs=IMPORTANCE
+    )
+    lfc = true_pairwise_log2fc(fitted.adata, "type_0", "type_1")
+    de, null = (lfc.abs() > 1).to_numpy(), (lfc.abs() < 0.3).to_numpy()
+    scores = table.loc[lfc.index, "proba_de"].to_numpy()
+    assert _auroc(scores[de | null], de[de | null]) >= 0.95
+    assert np.corrcoef(table.loc[lfc.index, "lfc_mean"], lfc)[0, 1] >= 0.9
+
+
+def test_importance_weights_concentrate_and_truncation_spreads_them(fitted):
+    from cellvi.analysis import _importance
+
+    cells = np.flatnonzero(fitted.adata.obs["cell_type"] == "type_0")
+    seen = {}
+    original = _importance.get_importance_weights
+
+    def spy(*args, **kwargs):
+        seen.setdefault("w", []).append(original(*args, **kwargs))
+        return seen["w"][-1]
+
+    _importance.get_importance_weights = spy
+    try:
+        for truncation in (False, True):
+            _importance.importance_resample(
+                fitted, None, cells, None, 1000, seed=0, truncation=truncation, **IMPORTANCE
+            )
+    finally:
+        _importance.get_importance_weights = original
+    plain, truncated = seen["w"]
+    n = len(plain)
+    assert n == (1000 // len(cells) + 1) * len(cells)
+    for w in (plain, truncated):
+        assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+    # effective sample size: truncation raises the smallest weights towards the mean
+    ess = [1 / np.sum(w**2) for w in (plain, truncated)]
+    assert ess[0] < 0.9 * n  # the weights are not uniform
+    assert ess[1] >= ess[0] and truncated.min() >= plain.min()
+    assert (truncated == truncated.min()).sum() > 1  # the clamped ones share the floor
+    assert truncated.min() <= 1 / n
+
+
+def test_importance_weighting_refuses_what_it_cannot_do(fitted):
+    from cellvi.model import SCVI
+
+    cells = np.flatnonzero(fitted.adata.obs["cell_type"] == "type_0")
+    kw = dict(indices=cells, n_samples_overall=100)
+    with pytest.raises(ValueError, match="single transform_batch"):
+        fitted.get_normalized_expression(
+            **kw, weights="importance", transform_batch=["batch_0", "batch_1"]
+        )
+    with pytest.raises(ValueError, match="needs n_samples_overall"):
+        fitted.get_normalized_expression(indices=cells, weights="importance")
+    with pytest.raises(TypeError, match="max_cell"):
+        fitted.get_normalized_expression(**kw, weights="importance", max_cell=10)
+    with pytest.raises(ValueError, match="need weights='importance'"):
+        fitted.get_normalized_expression(**kw, max_cells=10)
+    with pytest.raises(ValueError, match="need weights='importance'"):
+        fitted.differential_expression(**GROUPS, importance_weighting_kwargs={"max_cells": 9})
+    adata = cellvi.data.simulate(n_cells=60, n_genes=100, seed=1)
+    SCVI.setup_anndata(adata, batch_key="batch")
+    ln = SCVI(adata, latent_distribution="ln")
+    with pytest.raises(ValueError, match="latent_distribution='normal'"):
+        ln.get_normalized_expression(n_samples_overall=100, weights="importance")
