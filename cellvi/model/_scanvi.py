@@ -46,10 +46,28 @@ class SCANVI(SCVI):
     ----------
     adata
         AnnData registered with :meth:`SCANVI.setup_anndata`.
+    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
+    latent_distribution, use_observed_lib_size, log_variational, encode_covariates,
+    deeply_inject_covariates, batch_representation, use_batch_norm, use_layer_norm
+        Architecture, as in :class:`SCVI` (see :class:`~cellvi.module.VAEConfig`).
+    var_activation, extra_encoder_kwargs, extra_decoder_kwargs, batch_embedding_kwargs
+        scvi-tools' pass-through options, as in :class:`SCVI` (checked the same way). As in
+        scvi-tools they shape the SCVI part (the ``z``/library encoders, the decoder, the batch
+        embedding); the classifier and the ``z2`` encoder/decoder keep their defaults.
     linear_classifier
         Use a single linear layer as classifier.
-    **architecture
-        The architecture arguments of :class:`SCVI` (``n_hidden``, ``n_latent``, ...).
+    registry
+        A data registry (from a data module or a saved model) when ``adata`` is None.
+
+    Examples
+    --------
+    >>> import cellvi
+    >>> adata = cellvi.data.simulate(n_cells=200, n_genes=100, seed=0)
+    >>> adata.obs["labels"] = adata.obs["cell_type"].astype(str)
+    >>> cellvi.model.SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="?")
+    >>> model = cellvi.model.SCANVI(adata, n_latent=5, var_activation="softplus")
+    >>> model.module.z_encoder.var_activation.__name__
+    'softplus'
     """
 
     def __init__(
@@ -70,6 +88,10 @@ class SCANVI(SCVI):
         batch_representation: str = "one-hot",
         use_batch_norm: str = "both",
         use_layer_norm: str = "none",
+        var_activation: str | None = None,
+        extra_encoder_kwargs: dict | None = None,
+        extra_decoder_kwargs: dict | None = None,
+        batch_embedding_kwargs: dict | None = None,
         linear_classifier: bool = False,
         registry: dict | None = None,
     ):
@@ -93,6 +115,10 @@ class SCANVI(SCVI):
             batch_representation=batch_representation,
             use_batch_norm=use_batch_norm,
             use_layer_norm=use_layer_norm,
+            var_activation=var_activation,
+            extra_encoder_kwargs=extra_encoder_kwargs,
+            extra_decoder_kwargs=extra_decoder_kwargs,
+            batch_embedding_kwargs=batch_embedding_kwargs,
             registry=registry,
         )
         self.init_params_["non_kwargs"]["linear_classifier"] = linear_classifier
@@ -168,7 +194,11 @@ class SCANVI(SCVI):
         adata=None,
         linear_classifier: bool = False,
     ) -> SCANVI:
-        """A SCANVI initialised from a trained SCVI (same setup and architecture, its weights)."""
+        """A SCANVI initialised from a trained SCVI (same setup and architecture, its weights).
+
+        The architecture is the SCVI's ``init_params_``, pass-through options
+        (``var_activation``, ``extra_encoder_kwargs``, ...) included.
+        """
         if not scvi_model.is_trained:
             raise SetupError("from_scvi_model needs a trained SCVI model (call its train()).")
         args = dict(scvi_model.registry_["setup_args"])
@@ -182,9 +212,9 @@ class SCANVI(SCVI):
         cls.setup_anndata(
             adata, labels_key=labels_key, unlabeled_category=unlabeled_category, **args
         )
-        model = cls(
-            adata, linear_classifier=linear_classifier, **scvi_model.init_params_["non_kwargs"]
-        )
+        init = scvi_model.init_params_
+        architecture = {**init["non_kwargs"], **init.get("kwargs", {})}
+        model = cls(adata, linear_classifier=linear_classifier, **architecture)
         ref = scvi_model.module.state_dict()
         own = model.module.state_dict()
         copied = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}

@@ -51,7 +51,7 @@ class SCVI(RNAOutputsMixin, BaseModel):
     Examples
     --------
     >>> import cellvi
-    >>> adata = cellvi.data.simulate(n_cells=200, n_genes=50, seed=0)
+    >>> adata = cellvi.data.simulate(n_cells=200, n_genes=100, seed=0)
     >>> cellvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     >>> model = cellvi.model.SCVI(adata, n_latent=5)
     >>> model.summary_stats["n_batch"]
@@ -105,7 +105,7 @@ class SCVI(RNAOutputsMixin, BaseModel):
         )
         accepted = set(inspect.signature(type(self).__init__).parameters)
         # pass-through options left at None are not recorded, so the file stays loadable by
-        # classes without them (SCANVI.from_scvi_model, older cellvi versions)
+        # cellvi versions without them
         self.init_params_ = {
             "non_kwargs": {
                 k: v

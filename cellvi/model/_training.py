@@ -185,7 +185,13 @@ def _adapt_kl_warmup(
 
 
 def _check_integer_counts(manager) -> None:
-    """Compiled training evaluates the likelihood for whole-number counts only."""
+    """Compiled training evaluates the count likelihoods for whole-number counts only.
+
+    Under ``torch.compile`` the ZINB, NB and Poisson log-likelihoods use the ``lgamma``-free
+    form of :mod:`cellvi.distributions._gammaless`, a sum over ``k < x`` that is exact only for
+    integer ``x``; the Gaussian of ``gene_likelihood="normal"`` has no such term and is not
+    checked (see :func:`train_unsupervised`).
+    """
     regs = manager.registry["field_registries"]
     state = regs.get(REGISTRY_KEYS.X_KEY, {}).get("state_registry", {})
     n_non_integer = state.get("n_non_integer")
@@ -309,7 +315,8 @@ def train_unsupervised(
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
     _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch)
     plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
-    if plan_cfg.compile:
+    likelihood = getattr(getattr(model.module, "config", None), "gene_likelihood", None)
+    if plan_cfg.compile and likelihood != "normal":  # the Gaussian takes any real value
         _check_integer_counts(manager)
     batch_names = list(model.get_state_registry("batch")["categorical_mapping"])
     if make_plan is None:

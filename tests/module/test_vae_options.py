@@ -1,5 +1,7 @@
-"""SCVI options of the models.md table: the 'normal' likelihood, var_activation and the
-pass-through dicts (extra_encoder_kwargs, extra_decoder_kwargs, batch_embedding_kwargs)."""
+"""VAE options of the models.md table: the 'normal' likelihood, var_activation and the
+pass-through dicts (extra_encoder_kwargs, extra_decoder_kwargs, batch_embedding_kwargs).
+SCVI/SCANVI with these options (training, save/load, from_scvi_model, compile) are tested in
+tests/model/test_scvi_module_options.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
-import cellvi
 from cellvi.module import VAE, VAEConfig
 
 N_CELLS, N_GENES = 24, 15
@@ -34,16 +35,6 @@ def _module(**options) -> VAE:
         lib = {"library_log_means": torch.zeros(1, 2), "library_log_vars": torch.ones(1, 2)}
     module = VAE(N_GENES, VAEConfig(n_hidden=8, n_latent=3, **options), n_batch=2, **lib)
     return module.eval()
-
-
-def _scvi(adata, **options):
-    cellvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    return cellvi.model.SCVI(adata, n_hidden=16, n_latent=4, **options)
-
-
-@pytest.fixture
-def sim():
-    return cellvi.data.simulate(n_cells=160, n_genes=48, n_batches=2, n_cell_types=2, seed=0)
 
 
 # ---------------------------------------------------------------- normal likelihood
@@ -75,40 +66,6 @@ def test_normal_likelihood_needs_no_zero_inflation_head_output():
     assert torch.isfinite(out.loss)
     inf = module.inference(tensors)
     assert module.generative(inf["z"], inf["library"], tensors)["dropout_logits"] is None
-
-
-def test_scvi_normal_trains_and_gives_outputs(sim):
-    model = _scvi(sim, gene_likelihood="normal")
-    model.train(max_epochs=3, plan_kwargs={"n_epochs_kl_warmup": 2})
-    rec = model.history["reconstruction_loss_train"]["reconstruction_loss_train"].to_numpy()
-    assert np.isfinite(rec).all() and rec[-1] < rec[0]
-    assert np.isfinite(model.get_elbo())
-    assert model.posterior_predictive_sample().shape == sim.shape
-    draws = model.posterior_predictive_sample(n_samples=2)
-    assert draws.shape == (*sim.shape, 2)
-    params = model.get_likelihood_parameters()
-    assert set(params) == {"mean", "dispersions"} and params["mean"].shape == sim.shape
-    norm = model.get_normalized_expression(return_numpy=True)
-    np.testing.assert_allclose(norm.sum(1), 1.0, rtol=1e-4)  # ρ still sums to one
-
-
-def test_scvi_normal_trains_compiled(sim):
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = _scvi(sim, gene_likelihood="normal")
-    # aot_eager traces the same graph as Inductor without generating C++ (seconds, not a minute)
-    plan = {"compile": True, "compile_kwargs": {"backend": "aot_eager"}}
-    model.train(max_epochs=1, batch_size=48, plan_kwargs=plan)
-    assert counters["stats"]["unique_graphs"] >= 1
-    assert np.isfinite(model.history["elbo_train"]["elbo_train"]).all()
-
-
-def test_feature_correlation_refuses_the_normal_likelihood(sim):
-    model = _scvi(sim, gene_likelihood="normal")
-    with pytest.raises(ValueError, match="standard deviation of a Gaussian.*'nb' or 'zinb'"):
-        model.get_feature_correlation_matrix()
 
 
 # ---------------------------------------------------------------- var_activation
@@ -196,37 +153,3 @@ def test_var_eps_and_embedding_dim_from_the_dicts_set_their_fields():
 def test_pass_through_dicts_reject_bad_keys_and_values(arg, value, error, match):
     with pytest.raises(error, match=match):
         VAEConfig(**{arg: value})
-
-
-def test_scvi_checks_options_before_training(sim):
-    with pytest.raises(TypeError, match="extra_encoder_kwargs has an unsupported key 'depth'"):
-        _scvi(sim, extra_encoder_kwargs={"depth": 3})
-
-
-def test_scvi_options_survive_save_and_load(sim, tmp_path):
-    options = {
-        "gene_likelihood": "normal",
-        "var_activation": F.softplus,
-        "encode_covariates": True,
-        "batch_representation": "embedding",
-        "extra_encoder_kwargs": {"activation_fn": nn.LeakyReLU, "var_eps": 1e-5},
-        "extra_decoder_kwargs": {"bias": False},
-        "batch_embedding_kwargs": {"embedding_dim": 3, "max_norm": 2.0},
-    }
-    model = _scvi(sim, **options)
-    model.train(max_epochs=2)
-    model.save(tmp_path / "m")
-    loaded = cellvi.model.SCVI.load(tmp_path / "m", adata=sim.copy())
-    assert loaded.config_ == model.config_
-    assert loaded.config_.var_activation == "softplus" and loaded.config_.var_eps == 1e-5
-    assert loaded.module.z_encoder.var_activation is F.softplus
-    assert _activations(loaded.module.z_encoder.encoder) == {nn.LeakyReLU}
-    np.testing.assert_array_equal(
-        loaded.get_latent_representation(), model.get_latent_representation()
-    )
-
-
-def test_unset_options_are_not_recorded_so_scanvi_can_start_from_scvi(sim):
-    model = _scvi(sim)
-    recorded = model.init_params_["non_kwargs"]
-    assert "var_activation" not in recorded and "extra_encoder_kwargs" not in recorded
