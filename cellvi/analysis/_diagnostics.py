@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .._constants import REGISTRY_KEYS
+from ..errors import check_count
 from ..module import log_normal
 from ._batches import eval_mode, inference_batches
 
@@ -21,14 +22,27 @@ def _per_cell_losses(model, adata, indices, batch_size):
             out = model.module(batch, kl_weight=1.0)
             rec.append(out.reconstruction_loss.cpu())
             kl.append(out.kl_local.cpu())
-    return torch.cat(rec).numpy(), torch.cat(kl).numpy()
+    return _cat(rec), _cat(kl)
+
+
+def _cat(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).numpy() if parts else np.empty(0, dtype=np.float32)
+
+
+def _mean(values: np.ndarray, what: str) -> float:
+    if len(values) == 0:
+        raise ValueError(
+            f"indices selects no cells, and the mean {what} of zero cells is undefined; pass "
+            "at least one cell (or return_mean=False for an empty array)."
+        )
+    return float(values.mean())
 
 
 def get_elbo(model, adata=None, indices=None, batch_size=None, return_mean: bool = True):
     """ELBO per cell, ``-(reconstruction + local KL)`` with KL weight 1; higher is better."""
     rec, kl = _per_cell_losses(model, adata, indices, batch_size)
     elbo = -(rec + kl)
-    return float(elbo.mean()) if return_mean else elbo
+    return _mean(elbo, "ELBO") if return_mean else elbo
 
 
 def get_reconstruction_error(
@@ -36,7 +50,7 @@ def get_reconstruction_error(
 ):
     """Negative log-likelihood: ``{"reconstruction_loss": value}``; lower is better."""
     rec, _ = _per_cell_losses(model, adata, indices, batch_size)
-    return {"reconstruction_loss": float(rec.mean()) if return_mean else rec}
+    return {"reconstruction_loss": _mean(rec, "reconstruction error") if return_mean else rec}
 
 
 def get_marginal_ll(
@@ -55,7 +69,8 @@ def get_marginal_ll(
     module = model.module
     if module.config.latent_distribution == "ln":
         raise ValueError("get_marginal_ll needs latent_distribution='normal'.")
-    per_pass = max(1, min(n_mc_samples_per_pass, n_mc_samples))
+    n_mc_samples = check_count(n_mc_samples, "n_mc_samples")
+    per_pass = min(check_count(n_mc_samples_per_pass, "n_mc_samples_per_pass"), n_mc_samples)
     results = []
     with eval_mode(module):
         per_cell = module.n_input * max(per_pass, 2)
@@ -88,5 +103,5 @@ def get_marginal_ll(
                 done += k
             stacked = torch.cat(log_w, dim=0)  # (K, cells)
             results.append((torch.logsumexp(stacked, 0) - math.log(n_mc_samples)).cpu())
-    values = torch.cat(results).numpy()
-    return float(np.mean(values)) if return_mean else values
+    values = _cat(results)
+    return _mean(values, "marginal log-likelihood") if return_mean else values

@@ -220,6 +220,10 @@ def posterior_predictive_sample(
             if genes is not None:
                 draws = draws[..., torch.as_tensor(genes)]
             out.append(draws.cpu().numpy())
+    if not out:  # no cells selected
+        n_genes = len(genes) if genes is not None else module.n_input
+        empty = np.empty((0, n_genes), dtype=np.float32)
+        return sp.csr_matrix(empty) if n_samples == 1 else np.empty((0, n_genes, n_samples))
     if n_samples == 1:
         return sp.csr_matrix(np.concatenate(out, axis=0))
     return np.moveaxis(np.concatenate(out, axis=1), 0, -1)
@@ -253,6 +257,12 @@ def get_likelihood_parameters(
             if lik == "zinb":
                 parts["dropout"].append(torch.sigmoid(gen["dropout_logits"]))
     axis = 1 if n_samples > 1 else 0
+    if not parts["mean"]:  # no cells selected: the same keys, empty along the cell axis
+        genes = module.n_input
+        shape = (0, genes) if n_samples == 1 or give_mean else (n_samples, 0, genes)
+        keys = ["mean"] + (["dispersions"] if lik != "poisson" else [])
+        keys += ["dropout"] if lik == "zinb" else []
+        return {key: np.empty(shape, dtype=np.float32) for key in keys}
     result = {}
     for key, values in parts.items():
         if not values:

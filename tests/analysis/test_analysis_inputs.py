@@ -109,3 +109,21 @@ def test_silent_is_accepted_like_scvi_tools(model):
     assert isinstance(model.get_normalized_expression(silent=True), pd.DataFrame)
     model.posterior_predictive_sample(silent=False)
     model.differential_expression(groupby="cell_type", group1="type_1", silent=True)
+
+
+def test_an_empty_selection_gives_empty_results_or_names_the_problem(model):
+    n_genes = model.adata.n_vars
+    assert model.get_latent_representation(indices=[]).shape == (0, 4)
+    assert model.get_normalized_expression(indices=[]).shape == (0, n_genes)
+    assert model.posterior_predictive_sample(indices=[]).shape == (0, n_genes)
+    assert model.posterior_predictive_sample(indices=[], n_samples=3).shape == (0, n_genes, 3)
+    params = model.get_likelihood_parameters(indices=[])
+    assert sorted(params) == ["dispersions", "dropout", "mean"]
+    assert all(v.shape == (0, n_genes) for v in params.values())
+    assert model.get_elbo(indices=[], return_mean=False).shape == (0,)
+    assert model.get_marginal_ll(indices=[], n_mc_samples=5, return_mean=False).shape == (0,)
+    for call in (model.get_elbo, model.get_reconstruction_error, model.get_marginal_ll):
+        with pytest.raises(ValueError, match="indices selects no cells"):
+            call(indices=[])
+    with pytest.raises(ValueError, match="n_mc_samples=0"):
+        model.get_marginal_ll(n_mc_samples=0)
