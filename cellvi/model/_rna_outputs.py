@@ -192,14 +192,22 @@ class RNAOutputsMixin:
         filter_outlier_cells: bool = False,
         importance_weighting_kwargs: dict | None = None,
         dataloader=None,
-        **kwargs,
+        *,
+        n_samples_overall: int = 5000,
+        pseudocounts: float | None = None,
+        test_mode: str = "three",
+        use_permutation: bool = False,
+        m_permutation: int = 10000,
+        change_fn=None,
+        m1_domain_fn=None,
+        cred_interval_lvls=None,
+        seed: int = 0,
     ):
         """Bayesian DE between groups; see :func:`cellvi.analysis.differential_expression`.
 
-        ``kwargs`` are its Bayes-factor options: ``n_samples_overall``, ``pseudocounts``,
-        ``test_mode``, ``use_permutation``, ``m_permutation``, ``change_fn``,
-        ``m1_domain_fn``, ``cred_interval_lvls``, ``seed``. ``silent`` is accepted for
-        scvi-tools compatibility: cellvi shows no per-minibatch progress for this call.
+        The arguments after ``dataloader`` are the Bayes-factor options scvi-tools takes as
+        ``**kwargs``. ``silent`` is accepted for scvi-tools compatibility: cellvi shows no
+        per-minibatch progress for this call.
         """
         adata, _ = self._data_source(adata, None, dataloader)
         return analysis.differential_expression(
@@ -221,5 +229,13 @@ class RNAOutputsMixin:
             weights=weights,
             filter_outlier_cells=filter_outlier_cells,
             importance_weighting_kwargs=importance_weighting_kwargs,
-            **kwargs,
+            n_samples_overall=n_samples_overall,
+            pseudocounts=pseudocounts,
+            test_mode=test_mode,
+            use_permutation=use_permutation,
+            m_permutation=m_permutation,
+            change_fn=change_fn,
+            m1_domain_fn=m1_domain_fn,
+            cred_interval_lvls=cred_interval_lvls,
+            seed=seed,
         )
