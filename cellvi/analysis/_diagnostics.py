@@ -14,6 +14,8 @@ from ._batches import eval_mode, inference_batches
 
 __all__ = ["get_elbo", "get_reconstruction_error", "get_marginal_ll"]
 
+_PASS_ELEMENTS = 2**20  # values per (draws, cells, genes) tensor of one marginal-ll step
+
 
 def _per_cell_losses(model, adata, indices, batch_size):
     rec, kl = [], []
@@ -79,8 +81,11 @@ def get_marginal_ll(
         ):
             log_w = []
             done = 0
+            n_cells = len(batch[REGISTRY_KEYS.BATCH_KEY])
+            # a pass's (draws, cells, genes) tensors stay cache-sized: fewer draws per step
+            step = min(per_pass, max(1, _PASS_ELEMENTS // (n_cells * module.n_input)))
             while done < n_mc_samples:
-                k = min(per_pass, n_mc_samples - done)
+                k = min(step, n_mc_samples - done)
                 inf = module.inference(batch, n_samples=max(k, 2))
                 z = inf["z"][:k]
                 library = inf["library"][:k]

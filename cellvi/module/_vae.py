@@ -316,6 +316,16 @@ class VAE(nn.Module):
             if lik == "nb":
                 return nb_log_likelihood_gammaless(x, px["log_rate"], theta)
             return poisson_log_likelihood_gammaless(x, px["log_rate"])
+        if px["log_rate"].dim() == 3 and isinstance(x, torch.Tensor):
+            # samples × cells: the fused kernels on the flattened (samples · cells) rows
+            k, b, g = px["log_rate"].shape
+
+            def flat(t):
+                return t if t is None or t.dim() == 1 else t.expand(k, b, g).reshape(k * b, g)
+
+            rows = {**px, "log_rate": flat(px["log_rate"]), "theta": flat(theta)}
+            rows["dropout_logits"] = flat(px.get("dropout_logits"))
+            return self.log_likelihood(flat(x), rows).reshape(k, b)
         if px["log_rate"].dim() == 2:
             if lik == "zinb":
                 return zinb_log_likelihood(x, px["log_rate"], theta, px["dropout_logits"])
