@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ from .._constants import REGISTRY_KEYS
 from ..analysis import eval_mode, inference_batches
 from ..data import AnnDataManager, standard_fields
 from ..dataloaders import SemiSupervisedDataSplitter
-from ..errors import SetupError
+from ..errors import CellviWarning, SetupError
 from ..module import SCANVAE
 from ..train import UNSET, SemiSupervisedTrainingPlan
 from ._base import seed_torch
@@ -193,14 +195,18 @@ class SCANVI(SCVI):
         labels_key: str | None = None,
         adata=None,
         linear_classifier: bool = False,
+        **architecture,
     ) -> SCANVI:
         """A SCANVI initialised from a trained SCVI (same setup and architecture, its weights).
 
         The architecture is the SCVI's ``init_params_``, pass-through options
-        (``var_activation``, ``extra_encoder_kwargs``, ...) included.
+        (``var_activation``, ``extra_encoder_kwargs``, ...) included. Architecture arguments
+        given here as well (scvi-tools' ``**kwargs``) are dropped with a warning when they
+        differ from the SCVI's; other names are a ``TypeError`` listing the valid ones.
         """
         if not scvi_model.is_trained:
             raise SetupError("from_scvi_model needs a trained SCVI model (call its train()).")
+        _drop_repeated_architecture(scvi_model, architecture)
         args = dict(scvi_model.registry_["setup_args"])
         labels_key = labels_key or args.get("labels_key")
         if labels_key is None:
@@ -212,9 +218,7 @@ class SCANVI(SCVI):
         cls.setup_anndata(
             adata, labels_key=labels_key, unlabeled_category=unlabeled_category, **args
         )
-        init = scvi_model.init_params_
-        architecture = {**init["non_kwargs"], **init.get("kwargs", {})}
-        model = cls(adata, linear_classifier=linear_classifier, **architecture)
+        model = cls(adata, linear_classifier=linear_classifier, **_architecture_of(scvi_model))
         ref = scvi_model.module.state_dict()
         own = model.module.state_dict()
         copied = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
@@ -320,3 +324,36 @@ class SCANVI(SCVI):
             idx = np.arange(p.shape[0]) if indices is None else np.asarray(indices)
             return pd.DataFrame(p, index=manager.adata.obs_names[idx], columns=self.labels_)
         return np.asarray(self.labels_, dtype=object)[p.argmax(1)]
+
+
+def _architecture_of(scvi_model: SCVI) -> dict:
+    init = scvi_model.init_params_
+    return {**init["non_kwargs"], **init.get("kwargs", {})}
+
+
+def _drop_repeated_architecture(scvi_model: SCVI, given: dict) -> None:
+    """Check ``from_scvi_model``'s extra arguments: SCVI architecture names only; those that
+    differ from the SCVI's value are ignored with a warning (the weights fix them)."""
+    names = [
+        n
+        for n in inspect.signature(SCVI.__init__).parameters
+        if n not in ("self", "adata", "registry")
+    ]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(
+            f"from_scvi_model got unknown argument(s) {unknown}; it takes unlabeled_category, "
+            f"labels_key, adata, linear_classifier and the SCVI architecture names {names}."
+        )
+    defaults = {
+        n: p.default for n, p in inspect.signature(SCVI.__init__).parameters.items() if n in names
+    }
+    used = {**defaults, **_architecture_of(scvi_model)}
+    differ = {n: v for n, v in given.items() if v != used.get(n)}
+    if differ:
+        warnings.warn(
+            "from_scvi_model keeps the SCVI model's architecture; ignored: "
+            + ", ".join(f"{n}={v!r} (the SCVI has {used.get(n)!r})" for n, v in differ.items()),
+            CellviWarning,
+            stacklevel=3,
+        )

@@ -77,6 +77,21 @@ def test_from_untrained_scvi_is_refused(labeled_sim):
         SCANVI.from_scvi_model(SCVI(adata), "Unknown", labels_key="labels")
 
 
+def test_from_scvi_model_drops_repeated_architecture_with_a_warning(labeled_sim):
+    adata, _ = labeled_sim
+    SCVI.setup_anndata(adata, batch_key="batch")
+    scvi_model = SCVI(adata, n_latent=6)
+    with cellvi.settings.override(progress_bar_style="none"):
+        scvi_model.train(max_epochs=1, save_resume_checkpoint=False)
+    with pytest.warns(CellviWarning, match=r"ignored: n_latent=20 \(the SCVI has 6\)"):
+        model = SCANVI.from_scvi_model(
+            scvi_model, "Unknown", labels_key="labels", n_latent=20, n_hidden=128
+        )
+    assert model.module.config.n_latent == 6  # the SCVI's, so its weights fit
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['n_epochs'\]"):
+        SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels", n_epochs=3)
+
+
 def test_scanvi_query_mapping_predicts_labels_of_a_new_batch():
     adata = cellvi.data.simulate(n_cells=900, n_genes=120, n_batches=3, n_cell_types=3, seed=8)
     adata.obs["labels"] = adata.obs["cell_type"].astype(str)
