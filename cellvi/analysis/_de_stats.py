@@ -104,7 +104,7 @@ def change_statistics(
     cols = {k: np.empty(n_genes, np.float32) for k in names}
     p_up, p_down = np.empty(n_genes), np.empty(n_genes)
     kept, r_means = [], np.empty(n_genes)  # log ratios per block while δ is unknown
-    middle = sorted({(m - 1) // 2, m // 2})  # the one or two middle order statistics
+    lower = (m - 1) // 2  # the lower middle order statistic (the median when m is odd)
     buffers = torch.empty(2, min(_GENE_BLOCK, n_genes), m)  # gene-major copies, reused
     for genes, a, b in _gene_blocks(s1, s2):
         n = a.shape[1]
@@ -127,9 +127,11 @@ def change_statistics(
             for level in levels:
                 lo_name, hi_name = _interval_names(level)
                 cols[lo_name][genes], cols[hi_name][genes] = credible_intervals(by_gene, level)
+            upper = by_gene[:, m // 2]
         else:
-            by_gene.partition(middle, axis=1)  # a selection in place, not a sort
-        cols["lfc_median"][genes] = by_gene[:, middle].mean(1)
+            by_gene.partition(lower, axis=1)  # a selection in place, not a sort
+            upper = by_gene[:, lower + 1 :].min(1) if m % 2 == 0 else by_gene[:, lower]
+        cols["lfc_median"][genes] = (by_gene[:, lower] + upper) / 2
     if delta is None:
         delta = estimate_delta(r_means)
         for genes, r in kept:
