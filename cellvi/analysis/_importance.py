@@ -16,6 +16,7 @@ rate) and one elementwise pass for ``log(θ + μ)``, the only term that does not
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from .._constants import REGISTRY_KEYS
+from ..errors import CellviWarning
 from ._batches import eval_mode, inference_batches
 from ._diagnostics import get_marginal_ll
 
@@ -161,7 +163,17 @@ def get_importance_weights(
     if truncation:
         tau = torch.logsumexp(log_w, 0) - math.log(len(log_w))
         log_w = log_w.clamp_min(tau)
-    return torch.softmax(log_w.double(), 0).numpy()
+    weights = torch.softmax(log_w.double(), 0).numpy()
+    ess = 1.0 / float(np.sum(weights**2))
+    if ess < max(10.0, 0.01 * len(weights)):
+        warnings.warn(
+            f"The importance weights collapsed onto about {ess:.1f} of {len(weights)} draws "
+            "(effective sample size), so statistics resampled from them are over-confident. "
+            "Try truncation=True, or weights='uniform'.",
+            CellviWarning,
+            stacklevel=2,
+        )
+    return weights
 
 
 def importance_resample(

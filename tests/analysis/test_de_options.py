@@ -233,3 +233,23 @@ def test_importance_weighting_refuses_what_it_cannot_do(fitted):
     ln = SCVI(adata, latent_distribution="ln")
     with pytest.raises(ValueError, match="latent_distribution='normal'"):
         ln.get_normalized_expression(n_samples_overall=100, weights="importance")
+
+
+def test_collapsed_importance_weights_warn(fitted, monkeypatch):
+    from cellvi.analysis import _importance
+    from cellvi.errors import CellviWarning
+
+    original = _importance.pairwise_log_likelihood
+
+    def one_draw_fits(*args):  # the first draw explains every anchor far better
+        ll = original(*args)
+        ll[0] += 1000.0
+        return ll
+
+    monkeypatch.setattr(_importance, "pairwise_log_likelihood", one_draw_fits)
+    cells = np.flatnonzero(fitted.adata.obs["cell_type"] == "type_0")
+    with pytest.warns(CellviWarning, match=r"collapsed onto about 1\.0 of"):
+        rows = fitted.get_normalized_expression(
+            indices=cells, n_samples_overall=300, weights="importance", **IMPORTANCE
+        )
+    assert np.allclose(rows, rows[0])  # every resampled row is that draw
