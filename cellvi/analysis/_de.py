@@ -66,8 +66,10 @@ def _resolve_group(adata, idx, arg: str) -> np.ndarray:
         raise type(err)(f"{arg}: {err}") from None
 
 
-def _samples(model, adata, idx, codes, n, seed, opts: _Options):
-    """(n, genes) posterior ρ samples of a group; with codes, n/len(codes) per batch."""
+def _samples(model, adata, idx, codes, seed, opts: _Options):
+    """``(opts.n_samples, genes)`` posterior ρ samples of a group; with batch ``codes``,
+    ``n_samples / len(codes)`` decoded under each, tagged with it."""
+    n = opts.n_samples
     common = dict(
         return_numpy=True,
         batch_size=opts.batch_size,
@@ -143,8 +145,8 @@ def _compare(model, adata, x, idx1, idx2, opts: _Options):
         codes1 = codes2 = None
     if opts.filter_outlier_cells:
         idx1, idx2 = _inliers(model, adata, idx1), _inliers(model, adata, idx2)
-    s1, tags1 = _samples(model, adata, idx1, codes1, opts.n_samples, opts.seed, opts)
-    s2, tags2 = _samples(model, adata, idx2, codes2, opts.n_samples, opts.seed + 1000, opts)
+    s1, tags1 = _samples(model, adata, idx1, codes1, opts.seed, opts)
+    s2, tags2 = _samples(model, adata, idx2, codes2, opts.seed + 1000, opts)
     rng = np.random.default_rng(opts.seed + 2000)
     p1, p2 = pair_samples(s1, tags1, s2, tags2, opts.use_permutation, opts.m_permutation, rng)
     stats1, stats2 = group_raw_stats(x, [idx1, idx2])

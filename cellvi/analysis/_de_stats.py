@@ -158,7 +158,7 @@ def custom_change_statistics(
     if m1_domain_fn is None:
         plus, minus = r >= delta, r < -delta
     else:
-        masks = _call_user(m1_domain_fn, "m1_domain_fn", r, shape=None)
+        masks = _call_user(m1_domain_fn, "m1_domain_fn", r, same_shape=False)
         if len(masks) != 2 or any(np.shape(k) != r.shape for k in masks):
             raise ValueError(
                 f"m1_domain_fn must return two boolean arrays of shape {r.shape} "
@@ -184,7 +184,7 @@ def custom_change_statistics(
     return _change_columns(p_up, p_down, test_mode, pc, delta, cols)
 
 
-def _call_user(fn, name: str, *args, shape="same"):
+def _call_user(fn, name: str, *args, same_shape: bool = True):
     try:
         out = fn(*args)
     except TypeError as err:
@@ -192,7 +192,7 @@ def _call_user(fn, name: str, *args, shape="same"):
             f"{name} failed on numpy arrays of shape {np.shape(args[0])}: {err}. It must take "
             "numpy arrays (samples, genes) and return arrays of the same shape."
         ) from err
-    if shape is None:
+    if not same_shape:
         return out
     out = np.asarray(out)
     if out.shape != np.shape(args[0]):

@@ -19,7 +19,6 @@ import math
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch.nn import functional as F
 
@@ -97,14 +96,9 @@ def pairwise_log_likelihood(
 
 
 def _anchors_data(model, adata, cells: np.ndarray) -> torch.Tensor:
-    manager = model._manager_for(adata)
-    x = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-    order = np.argsort(cells)
-    rows = x[cells[order]]
-    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-    dense = np.empty_like(rows, dtype=np.float32)
-    dense[order] = rows
-    return torch.from_numpy(dense)
+    """The anchors' counts as a dense float32 ``(anchors, genes)`` tensor, in ``cells`` order."""
+    batches = inference_batches(model, adata, cells)
+    return torch.cat([b[REGISTRY_KEYS.X_KEY].float().cpu() for b in batches])
 
 
 def get_importance_weights(

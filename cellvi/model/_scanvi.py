@@ -334,20 +334,15 @@ def _architecture_of(scvi_model: SCVI) -> dict:
 def _drop_repeated_architecture(scvi_model: SCVI, given: dict) -> None:
     """Check ``from_scvi_model``'s extra arguments: SCVI architecture names only; those that
     differ from the SCVI's value are ignored with a warning (the weights fix them)."""
-    names = [
-        n
-        for n in inspect.signature(SCVI.__init__).parameters
-        if n not in ("self", "adata", "registry")
-    ]
+    params = inspect.signature(SCVI.__init__).parameters
+    names = [n for n in params if n not in ("self", "adata", "registry")]
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise TypeError(
             f"from_scvi_model got unknown argument(s) {unknown}; it takes unlabeled_category, "
             f"labels_key, adata, linear_classifier and the SCVI architecture names {names}."
         )
-    defaults = {
-        n: p.default for n, p in inspect.signature(SCVI.__init__).parameters.items() if n in names
-    }
+    defaults = {n: params[n].default for n in names}
     used = {**defaults, **_architecture_of(scvi_model)}
     differ = {n: v for n, v in given.items() if v != used.get(n)}
     if differ:
