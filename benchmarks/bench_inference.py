@@ -26,12 +26,13 @@ from cellvi.model import SCVI
 
 SCVI_SCRIPT = r"""
 import json, sys, time, anndata, scvi, numpy as np
-path, epochs = sys.argv[1], int(sys.argv[2])
+path, epochs, accelerator = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 adata = anndata.read_h5ad(path)
 scvi.settings.seed = 0
 scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
 model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10)
-model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 5})
+model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs={"n_epochs_kl_warmup": 5},
+            accelerator=accelerator)
 calls = {
     "latent": model.get_latent_representation,
     "normalized": model.get_normalized_expression,
@@ -52,9 +53,9 @@ for line in sys.stdin:  # one timed call per request
 class ScviServer:
     """scvi-tools in its own interpreter, timing one call per request."""
 
-    def __init__(self, python: str, data: Path, epochs: int):
+    def __init__(self, python: str, data: Path, epochs: int, accelerator: str):
         self.proc = subprocess.Popen(
-            [python, "-c", SCVI_SCRIPT, str(data), str(epochs)],
+            [python, "-c", SCVI_SCRIPT, str(data), str(epochs), accelerator],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scvi-python", default=None)
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
     adata = cellvi.data.simulate(
         n_cells=args.n_cells, n_genes=args.n_genes, n_batches=2, n_cell_types=5, seed=0
@@ -102,7 +104,7 @@ def main() -> None:
     server = None
     if args.scvi_python:
         adata.copy().write_h5ad(tmp / "data.h5ad")  # before cellvi registers anything
-        server = ScviServer(args.scvi_python, tmp / "data.h5ad", args.epochs)
+        server = ScviServer(args.scvi_python, tmp / "data.h5ad", args.epochs, args.accelerator)
     with cellvi.settings.override(progress_bar_style="none", logging_dir=tmp / "runs"):
         SCVI.setup_anndata(adata, batch_key="batch")
         model = SCVI(adata, n_hidden=128, n_latent=10)
@@ -110,6 +112,7 @@ def main() -> None:
             max_epochs=args.epochs,
             plan_kwargs={"n_epochs_kl_warmup": 5},
             save_resume_checkpoint=False,
+            accelerator=args.accelerator,
         )
     calls = {
         "latent": model.get_latent_representation,

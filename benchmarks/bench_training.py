@@ -39,10 +39,13 @@ SCVI_SCRIPT = r"""
 import json, sys, time, anndata, scvi, torch, numpy as np
 from lightning.pytorch.callbacks import Callback
 path, batch_size, epochs, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+accelerator = sys.argv[5]
 class Clock(Callback):
     def __init__(self):
         self.ends = []
     def on_train_epoch_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
 adata = anndata.read_h5ad(path)
 scvi.settings.seed = seed
@@ -51,7 +54,7 @@ model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb"
 clock = Clock()
 t0 = time.perf_counter()
 model.train(max_epochs=epochs, batch_size=batch_size, train_size=0.9, enable_progress_bar=False,
-            plan_kwargs={"n_epochs_kl_warmup": 1}, callbacks=[clock])
+            plan_kwargs={"n_epochs_kl_warmup": 1}, callbacks=[clock], accelerator=accelerator)
 dt = (time.perf_counter() - t0) / epochs
 elbo = -model.get_elbo(indices=model.validation_indices)
 print(json.dumps({"s_epoch": dt, "ends": [t0, *clock.ends], "elbo_validation": float(elbo)}))
@@ -92,6 +95,8 @@ class EpochClock(Callback):
         self.ends: list[float] = []
 
     def on_train_epoch_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's queued work belongs to this epoch
         self.ends.append(time.perf_counter())
 
 
@@ -112,7 +117,7 @@ def steady_epoch(ends: list[float]) -> float | None:
     return float(np.mean(np.diff(ends[1:]))) if len(ends) >= 3 else None
 
 
-def cellvi_run(adata, batch_size, epochs, *, compile=False):
+def cellvi_run(adata, batch_size, epochs, *, compile=False, accelerator="cpu"):
     """Seconds per epoch (all of ``train()`` over ``epochs``), epoch end times, the model."""
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
@@ -126,16 +131,18 @@ def cellvi_run(adata, batch_size, epochs, *, compile=False):
         enable_progress_bar=False,
         save_resume_checkpoint=False,
         callbacks=[clock],
+        accelerator=accelerator,
     )
     dt = (time.perf_counter() - start) / epochs
     return dt, [start, *clock.ends], model
 
 
-def plain_loop_run(adata, batch_size, epochs):
+def plain_loop_run(adata, batch_size, epochs, accelerator="cpu"):
     """The same module, loader and optimiser in a bare loop: the framework-free floor."""
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
-    module = model.module
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    module = model.module.to(device)
     store = TensorStore.from_manager(model.adata_manager)
     n = adata.n_obs
     train_idx = np.random.default_rng(0).permutation(n)[: int(0.9 * n)]
@@ -147,18 +154,21 @@ def plain_loop_run(adata, batch_size, epochs):
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = module(batch, kl_weight=1.0).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         ends.append(time.perf_counter())
     return (ends[-1] - start) / epochs, ends, model
 
 
-def scvi_run(python: str, data: Path, batch_size: int, epochs: int):
+def scvi_run(python: str, data: Path, batch_size: int, epochs: int, accelerator: str = "cpu"):
     """scvi-tools in its own interpreter: seconds per epoch, epoch ends, held-out ELBO."""
     out = subprocess.run(
-        [python, "-c", SCVI_SCRIPT, str(data), str(batch_size), str(epochs), "0"],
+        [python, "-c", SCVI_SCRIPT, str(data), str(batch_size), str(epochs), "0", accelerator],
         capture_output=True,
         text=True,
         check=True,
@@ -193,6 +203,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per contender")
     parser.add_argument(
+        "--accelerator", choices=["cpu", "gpu"], default="cpu", help="where every contender trains"
+    )
+    parser.add_argument(
         "--memory-cells", type=int, default=0, help="peak-memory mode: cells of the data set"
     )
     args = parser.parse_args()
@@ -202,7 +215,9 @@ def main() -> None:
     density = adata.X.nnz / np.prod(adata.shape)
     print(
         f"{args.n_cells} cells x {args.n_genes} genes, {density:.1%} nonzero, ZINB, "
-        f"n_hidden 128, n_latent 10, {args.epochs} epochs, torch threads {torch.get_num_threads()}"
+        f"n_hidden 128, n_latent 10, {args.epochs} epochs, "
+        f"torch threads {torch.get_num_threads()}, accelerator {args.accelerator}"
+        + (f" ({torch.cuda.get_device_name()})" if args.accelerator == "gpu" else "")
     )
     tmp = Path(tempfile.mkdtemp())
     if args.scvi_python:
@@ -218,18 +233,21 @@ def compare(adata, batch_size: int, args, tmp: Path) -> dict:
     times: dict[str, list[tuple[float, float | None]]] = {}
     elbos: dict[str, float] = {}
     for _ in range(args.rounds):
-        s_epoch, ends, _ = plain_loop_run(adata.copy(), batch_size, args.epochs)
+        where = args.accelerator
+        s_epoch, ends, _ = plain_loop_run(adata.copy(), batch_size, args.epochs, where)
         times.setdefault("plain", []).append((s_epoch, steady_epoch(ends)))
-        s_epoch, ends, model = cellvi_run(adata.copy(), batch_size, args.epochs)
+        s_epoch, ends, model = cellvi_run(adata.copy(), batch_size, args.epochs, accelerator=where)
         times.setdefault("cellvi", []).append((s_epoch, steady_epoch(ends)))
         elbos["cellvi"] = held_out_elbo(model)
         if args.scvi_python:
             s_epoch, ends, elbos["scvi"] = scvi_run(
-                args.scvi_python, tmp / "data.h5ad", batch_size, args.epochs
+                args.scvi_python, tmp / "data.h5ad", batch_size, args.epochs, where
             )
             times.setdefault("scvi", []).append((s_epoch, steady_epoch(ends)))
         if args.compile:
-            s_epoch, ends, model = cellvi_run(adata.copy(), batch_size, args.epochs, compile=True)
+            s_epoch, ends, model = cellvi_run(
+                adata.copy(), batch_size, args.epochs, compile=True, accelerator=where
+            )
             times.setdefault("compiled", []).append((s_epoch, steady_epoch(ends)))
             elbos["compiled"] = held_out_elbo(model)
     med = {
