@@ -13,7 +13,13 @@ from .._constants import REGISTRY_KEYS
 from .._settings import settings
 from ..errors import CellviWarning, check_count
 
-__all__ = ["inference_batches", "inference_batch_size", "resolve_indices", "eval_mode"]
+__all__ = [
+    "inference_batches",
+    "inference_batch_size",
+    "resolve_indices",
+    "eval_mode",
+    "private_rng",
+]
 
 # Inference keeps no activations for gradients, so its minibatches are sized by memory: the
 # largest per-minibatch tensor holds about 2^23 float32 values (32 MB; 4096 cells of 2,000
@@ -55,6 +61,12 @@ def eval_mode(module: torch.nn.Module):
             yield
     finally:
         module.train(was_training)
+
+
+def private_rng(device: torch.device):
+    """Random streams of the CPU and of ``device`` (if a GPU) restored on exit, so that a
+    seeded output leaves the caller's streams where they were."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def inference_batches(

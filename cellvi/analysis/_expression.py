@@ -13,7 +13,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from ..errors import CellviWarning, check_count
-from ._batches import eval_mode, inference_batches, resolve_indices
+from ._batches import eval_mode, inference_batches, private_rng, resolve_indices
 from ._importance import importance_resample
 
 __all__ = [
@@ -144,7 +144,7 @@ def get_normalized_expression(
     shape = (n_samples, len(cell_idx), n_genes) if per_sample else (len(cell_idx), n_genes)
     result = np.empty(shape, dtype=np.float32)
     start = 0
-    with torch.random.fork_rng(devices=[]), eval_mode(module):
+    with private_rng(model.device), eval_mode(module):
         if seed is not None:
             torch.manual_seed(seed)
         per_cell = module.n_input * n_samples

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .._constants import REGISTRY_KEYS
 from ..errors import CellviWarning
-from ._batches import eval_mode, inference_batches
+from ._batches import eval_mode, inference_batches, private_rng
 from ._diagnostics import get_marginal_ll
 
 __all__ = ["get_importance_weights", "importance_resample", "pairwise_log_likelihood"]
@@ -181,7 +181,7 @@ def importance_resample(
     parts: dict[str, list] = {
         k_: [] for k_ in ("z", "log_rho", "theta", "zi_logits", "qz_m", "qz_v")
     }
-    with torch.random.fork_rng(devices=[]), eval_mode(module):
+    with private_rng(model.device), eval_mode(module):
         torch.manual_seed(seed)
         batches = inference_batches(
             model,
@@ -211,7 +211,7 @@ def importance_resample(
         for key, values in parts.items()
         if values
     }
-    with torch.random.fork_rng(devices=[]):  # the anchors' marginal likelihoods draw too
+    with private_rng(model.device):  # the anchors' marginal likelihoods draw too
         torch.manual_seed(seed + 1)
         weights = get_importance_weights(
             model, adata, np.asarray(cell_idx), draws, seed=seed, **kwargs

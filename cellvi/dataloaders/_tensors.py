@@ -215,7 +215,10 @@ def _to_tensor(key: str, value) -> torch.Tensor | CSRTensor | DiskRows:
     if array.ndim == 1:
         array = array.reshape(-1, 1)
     dtype = np.int64 if key in _INT_KEYS else np.float32
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+    array = np.ascontiguousarray(array, dtype=dtype)
+    if not array.flags.writeable:  # pandas >= 3 hands out read-only views (copy-on-write)
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 class TensorStore:

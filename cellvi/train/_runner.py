@@ -296,6 +296,7 @@ def run_training(
             trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as exc:
         plan.restore_last_good_state()
+        _stay_on_training_device(plan, trainer)
         result.history_rows = list(plan.history_rows)
         result.step_rows = list(plan.step_rows)
         last = resume_dir / "last.ckpt"
@@ -307,6 +308,7 @@ def run_training(
     finally:
         for log, level in zip(quiet, old_levels, strict=True):
             log.setLevel(level)
+    _stay_on_training_device(plan, trainer)
     result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
     result.step_rows = list(plan.step_rows)
     result.completed = True
@@ -319,6 +321,14 @@ def run_training(
     result.best_checkpoint = best.best_model_path if best is not None else None
     record(result)
     return result
+
+
+def _stay_on_training_device(plan: TrainingPlan, trainer: pl.Trainer) -> None:
+    """Keep the weights where they were trained: Lightning's teardown moves them to the CPU,
+    and a model trained on a GPU should infer there too (as in scvi-tools)."""
+    device = trainer.strategy.root_device
+    if device.type != "cpu":
+        plan.module.to(device)
 
 
 def _load_best_after_failure(exc: BaseException, checkpoints: list) -> None:

@@ -211,3 +211,18 @@ def test_device_gather_path_equals_scipy():
     idx = torch.tensor([3, 3, 0, 49, 20])
     rows = store.tensors["X"]._rows_torch(idx)
     np.testing.assert_array_equal(rows.numpy(), dense[idx.numpy()].astype(np.float32))
+
+
+def test_read_only_arrays_are_copied_not_shared():
+    # pandas >= 3 (copy-on-write) hands out read-only views of obs columns; torch would warn
+    # and share memory it must not write
+    labels = np.array([0, 1, 1, 2], dtype=np.int64)
+    labels.flags.writeable = False
+    dense = np.eye(4, dtype=np.float32)
+    dense.flags.writeable = False
+    store = TensorStore({"X": dense, "labels": labels})  # warnings are errors in the tests
+    batch = store.gather(torch.tensor([3, 1]))
+    assert batch["labels"].ravel().tolist() == [2, 1]
+    assert batch["X"].tolist() == [[0, 0, 0, 1], [0, 1, 0, 0]]
+    store.tensors["labels"][0] = 7  # the store owns its copy
+    assert labels[0] == 0

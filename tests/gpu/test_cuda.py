@@ -21,7 +21,7 @@ import torch
 import cellvi
 from cellvi.analysis import knn_label_accuracy
 from cellvi.dataloaders import CSRTensor
-from cellvi.errors import NonFiniteLossError, TrainingError
+from cellvi.errors import NonFiniteLossError, TrainingError, TrainingWarning
 from cellvi.model import SCANVI, SCVI
 from cellvi.simulate import true_pairwise_log2fc
 
@@ -77,7 +77,8 @@ def test_training_keeps_weights_on_the_gpu_and_reaches_the_cpu_elbo(sim_small):
     ours = gpu.get_elbo(indices=gpu.validation_indices)
     theirs = cpu.get_elbo(indices=cpu.validation_indices)
     assert abs(ours - theirs) / abs(theirs) < 0.02
-    gpu.train(max_epochs=2, **GPU)  # training again appends, still on the GPU
+    with pytest.warns(TrainingWarning, match="already trained"):
+        gpu.train(max_epochs=2, **GPU)  # training again appends, still on the GPU
     assert len(gpu.history["elbo_train"]) == 42 and gpu.device.type == "cuda"
 
 
@@ -89,7 +90,10 @@ def test_outputs_of_a_gpu_model_have_the_spec_shapes_and_separate_types(gpu_fitt
     assert knn_label_accuracy(latent, model.adata.obs["cell_type"]) >= 0.9
     qz = model.get_latent_representation(return_dist=True)
     np.testing.assert_allclose(qz[0], latent, rtol=1e-6)
+    assert model.device.type == "cuda"  # the weights stay where they were trained
+    state = torch.cuda.get_rng_state()
     expr = model.get_normalized_expression(n_samples=3, transform_batch=["batch_0", "batch_1"])
+    assert torch.equal(torch.cuda.get_rng_state(), state)  # seeded draws, caller's stream kept
     assert expr.shape == (n, g) and np.isfinite(expr.to_numpy()).all()
     np.testing.assert_allclose(expr.sum(axis=1), 1.0, rtol=1e-4)
     sample = model.posterior_predictive_sample(n_samples=2, indices=np.arange(50))
@@ -148,7 +152,8 @@ def test_a_cpu_model_moves_to_the_gpu_and_trains_on(sim_tiny, tmp_path):
     before = model.get_latent_representation()
     model.to_device("cuda:0")
     np.testing.assert_allclose(model.get_latent_representation(), before, rtol=1e-4, atol=1e-5)
-    model.train(max_epochs=2, **GPU)
+    with pytest.warns(TrainingWarning, match="already trained"):
+        model.train(max_epochs=2, **GPU)
     assert model.device.type == "cuda" and len(model.history["elbo_train"]) == 5
 
 
