@@ -140,6 +140,18 @@ def _grow(ref: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, list[slic
     return out, [slice(0, r) for r in ref.shape]
 
 
+class _GradientMask:
+    """A gradient hook zeroing the reference block; its mask follows the module's device."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.mask.device != grad.device:  # the module moved (e.g. to the GPU) after freezing
+            self.mask = self.mask.to(grad.device)
+        return grad * self.mask
+
+
 def freeze_for_query(
     module: torch.nn.Module,
     *,
@@ -194,7 +206,7 @@ def freeze_for_query(
         if not trainable and name in grown:
             mask = torch.ones_like(param, dtype=torch.bool)
             mask[tuple(grown[name])] = False  # reference block stays, new slices train
-            param.register_hook(lambda g, m=mask: g * m)
+            param.register_hook(_GradientMask(mask))
             trainable = True
         param.requires_grad_(trainable)
     for name, m in module.named_modules():

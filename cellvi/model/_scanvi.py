@@ -223,6 +223,7 @@ class SCANVI(SCVI):
         own = model.module.state_dict()
         copied = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
         model.module.load_state_dict(copied, strict=False)
+        model.module.to(scvi_model.device)  # where the SCVI was trained
         skipped = sorted(set(ref) - set(copied))
         if skipped:
             logger.info(

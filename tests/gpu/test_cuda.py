@@ -261,11 +261,18 @@ def test_scanvi_and_query_mapping_on_the_gpu():
     truth = query.obs["cell_type"].astype(str).to_numpy()
     query.obs["labels"] = "Unknown"
     SCVI.setup_anndata(ref, batch_key="batch")
-    scvi_ref = SCVI(ref, n_latent=8)
+    scvi_ref = SCVI(ref, n_latent=8, dispersion="gene-batch")  # px_r grows for the query
     scvi_ref.train(max_epochs=60, plan_kwargs={"n_epochs_kl_warmup": 10}, **GPU)
+    scvi_query = SCVI.load_query_data(query.copy(), scvi_ref)
+    px_r = scvi_query.module.px_r.detach().clone()
+    scvi_query.train(max_epochs=5, plan_kwargs={"weight_decay": 0.0}, **GPU)
+    # the gradient mask (made before the move to the GPU) keeps the reference's columns
+    torch.testing.assert_close(scvi_query.module.px_r[:, :2], px_r[:, :2], rtol=0, atol=0)
+    assert not torch.equal(scvi_query.module.px_r[:, 2], px_r[:, 2])
+
     reference = SCANVI.from_scvi_model(scvi_ref, "Unknown", labels_key="labels")
+    assert reference.device.type == "cuda"  # beside the SCVI it starts from
     reference.train(max_epochs=10, **GPU)
-    assert reference.device.type == "cuda"
     q = SCANVI.load_query_data(query, reference)
     q.train(max_epochs=40, plan_kwargs={"weight_decay": 0.0}, **GPU)
     assert q.device.type == "cuda"
