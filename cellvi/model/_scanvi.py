@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,8 @@ from ..analysis import eval_mode, inference_batches
 from ..data import AnnDataManager, standard_fields
 from ..dataloaders import SemiSupervisedDataSplitter
 from ..errors import CellviWarning, SetupError
-from ..module import SCANVAE
+from ..module import EXTRA_KWARGS, SCANVAE
+from ..nn import VARIANCE_ACTIVATIONS, activation_name
 from ..train import UNSET, SemiSupervisedTrainingPlan
 from ._base import seed_torch
 from ._scvi import SCVI
@@ -345,7 +347,7 @@ def _drop_repeated_architecture(scvi_model: SCVI, given: dict) -> None:
         )
     defaults = {n: params[n].default for n in names}
     used = {**defaults, **_architecture_of(scvi_model)}
-    differ = {n: v for n, v in given.items() if v != used.get(n)}
+    differ = {n: v for n, v in given.items() if _stored(n, v) != _stored(n, used.get(n))}
     if differ:
         warnings.warn(
             "from_scvi_model keeps the SCVI model's architecture; ignored: "
@@ -353,3 +355,17 @@ def _drop_repeated_architecture(scvi_model: SCVI, given: dict) -> None:
             CellviWarning,
             stacklevel=3,
         )
+
+
+def _stored(name: str, value):
+    """An architecture value as the module configuration stores it (``torch.exp`` as
+    ``"exp"``), so that the same choice written two ways compares equal."""
+    try:
+        if name == "var_activation" and value is not None:
+            return activation_name(value, VARIANCE_ACTIVATIONS, name)
+        if name in EXTRA_KWARGS and isinstance(value, Mapping):
+            checks = EXTRA_KWARGS[name]
+            return {k: checks[k](v, name) if k in checks else v for k, v in value.items()}
+    except (TypeError, ValueError):  # not a valid choice: compared as given
+        pass
+    return value

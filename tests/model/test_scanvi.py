@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -90,6 +92,31 @@ def test_from_scvi_model_drops_repeated_architecture_with_a_warning(labeled_sim)
     assert model.module.config.n_latent == 6  # the SCVI's, so its weights fit
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['n_epochs'\]"):
         SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels", n_epochs=3)
+
+
+def test_from_scvi_model_takes_the_same_activation_written_as_a_torch_object(labeled_sim):
+    adata, _ = labeled_sim
+    SCVI.setup_anndata(adata, batch_key="batch")
+    scvi_model = SCVI(
+        adata,
+        n_latent=6,
+        var_activation="softplus",
+        extra_encoder_kwargs={"activation_fn": "leaky_relu"},
+    )
+    with cellvi.settings.override(progress_bar_style="none"):
+        scvi_model.train(max_epochs=1, save_resume_checkpoint=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same choices: nothing to warn about
+        model = SCANVI.from_scvi_model(
+            scvi_model,
+            "Unknown",
+            labels_key="labels",
+            var_activation=torch.nn.functional.softplus,
+            extra_encoder_kwargs={"activation_fn": torch.nn.LeakyReLU},
+        )
+    assert model.module.config.var_activation == "softplus"
+    with pytest.warns(CellviWarning, match=r"ignored: var_activation=<built-in method exp"):
+        SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels", var_activation=torch.exp)
 
 
 def test_scanvi_query_mapping_predicts_labels_of_a_new_batch():
