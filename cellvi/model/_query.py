@@ -34,9 +34,10 @@ def _match_key(query: anndata.AnnData, ref_names: pd.Index) -> tuple[pd.Index, s
     """Query gene identifiers that best match the reference (var_names or a var column)."""
     candidates = [("var_names", query.var_names)]
     for column in query.var.columns:
-        if query.var[column].dtype == object or isinstance(
-            query.var[column].dtype, pd.CategoricalDtype
-        ):
+        dtype = query.var[column].dtype
+        # text columns: object, pandas' string dtypes (the default for text in pandas >= 3)
+        # or categories
+        if pd.api.types.is_string_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
             candidates.append((f"var[{column!r}]", pd.Index(query.var[column].astype(str))))
     best = max(candidates, key=lambda c: c[1].isin(ref_names).sum())
     return best[1], best[0]

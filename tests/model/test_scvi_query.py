@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -42,10 +43,12 @@ def test_prepare_query_reorders_pads_and_drops_genes(tmp_path, ref_and_query):
     )
 
 
-def test_prepare_query_matches_by_an_identifier_column(ref_and_query):
+@pytest.mark.parametrize("dtype", [object, "string", "category"])
+def test_prepare_query_matches_by_an_identifier_column(ref_and_query, dtype):
     ref, query = ref_and_query
     model = _reference(ref, epochs=1)
-    query.var["symbol"] = list(query.var_names)
+    # text columns are "string" by default in pandas >= 3
+    query.var["symbol"] = pd.Series(list(query.var_names), index=query.var_names, dtype=dtype)
     query.var_names = [f"ENSG{i:05d}" for i in range(query.n_vars)]
     out = SCVI.prepare_query_anndata(query, model, inplace=False)
     assert list(out.var_names) == list(ref.var_names) and out.X.sum() == query.X.sum()
