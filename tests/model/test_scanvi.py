@@ -43,7 +43,7 @@ def test_scanvi_from_scvi_predicts_hidden_labels(labeled_sim):
     # models.md: accuracy on unlabeled cells >= 0.9 (reference 0.99)
     assert (pred[hidden] == truth[hidden]).mean() >= 0.9
     soft = model.predict(soft=True)
-    np.testing.assert_allclose(soft.sum(1), 1, rtol=1e-5)
+    np.testing.assert_allclose(soft.sum(axis=1), 1, rtol=1e-5)
     assert (soft.columns[soft.to_numpy().argmax(1)] == pred).all()
     # columns in code order: sorted labels with "Unknown" swapped into the last code
     assert list(soft.columns) == model.labels_ == ["type_3", "type_0", "type_1", "type_2"]
