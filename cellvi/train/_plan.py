@@ -55,7 +55,9 @@ class TrainingPlan(pl.LightningModule):
         self.n_obs_validation: int | None = None
         self.history_rows: list[dict] = []
         self.step_rows: list[dict] = []  # with ``on_step``: the loss of every training step
-        self._stats: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}  # per split: summed loss terms
+        self._counts: dict[str, list[int]] = {}  # per split: minibatches, cells
+        self._trainable: list[torch.nn.Parameter] = []
         self._val_row: dict[str, float] = {}
         self._last_good_state = None
         self._current_batch: dict = {}
@@ -95,20 +97,23 @@ class TrainingPlan(pl.LightningModule):
 
     # ------------------------------------------------------------------- steps
     def _accumulate(self, split: str, out: LossOutput) -> None:
+        # loss sums stay on the device (no copy to the host per step); the minibatch and cell
+        # counts are host numbers, so no host value travels to a GPU per step either
         row = torch.stack(
             [
                 out.loss.detach(),
                 out.reconstruction_loss.detach().sum(),
                 out.kl_local.detach().sum(),
                 out.kl_global.detach().to(out.loss.device),
-                torch.ones((), device=out.loss.device),
-                torch.tensor(float(out.n_obs), device=out.loss.device),
             ]
         )
         if split in self._stats:
             self._stats[split] += row
         else:
             self._stats[split] = row
+        counts = self._counts.setdefault(split, [0, 0])
+        counts[0] += 1
+        counts[1] += out.n_obs
 
     def training_step(self, batch, batch_idx):
         self._kl_weight_used = self.kl_weight  # the history records the last step's weight
@@ -132,11 +137,16 @@ class TrainingPlan(pl.LightningModule):
             return self._forward(batch, kl_weight=kl_weight, **self.config.loss_kwargs)
         return self.module(batch, kl_weight=self.kl_weight, **self.config.loss_kwargs)
 
+    def on_train_start(self) -> None:
+        # the parameters are fixed for the run: list them once, not at every step
+        self._trainable = [p for p in self.module.parameters() if p.requires_grad]
+
     def on_after_backward(self) -> None:
         if not self.config.check_gradients:
             return
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        # one norm per tensor (a NaN or inf anywhere makes its norm non-finite), one check
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             self._raise_nonfinite("gradient", self._current_batch, self._current_batch_idx)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -156,16 +166,20 @@ class TrainingPlan(pl.LightningModule):
     # ------------------------------------------------------------ epoch metrics
     def on_train_epoch_start(self) -> None:
         self._stats.pop("train", None)
+        self._counts.pop("train", None)
         if self._last_good_state is None:
             self._snapshot()
 
     def on_validation_epoch_start(self) -> None:
         self._stats.pop("validation", None)
+        self._counts.pop("validation", None)
 
     def _epoch_metrics(self, split: str, n_obs_split: int | None) -> dict[str, float]:
-        stats = self._stats.get(split)
-        if stats is None:
+        sums = self._stats.get(split)
+        if sums is None:
             return {}
+        counts = torch.tensor(self._counts[split], dtype=sums.dtype, device=sums.device)
+        stats = torch.cat([sums, counts])
         if self.trainer is not None and self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats.clone(), reduce_op="sum")
         loss, rec, kl_l, kl_g, n_batches, n_cells = (float(v) for v in stats.cpu())
@@ -188,6 +202,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_row = metrics
 
     def on_train_epoch_end(self) -> None:
+        self._check_weights()  # before the epoch counts as finished and becomes the snapshot
         metrics = self._epoch_metrics("train", self.n_obs_training)
         metrics["kl_weight"] = float(getattr(self, "_kl_weight_used", self.kl_weight))
         if self.log_learning_rate:
@@ -217,6 +232,22 @@ class TrainingPlan(pl.LightningModule):
     def _snapshot(self) -> None:
         """Remember the current (finite) weights so a NaN can be rolled back."""
         self._last_good_state = copy.deepcopy(self.module.state_dict())
+
+    def _check_weights(self) -> None:
+        """Refuse to end an epoch on non-finite weights (possible with ``check_gradients=False``:
+        a NaN gradient under a finite loss), so the snapshot stays the last finite state."""
+        params = list(self.module.named_parameters())
+        if bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            return
+        bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
+        raise NonFiniteLossError(
+            f"The weights became NaN/inf during epoch {self.current_epoch} ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}) while every minibatch's loss was finite: a "
+            "gradient was NaN/inf. The weights were rolled back to the last finite state (end "
+            "of the previous epoch). Train with plan_kwargs={'check_gradients': True} (the "
+            "default) to stop at the step and minibatch where it happens; a learning rate that "
+            "is too high or no gradient clipping (gradient_clip_val=1.0) are likely causes."
+        )
 
     def restore_last_good_state(self) -> bool:
         """Load the last finite weights into the module; True if there were any."""
