@@ -295,8 +295,11 @@ def run_training(
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
             trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as exc:
-        plan.restore_last_good_state()
-        _stay_on_training_device(plan, trainer)
+        try:
+            plan.restore_last_good_state()
+            _stay_on_training_device(plan, trainer)
+        except Exception as cleanup:  # e.g. a CUDA error left the device unusable
+            exc.add_note(f"The weights could not be rolled back: {cleanup!r}")
         result.history_rows = list(plan.history_rows)
         result.step_rows = list(plan.step_rows)
         last = resume_dir / "last.ckpt"
