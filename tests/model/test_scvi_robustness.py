@@ -130,26 +130,18 @@ def test_different_seed_gives_different_latents(sim_tiny):
     assert not np.allclose(model.get_latent_representation(), other.get_latent_representation())
 
 
-class _NanGradientAt(pl.Callback):
+class _NanGradientAt(_PoisonAt):
     """Makes one decoder weight's gradient NaN at one step (the loss there stays finite)."""
 
-    def __init__(self, epoch):
-        self.epoch = epoch
-        self.epoch_end_weights = None
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch - 1:
-            self.epoch_end_weights = _weights(pl_module)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == 1:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
             weight = pl_module.module.decoder.px_scale_decoder.weight
             handle = weight.register_hook(lambda g: (handle.remove(), g * float("nan"))[1])
 
 
 def test_a_nan_gradient_under_a_finite_loss_is_caught_and_weights_roll_back(sim_tiny):
     model = _model(sim_tiny)
-    poison = _NanGradientAt(epoch=1)
+    poison = _NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
         NonFiniteLossError, match=r"training gradient became NaN/inf at epoch 1, step 3 "
     ):
@@ -163,7 +155,7 @@ def test_without_the_gradient_check_nan_weights_never_become_the_rollback_state(
     # the NaN gradient of the epoch's last step makes the weights NaN while every loss of the
     # epoch was finite: the epoch must not end (and be snapshotted) on those weights
     model = _model(sim_tiny)
-    poison = _NanGradientAt(epoch=1)
+    poison = _NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
         NonFiniteLossError,
         match=r"weights became NaN/inf during epoch 1 \(decoder.px_scale_decoder.weight",
