@@ -58,6 +58,7 @@ class TrainingPlan(pl.LightningModule):
         self._stats: dict[str, torch.Tensor] = {}  # per split: summed loss terms
         self._counts: dict[str, list[int]] = {}  # per split: minibatches, cells
         self._trainable: list[torch.nn.Parameter] = []
+        self.trained_on: torch.device | None = None
         self._val_row: dict[str, float] = {}
         self._last_good_state = None
         self._current_batch: dict = {}
@@ -140,6 +141,8 @@ class TrainingPlan(pl.LightningModule):
     def on_train_start(self) -> None:
         # the parameters are fixed for the run: list them once, not at every step
         self._trainable = [p for p in self.module.parameters() if p.requires_grad]
+        # where this process trains (unset in a launching process whose workers train)
+        self.trained_on = self.device
 
     def on_after_backward(self) -> None:
         if not self.config.check_gradients:

@@ -214,6 +214,7 @@ def run_training(
     _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
     _tune_allocator()
     plan.module.train()
+    plan.trained_on = None  # set by the process that trains (see _stay_on_training_device)
     plan.log_learning_rate = cfg.learning_rate_monitor or plan.config.reduce_lr_on_plateau
     plan.n_obs_training = len(datamodule.train_idx)
     plan.n_obs_validation = n_val
@@ -327,10 +328,15 @@ def run_training(
 
 
 def _stay_on_training_device(plan: TrainingPlan, trainer: pl.Trainer) -> None:
-    """Keep the weights where they were trained: Lightning's teardown moves them to the CPU,
-    and a model trained on a GPU should infer there too (as in scvi-tools)."""
-    device = trainer.strategy.root_device
-    if device.type != "cpu":
+    """Keep the weights where this process trained them: Lightning's teardown moves them to
+    the CPU, and a model trained on a GPU should infer there too (as in scvi-tools).
+
+    When spawned or forked workers trained (``ddp_spawn``, ``ddp_notebook``), the weights
+    stay on the CPU: starting CUDA in the launching process would stop it from forking
+    workers for the next run.
+    """
+    device = plan.trained_on
+    if device is not None and device.type != "cpu":
         plan.module.to(device)
 
 
