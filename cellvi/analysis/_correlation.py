@@ -70,4 +70,4 @@ def get_feature_correlation_matrix(
             data = _rank_columns(data)
         matrices.append(np.corrcoef(data, rowvar=False))
     names = model.registry_["field_registries"]["X"]["state_registry"]["column_names"]
-    return pd.DataFrame(np.mean(matrices, axis=0), index=names, columns=names)
+    return pd.DataFrame(np.mean(matrices, axis=0), index=names, columns=names, copy=False)
