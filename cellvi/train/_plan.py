@@ -181,8 +181,9 @@ class TrainingPlan(pl.LightningModule):
         sums = self._stats.get(split)
         if sums is None:
             return {}
-        counts = torch.tensor(self._counts[split], dtype=sums.dtype, device=sums.device)
-        stats = torch.cat([sums, counts])
+        # float32 whatever the loss precision: counts stay exact up to 2^24 cells per rank
+        counts = torch.tensor(self._counts[split], dtype=torch.float32, device=sums.device)
+        stats = torch.cat([sums.float(), counts])
         if self.trainer is not None and self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats.clone(), reduce_op="sum")
         loss, rec, kl_l, kl_g, n_batches, n_cells = (float(v) for v in stats.cpu())
