@@ -17,7 +17,7 @@ step() {  # step NAME SECONDS COMMAND...
     shift 2
     echo "=== $name (limit ${limit}s)"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1  # SIGTERM may be caught
     local rc=$?
     echo "=== $name rc=$rc in $((SECONDS - t0))s"
     tail -n "${TAIL:-15}" "$OUT/$name.log"
@@ -39,5 +39,7 @@ step bench_training "${BENCH_TRAIN_S:-150}" $PY benchmarks/bench_training.py \
     --accelerator gpu --epochs 3 --rounds 2 "${SCVI_ARG[@]}"
 step bench_inference "${BENCH_INF_S:-100}" $PY benchmarks/bench_inference.py \
     --accelerator gpu --epochs 5 --rounds 3 "${SCVI_ARG[@]}"
+PARALLEL=()  # pytest-xdist, where installed, runs the suite in 8 processes
+$PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8 -p no:benchmark)
 TAIL=40 step suite_on_gpu "${SUITE_S:-110}" $PY -m pytest tests/model tests/analysis -q \
-    -p no:cacheprovider -p no:benchmark --maxfail=15 -n 8 -rfE "${LENIENT[@]}"
+    -p no:cacheprovider --maxfail=15 -rfE "${PARALLEL[@]}" "${LENIENT[@]}"
