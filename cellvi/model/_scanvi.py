@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -16,8 +15,7 @@ from ..analysis import eval_mode, inference_batches
 from ..data import AnnDataManager, standard_fields
 from ..dataloaders import SemiSupervisedDataSplitter
 from ..errors import CellviWarning, SetupError
-from ..module import EXTRA_KWARGS, SCANVAE
-from ..nn import VARIANCE_ACTIVATIONS, activation_name
+from ..module import SCANVAE, VAEConfig
 from ..train import UNSET, SemiSupervisedTrainingPlan
 from ._base import seed_torch
 from ._scvi import SCVI
@@ -360,12 +358,9 @@ def _drop_repeated_architecture(scvi_model: SCVI, given: dict) -> None:
 def _stored(name: str, value):
     """An architecture value as the module configuration stores it (``torch.exp`` as
     ``"exp"``), so that the same choice written two ways compares equal."""
+    if name not in VAEConfig.field_names():
+        return value
     try:
-        if name == "var_activation" and value is not None:
-            return activation_name(value, VARIANCE_ACTIVATIONS, name)
-        if name in EXTRA_KWARGS and isinstance(value, Mapping):
-            checks = EXTRA_KWARGS[name]
-            return {k: checks[k](v, name) if k in checks else v for k, v in value.items()}
+        return getattr(VAEConfig(**{name: value}), name)
     except (TypeError, ValueError):  # not a valid choice: compared as given
-        pass
-    return value
+        return value
