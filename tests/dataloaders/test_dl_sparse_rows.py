@@ -38,21 +38,24 @@ def test_dense_view_sums_and_values():
     np.testing.assert_allclose(logged.to_dense().numpy(), np.log1p(dense), rtol=1e-6)
 
 
-def test_linear_equals_dense_linear_with_a_dense_tail():
+# 8: one block; 64: exactly one CPU block; 130: two full blocks and a partial one
+@pytest.mark.parametrize("n_out", [8, 64, 130])
+def test_linear_equals_dense_linear_with_a_dense_tail(n_out):
     torch.manual_seed(0)
     dense = _counts()
     rows = _rows(dense).map_values(torch.log1p)
     x = torch.log1p(torch.from_numpy(dense))
     tail = torch.randn(dense.shape[0], 3)
-    weight, bias = torch.randn(8, dense.shape[1] + 3), torch.randn(8)
+    weight, bias = torch.randn(n_out, dense.shape[1] + 3), torch.randn(n_out)
     expected = F.linear(torch.cat([x, tail], dim=1), weight, bias)
     torch.testing.assert_close(rows.linear(weight, bias, tail), expected, rtol=1e-5, atol=1e-5)
     no_tail = F.linear(x, weight[:, : dense.shape[1]])
     got = rows.linear(weight[:, : dense.shape[1]])
+    assert got.shape == (dense.shape[0], n_out) and got.is_contiguous()
     torch.testing.assert_close(got, no_tail, rtol=1e-5, atol=1e-5)
-    assert torch.equal(got[[0, 7, dense.shape[0] - 1]], torch.zeros(3, 8))  # empty rows
+    assert torch.equal(got[[0, 7, dense.shape[0] - 1]], torch.zeros(3, n_out))  # empty rows
     with pytest.raises(ValueError, match="expected 28"):
-        rows.linear(torch.randn(8, 30), tail=tail)
+        rows.linear(torch.randn(n_out, 30), tail=tail)
 
 
 def test_zero_rows_and_mismatched_buffers():
