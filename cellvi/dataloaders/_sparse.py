@@ -126,8 +126,8 @@ class SparseRows:
     def _bag(self, table: torch.Tensor) -> torch.Tensor:
         """``Σ_j values[j] * table[indices[j]]`` per row: the sparse rows times ``table``
         (``(n_cols, k)``, any strides; on a CPU in blocks of ``CPU_BAG_COLUMNS`` columns)."""
-        if self.shape[0] == 0:
-            return table.new_zeros(0, table.shape[1])
+        if self.shape[0] == 0 or table.shape[1] == 0:
+            return table.new_zeros(self.shape[0], table.shape[1])
         weights = self.values.to(table.dtype)
         width = CPU_BAG_COLUMNS if table.device.type == "cpu" else table.shape[1]
         blocks = [

@@ -65,6 +65,8 @@ def test_zero_rows_and_mismatched_buffers():
     assert empty.shape == (0, 5)
     assert empty.linear(torch.randn(4, 5)).shape == (0, 4)
     assert empty.row_sums().shape == (0, 1)
+    rows = _rows(_counts())
+    assert rows.linear(torch.randn(0, rows.shape[1])).shape == (rows.shape[0], 0)
     with pytest.raises(ValueError, match="one shape"):
         SparseRows(torch.zeros(3), torch.zeros(2, dtype=torch.long), torch.tensor([0, 3]), 5)
 
