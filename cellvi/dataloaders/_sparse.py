@@ -10,9 +10,9 @@ import torch.nn.functional as F
 __all__ = ["SparseRows"]
 
 # On a CPU the sparse product runs over blocks of 64 output columns: fbgemm's embedding_bag
-# sums 64-float rows about 1.4x faster per value than 128-float ones (2,000 genes x 128 hidden,
-# 5-30% nonzero; see ``benchmarks/bench_inference.py``), enough to pay for a second pass over
-# the indices. On a GPU one pass is fastest.
+# sums 64-float rows 1.3-1.4x faster per value than 128-float ones (500-20,000 genes, 3-31%
+# nonzero; ``benchmarks/bench_sparse_product.py``), enough to pay for a second pass over the
+# indices. On a GPU the product stays one pass: the blocking was measured on CPUs only.
 CPU_BAG_COLUMNS = 64
 
 
