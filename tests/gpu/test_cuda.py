@@ -282,11 +282,11 @@ def test_scanvi_and_query_mapping_on_the_gpu():
 @pytest.fixture
 def restore_determinism_flags():
     """``deterministic=True`` makes Lightning switch torch's global flags: put them back."""
-    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    cudnn = torch.backends.cudnn
+    flags = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic)
     yield
     torch.use_deterministic_algorithms(flags[0])
-    torch.backends.cudnn.benchmark = flags[1]
-    torch.backends.cudnn.deterministic = False
+    cudnn.benchmark, cudnn.deterministic = flags[1], flags[2]
 
 
 def test_deterministic_gpu_runs_give_identical_weights_and_latents(
