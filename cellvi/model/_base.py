@@ -123,6 +123,24 @@ class BaseModel:
         """One argument of the setup call, as the user passed it."""
         return self.registry_["setup_args"][name]
 
+    def get_anndata_manager(self, adata=None, required: bool = False) -> AnnDataManager | None:
+        """The manager that registered ``adata`` (default: the model's AnnData) for this model
+        class, or None when there is none (``required=True`` raises a :class:`SetupError`).
+
+        Unlike an analysis call on ``adata``, this never registers it.
+        """
+        if adata is None or adata is self.adata:
+            if self.adata_manager is None and required:
+                raise SetupError("This model has no AnnData; pass the AnnData to look up.")
+            return self.adata_manager
+        return self._store.get(adata, required=required)
+
+    def get_from_registry(self, adata, registry_key: str):
+        """The array ``adata`` registered under ``registry_key`` (``"X"``, ``"batch"``,
+        ``"labels"``, ...) for this model class, as stored in the AnnData."""
+        manager = self.get_anndata_manager(adata, required=True)
+        return manager.get_from_registry(registry_key)
+
     def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
         """Print how ``adata`` (default: the model's AnnData) is registered."""
         manager = self.adata_manager if adata is None else self._manager_for(adata)

@@ -113,3 +113,35 @@ def test_mapped_query_transfers_labels_and_mixes_with_reference(ref_and_query):
     types = np.r_[ref_types, query.obs["cell_type"].to_numpy()]
     # 1/3 query cells: kNN "is query" accuracy of 1.0 would mean no mixing at all
     assert batch_mixing(both, is_query, types) <= 0.9
+
+
+def test_registry_lookups_find_each_anndata_manager_without_registering(sim_tiny):
+    from cellvi.errors import SetupError
+    from cellvi.model import SCANVI
+
+    ref = sim_tiny.copy()
+    SCVI.setup_anndata(ref, batch_key="batch")
+    model = SCVI(ref, n_latent=4)
+    assert model.get_anndata_manager() is model.adata_manager
+    assert model.get_anndata_manager(ref) is model.adata_manager
+    codes = model.get_from_registry(ref, "batch")
+    expected = ref.obs["batch"].cat.codes.to_numpy()[:, None]
+    np.testing.assert_array_equal(codes, expected)
+    assert model.get_from_registry(ref, "X") is ref.X
+
+    other = sim_tiny[:50].copy()
+    SCVI.setup_anndata(other, batch_key="batch")
+    assert model.get_anndata_manager(other).adata is other
+    np.testing.assert_array_equal(model.get_from_registry(other, "batch"), expected[:50])
+
+    fresh = sim_tiny[:20].copy()  # never set up: looked up, not registered
+    assert model.get_anndata_manager(fresh) is None
+    with pytest.raises(SetupError, match="setup_anndata"):
+        model.get_from_registry(fresh, "X")
+    assert model.get_anndata_manager(fresh) is None
+
+    labelled = sim_tiny[:30].copy()  # set up for another model class only
+    SCANVI.setup_anndata(labelled, labels_key="cell_type", unlabeled_category="Unknown")
+    assert model.get_anndata_manager(labelled) is None
+    with pytest.raises(SetupError, match="not set up for SCVI"):
+        model.get_anndata_manager(labelled, required=True)
