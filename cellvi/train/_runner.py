@@ -298,7 +298,7 @@ def run_training(
     except BaseException as exc:
         try:
             plan.restore_last_good_state()
-            _stay_on_training_device(plan, trainer)
+            _stay_on_training_device(plan)
         except Exception as cleanup:  # e.g. a CUDA error left the device unusable
             exc.add_note(f"The weights could not be rolled back: {cleanup!r}")
         result.history_rows = list(plan.history_rows)
@@ -312,7 +312,7 @@ def run_training(
     finally:
         for log, level in zip(quiet, old_levels, strict=True):
             log.setLevel(level)
-    _stay_on_training_device(plan, trainer)
+    _stay_on_training_device(plan)
     result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
     result.step_rows = list(plan.step_rows)
     result.completed = True
@@ -327,7 +327,7 @@ def run_training(
     return result
 
 
-def _stay_on_training_device(plan: TrainingPlan, trainer: pl.Trainer) -> None:
+def _stay_on_training_device(plan: TrainingPlan) -> None:
     """Keep the weights where this process trained them: Lightning's teardown moves them to
     the CPU, and a model trained on a GPU should infer there too (as in scvi-tools).
 

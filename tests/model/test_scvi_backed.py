@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import warnings
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _callbacks import SignalAtEpoch, resume_checkpoint
 
 import cellvi
 from cellvi.analysis import knn_label_accuracy
@@ -57,15 +55,6 @@ def test_trained_on_disk_it_learns_and_infers_exactly_as_from_memory(sim, tmp_pa
     np.testing.assert_allclose(de_disk.loc[de_mem.index, "proba_de"], de_mem["proba_de"])
 
 
-class _SigtermAt(pl.Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_resume_from_disk_is_exact(sim, tmp_path):
     sim = sim[:300].copy()
     path = tmp_path / "sim.h5ad"
@@ -82,13 +71,8 @@ def test_resume_from_disk_is_exact(sim, tmp_path):
         reference.train(**kwargs)
         resumed = model()
         with pytest.raises(TrainingError) as info:
-            resumed.train(**kwargs, callbacks=[_SigtermAt(2)])
-        ckpt = next(
-            n.split("ckpt_path='")[1].split("'")[0]
-            for n in info.value.__notes__
-            if "ckpt_path" in n
-        )
-        resumed.train(**kwargs, ckpt_path=ckpt)
+            resumed.train(**kwargs, callbacks=[SignalAtEpoch(2)])
+        resumed.train(**kwargs, ckpt_path=resume_checkpoint(info.value))
     for name, value in reference.module.state_dict().items():
         torch.testing.assert_close(resumed.module.state_dict()[name], value, rtol=0, atol=0)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _callbacks import NanGradientAt, PoisonAt, SignalAtEpoch, resume_checkpoint
 
 from cellvi.errors import NonFiniteLossError, TrainingError
 from cellvi.model import SCVI
@@ -23,19 +22,10 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
 
-class _SignalAtEpoch(pl.Callback):
-    def __init__(self, epoch, signum=signal.SIGTERM):
-        self.epoch, self.signum = epoch, signum
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), self.signum)
-
-
 def test_sigterm_keeps_finished_epochs_and_names_the_resume_checkpoint(sim_tiny):
     model = _model(sim_tiny)
     with pytest.raises(TrainingError, match="interrupted by SIGTERM") as info:
-        model.train(max_epochs=5, callbacks=[_SignalAtEpoch(3)])
+        model.train(max_epochs=5, callbacks=[SignalAtEpoch(3)])
     notes = "\n".join(info.value.__notes__)
     assert "end of epoch 3" in notes and "ckpt_path=" in notes and "last.ckpt" in notes
     assert list(model.history["elbo_train"].index) == [0, 1, 2]
@@ -47,7 +37,7 @@ def test_ctrl_c_is_caught_without_exiting_the_process(sim_tiny):
     model = _model(sim_tiny)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job
     with pytest.raises(TrainingError, match="interrupted by SIGINT"):
-        model.train(max_epochs=4, callbacks=[_SignalAtEpoch(1, signal.SIGINT)])
+        model.train(max_epochs=4, callbacks=[SignalAtEpoch(1, signal.SIGINT)])
     assert list(model.history["elbo_train"].index) == [0]
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
 
@@ -63,11 +53,8 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(sim_tiny):
 
     model = _model(sim_tiny.copy())
     with pytest.raises(TrainingError) as info:
-        model.train(**kwargs, callbacks=[_SignalAtEpoch(2)])
-    ckpt = next(
-        n.split("ckpt_path='")[1].split("'")[0] for n in info.value.__notes__ if "ckpt_path" in n
-    )
-    model.train(**kwargs, ckpt_path=ckpt)
+        model.train(**kwargs, callbacks=[SignalAtEpoch(2)])
+    model.train(**kwargs, ckpt_path=resume_checkpoint(info.value))
 
     for name, ref_value in _weights(reference).items():
         torch.testing.assert_close(_weights(model)[name], ref_value, rtol=0, atol=0, msg=name)
@@ -77,35 +64,15 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(sim_tiny):
     np.testing.assert_array_equal(model.train_indices, reference.train_indices)
 
 
-class _PoisonAt(pl.Callback):
-    """Puts a NaN into a decoder weight at a given step, and records the weights before."""
-
-    def __init__(self, epoch, batch_idx):
-        self.epoch, self.batch_idx = epoch, batch_idx
-        self.epoch_end_weights = None
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch - 1:
-            self.epoch_end_weights = {
-                k: v.clone() for k, v in pl_module.module.state_dict().items()
-            }
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
-            with torch.no_grad():
-                pl_module.module.decoder.px_scale_decoder.weight[0, 0] = float("nan")
-
-
 def test_nan_loss_is_caught_at_its_step_and_weights_roll_back(sim_tiny):
     model = _model(sim_tiny)
-    poison = _PoisonAt(epoch=1, batch_idx=0)
+    poison = PoisonAt(epoch=1, batch_idx=0)
     with pytest.raises(
         NonFiniteLossError,
         match=r"epoch 1, step 2 .*Batch categories in it: \['batch_0', 'batch_1'\].*not raw counts",
     ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison])
-    for name, value in poison.epoch_end_weights.items():
-        torch.testing.assert_close(model.module.state_dict()[name], value, msg=name)
+    poison.assert_rolled_back(model)
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
     assert list(model.history["elbo_train"].index) == [0]
 
@@ -130,24 +97,14 @@ def test_different_seed_gives_different_latents(sim_tiny):
     assert not np.allclose(model.get_latent_representation(), other.get_latent_representation())
 
 
-class _NanGradientAt(_PoisonAt):
-    """Makes one decoder weight's gradient NaN at one step (the loss there stays finite)."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
-            weight = pl_module.module.decoder.px_scale_decoder.weight
-            handle = weight.register_hook(lambda g: (handle.remove(), g * float("nan"))[1])
-
-
 def test_a_nan_gradient_under_a_finite_loss_is_caught_and_weights_roll_back(sim_tiny):
     model = _model(sim_tiny)
-    poison = _NanGradientAt(epoch=1, batch_idx=1)
+    poison = NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
         NonFiniteLossError, match=r"training gradient became NaN/inf at epoch 1, step 3 "
     ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison])
-    for name, value in poison.epoch_end_weights.items():
-        torch.testing.assert_close(model.module.state_dict()[name], value, msg=name)
+    poison.assert_rolled_back(model)
     assert list(model.history["elbo_train"].index) == [0]
 
 
@@ -155,7 +112,7 @@ def test_without_the_gradient_check_nan_weights_never_become_the_rollback_state(
     # the NaN gradient of the epoch's last step makes the weights NaN while every loss of the
     # epoch was finite: the epoch must not end (and be snapshotted) on those weights
     model = _model(sim_tiny)
-    poison = _NanGradientAt(epoch=1, batch_idx=1)
+    poison = NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
         NonFiniteLossError,
         match=r"weights became NaN/inf during epoch 1 \(decoder.px_scale_decoder.weight",
@@ -166,7 +123,6 @@ def test_without_the_gradient_check_nan_weights_never_become_the_rollback_state(
             callbacks=[poison],
             plan_kwargs={"check_gradients": False},
         )
-    for name, value in poison.epoch_end_weights.items():
-        torch.testing.assert_close(model.module.state_dict()[name], value, msg=name)
+    poison.assert_rolled_back(model)
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
     assert list(model.history["elbo_train"].index) == [0]
