@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
-import signal
-import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .._settings import settings
-from ..errors import TrainingError
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
 from ._config import TrainerConfig
+from ._interrupts import InterruptGuard, TrainingInterrupted
 from ._plan import TrainingPlan
 from ._progress import EpochProgress
 
@@ -33,10 +31,6 @@ _LIGHTNING_LOGGERS = (
     "lightning.fabric",
     "lightning.fabric.utilities.rank_zero",
 )
-
-
-class TrainingInterrupted(TrainingError):
-    """Training was stopped by Ctrl-C (SIGINT) or a scheduler's SIGTERM."""
 
 
 @dataclass
@@ -61,31 +55,6 @@ def default_run_dir(model_name: str) -> Path:
     """``<settings.logging_dir>/<model>_<timestamp>_<pid>``."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return Path(settings.logging_dir) / f"{model_name}_{stamp}_{os.getpid()}"
-
-
-@contextlib.contextmanager
-def _interrupts_raise() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into :class:`TrainingInterrupted` while training runs.
-
-    Lightning answers Ctrl-C with ``sys.exit`` and SIGTERM with a ``SystemExit``; raising our
-    own exception instead lets the runner keep weights and history and say how to resume.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        raise TrainingInterrupted(f"Training was interrupted by {name}.")
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _tune_allocator() -> None:
@@ -219,6 +188,8 @@ def run_training(
     plan.n_obs_training = len(datamodule.train_idx)
     plan.n_obs_validation = n_val
 
+    guard = InterruptGuard()
+    cbs.append(guard)
     cbs.append(HistoryWriter(run_dir))
     progress = (
         cfg.enable_progress_bar and cfg.progress_bar_refresh_rate == 1 and settings.show_progress
@@ -287,14 +258,17 @@ def run_training(
 
     result = RunResult(history_rows=plan.history_rows, run_dir=run_dir, trainer=trainer)
     try:
-        with _interrupts_raise(), warnings.catch_warnings():
+        with guard, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*The number of training batches.*")
             # epoch metrics are logged after their sums were reduced across ranks
             warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log.*")
             # Lightning's own pytree helper against newer torch; nothing the user can act on
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-            trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            try:
+                trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            except SIGTERMException as exc:  # Lightning's own stop (all ranks under DDP)
+                raise TrainingInterrupted("Training was interrupted by SIGTERM.") from exc
     except BaseException as exc:
         try:
             plan.restore_last_good_state()
