@@ -6,10 +6,21 @@ ordinary exception and turn it into something else (``inspect.getfullargspec`` r
 ``TypeError('unsupported callable')``). So the first signal is only recorded; a callback raises
 :class:`TrainingInterrupted` at the next batch boundary, where the weights are consistent. A
 second signal raises at once, for a run that is stuck inside one call.
+
+Several processes (DDP): a scheduler signals every process of the job, Ctrl-C the whole
+foreground group, and the launching process of ``ddp_spawn``/``ddp_notebook`` forwards what it
+gets to its workers, so a worker may see one event twice; only the process that entered the
+guard, at rank 0, treats a second signal as "stop now". At each step's end the ranks agree
+(one small all-reduce) whether any got a signal, so all stop at the same step; a rank that
+stopped alone would leave the others waiting in a collective. The guard replaces Lightning's
+own SIGTERM handler in each process when training starts: Lightning's stop exits spawned
+workers without a result, and the launching process then waits for it forever.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import threading
 
@@ -20,6 +31,7 @@ from ..errors import TrainingError
 __all__ = ["TrainingInterrupted", "InterruptGuard"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_WORKER_INTERRUPTION = re.compile(r"TrainingInterrupted: (Training was interrupted by [^\n]*)")
 
 
 class TrainingInterrupted(TrainingError):
@@ -37,25 +49,73 @@ class InterruptGuard(pl.Callback):
 
     def __init__(self) -> None:
         self.pending: str | None = None
+        self.trainer: pl.Trainer | None = None  # set by the runner: ranks and launcher
         self._previous: dict = {}
+        self._owner: int | None = None
+
+    def __getstate__(self) -> dict:  # spawned workers get a copy without handlers or trainer
+        return {**self.__dict__, "trainer": None, "_previous": {}}
+
+    def _may_force(self) -> bool:
+        """Whether a second signal here can only mean the user insisted."""
+        rank0 = self.trainer is None or self.trainer.global_rank == 0
+        return os.getpid() == self._owner and rank0
 
     def _handler(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.pending is not None:  # asked twice: the run may be stuck inside one call
+        if self.pending is not None and self._may_force():
             raise TrainingInterrupted(f"Training was interrupted by {name} (sent twice).")
-        self.pending = name
+        if self.pending is None:
+            self.pending = name
+            self._forward(signum)
 
-    def check(self) -> None:
-        """Raise :class:`TrainingInterrupted` if a signal arrived since the guard started."""
+    def _forward(self, signum) -> None:
+        """The launching process of spawned/forked workers passes the signal on to them."""
+        from lightning.pytorch.strategies.launchers.multiprocessing import (
+            _MultiProcessingLauncher,
+        )
+
+        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
+        if os.getpid() == self._owner and isinstance(launcher, _MultiProcessingLauncher):
+            launcher.kill(signum)
+
+    def check(self, trainer: pl.Trainer | None = None) -> None:
+        """Raise :class:`TrainingInterrupted` if a signal arrived since the guard started; with
+        several ranks, if one arrived at any rank (a collective: call it on all ranks)."""
+        if trainer is not None and trainer.world_size > 1:
+            here = self.pending is not None
+            if not trainer.strategy.reduce_boolean_decision(here, all=False):
+                return
+            raise TrainingInterrupted(
+                f"Training was interrupted by {self.pending or 'a signal to another rank'}."
+            )
         if self.pending is not None:
             raise TrainingInterrupted(f"Training was interrupted by {self.pending}.")
+
+    def as_interruption(self, exc: BaseException) -> BaseException:
+        """What a fit that raised ``exc`` reports: after a signal here, whatever came out of it
+        is an interruption; so is a spawned or forked worker's interruption (torch passes it
+        on as a ``ProcessRaisedException`` holding the worker's traceback as text)."""
+        if isinstance(exc, TrainingInterrupted):
+            return exc
+        if self.pending is not None:
+            return TrainingInterrupted(f"Training was interrupted by {self.pending}.")
+        if type(exc).__name__ == "ProcessRaisedException":
+            found = _WORKER_INTERRUPTION.search(str(exc))
+            if found:
+                return TrainingInterrupted(found.group(1))
+        return exc
+
+    def _install(self) -> None:
+        for s in _SIGNALS:
+            signal.signal(s, self._handler)
 
     def __enter__(self) -> InterruptGuard:
         self.pending = None
         if threading.current_thread() is threading.main_thread():
+            self._owner = os.getpid()
             self._previous = {s: signal.getsignal(s) for s in _SIGNALS}
-            for s in _SIGNALS:
-                signal.signal(s, self._handler)
+            self._install()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -65,14 +125,23 @@ class InterruptGuard(pl.Callback):
         if exc_type is None:  # the signal came after the last batch: still honour it
             self.check()
 
-    # the batch boundaries at which a recorded signal stops the run
+    def on_train_start(self, trainer, pl_module) -> None:
+        # in every process that trains, after Lightning registered its handlers (its teardown
+        # gives back the ones it found)
+        if threading.current_thread() is threading.main_thread():
+            self._install()
+
+    # the step boundaries at which a recorded signal stops the run; with several ranks only
+    # the step's end, where all ranks meet once per step
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.check()
+        if trainer.world_size == 1:
+            self.check(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.check()
+        self.check(trainer)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self.check()
+        if trainer.world_size == 1:
+            self.check(trainer)

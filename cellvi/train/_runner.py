@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .._settings import settings
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
@@ -257,6 +257,8 @@ def run_training(
     )
 
     result = RunResult(history_rows=plan.history_rows, run_dir=run_dir, trainer=trainer)
+    guard.trainer = trainer
+    started = time.time()
     try:
         with guard, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -265,24 +267,27 @@ def run_training(
             warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log.*")
             # Lightning's own pytree helper against newer torch; nothing the user can act on
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-            try:
-                trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-            except SIGTERMException as exc:  # Lightning's own stop (all ranks under DDP)
-                raise TrainingInterrupted("Training was interrupted by SIGTERM.") from exc
-    except BaseException as exc:
-        try:
-            plan.restore_last_good_state()
-            _stay_on_training_device(plan)
-        except Exception as cleanup:  # e.g. a CUDA error left the device unusable
-            exc.add_note(f"The weights could not be rolled back: {cleanup!r}")
-        result.history_rows = list(plan.history_rows)
-        result.step_rows = list(plan.step_rows)
+            trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except BaseException as raised:
+        exc = guard.as_interruption(raised)
         last = resume_dir / "last.ckpt"
         result.resume_checkpoint = last if last.exists() else None
+        try:
+            if plan.trained_on is None:  # spawned/forked workers trained, not this process
+                _state_from_checkpoint(plan, result.resume_checkpoint, started)
+            else:
+                plan.restore_last_good_state()
+                _stay_on_training_device(plan)
+        except Exception as cleanup:  # e.g. a CUDA error left the device unusable
+            exc.add_note(f"The weights could not be rolled back: {cleanup!r}")
+        result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
+        result.step_rows = list(plan.step_rows)
         record(result)
         _annotate(exc, result, max_epochs)
         _load_best_after_failure(exc, supplied)
-        raise
+        if exc is raised:
+            raise
+        raise exc from raised
     finally:
         for log, level in zip(quiet, old_levels, strict=True):
             log.setLevel(level)
@@ -312,6 +317,20 @@ def _stay_on_training_device(plan: TrainingPlan) -> None:
     device = plan.trained_on
     if device is not None and device.type != "cpu":
         plan.module.to(device)
+
+
+def _state_from_checkpoint(plan: TrainingPlan, last: Path | None, started: float) -> None:
+    """The launching process of ``ddp_spawn``/``ddp_notebook`` trained nothing itself: it
+    takes rank 0's weights and history of the last finished epoch from this run's
+    ``last.ckpt`` (written together, so they match)."""
+    if last is None or last.stat().st_mtime < started:
+        return
+    import torch
+
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    plan.load_state_dict(checkpoint["state_dict"])
+    plan.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]
+    plan.step_rows = [dict(r) for r in checkpoint.get("cellvi_step_rows", [])]
 
 
 def _load_best_after_failure(exc: BaseException, checkpoints: list) -> None:

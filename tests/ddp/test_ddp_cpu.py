@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _callbacks import resume_checkpoint
 
 import cellvi
 from cellvi.model import SCANVI, SCVI
+from cellvi.train import TrainingInterrupted
 
 pytestmark = pytest.mark.ddp
 
@@ -201,3 +204,36 @@ def test_two_processes_train_from_a_file_on_disk(tmp_path):
     s0, s1 = set(r0["seen"]), set(r1["seen"])
     assert len(s0 & s1) <= 1 and s0 | s1 == set(model.train_indices.tolist())
     assert model.is_trained and len(model.history["elbo_train"]) == 2
+
+
+class _SignalOneRank(pl.Callback):
+    """SIGTERM to the process of ``rank`` alone when ``epoch`` starts; every rank writes the
+    last step it finished."""
+
+    def __init__(self, folder, epoch: int, rank: int):
+        self.folder, self.epoch, self.rank = str(folder), epoch, rank
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(os.path.join(self.folder, f"step{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(trainer.global_step))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_keeps_work(tmp_path):
+    model = SCVI(_data(), n_hidden=16, n_latent=3)
+    kwargs = {"max_epochs": 4, **TWO_CPU_RANKS, "check_val_every_n_epoch": 1}
+    with pytest.raises(TrainingInterrupted, match="interrupted by") as info:
+        model.train(**kwargs, callbacks=[_SignalOneRank(tmp_path, epoch=2, rank=1)])
+    steps = [(tmp_path / f"step{r}.txt").read_text() for r in range(2)]
+    assert steps[0] == steps[1]  # no rank went on alone into a collective
+    # the launching process holds rank 0's weights and history of the last finished epoch
+    assert list(model.history["elbo_train"].index) == [0, 1]
+    last = resume_checkpoint(info.value)
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    for name, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, saved[f"module.{name}"], rtol=0, atol=0, msg=name)
+    model.train(**kwargs, ckpt_path=last)
+    assert list(model.history["elbo_train"].index) == [0, 1, 2, 3] and model.is_trained
