@@ -74,10 +74,12 @@ class InterruptGuard(pl.Callback):
 
     def _forward(self, signum) -> None:
         """The launching process of spawned/forked workers passes the signal on to them."""
-        from lightning.pytorch.strategies.launchers.multiprocessing import (
-            _MultiProcessingLauncher,
-        )
-
+        try:
+            from lightning.pytorch.strategies.launchers.multiprocessing import (
+                _MultiProcessingLauncher,
+            )
+        except ImportError:  # a Lightning without it: the workers get signals of their own
+            return
         launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
         if os.getpid() == self._owner and isinstance(launcher, _MultiProcessingLauncher):
             launcher.kill(signum)
