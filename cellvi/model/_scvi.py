@@ -295,6 +295,15 @@ class SCVI(RNAOutputsMixin, BaseModel):
             Fields of :class:`~cellvi.train.TrainerConfig` (``early_stopping_patience``,
             ``enable_checkpointing``, ``gradient_clip_val`` ...) or Lightning ``Trainer``
             arguments; unknown names raise ``TypeError`` listing the valid ones.
+
+        Raises
+        ------
+        cellvi.train.TrainingInterrupted
+            On Ctrl-C or SIGTERM, at the next batch boundary (a second signal stops at once;
+            under DDP every rank stops at the same step). The model keeps the weights and
+            history of the finished epochs; the error names the ``ckpt_path`` to resume from.
+        cellvi.errors.NonFiniteLossError
+            A NaN/inf loss or gradient, caught at its step; the weights roll back.
         """
         train_unsupervised(
             self,
