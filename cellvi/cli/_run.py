@@ -33,9 +33,14 @@ class _State:
 
     def mark(self, step: str, value=True) -> None:
         self.done[step] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2))
-        tmp.replace(self.path)
+        _write_text(self.path, json.dumps(self.done, indent=2))
+
+
+def _write_text(path: Path, text: str) -> None:
+    from ..io import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _load_input(config: dict):
@@ -64,11 +69,14 @@ def _write_outputs(adata, path: Path) -> None:
 
     import cellvi
 
+    from ..io import atomic_file
+
     if cellvi.data.is_on_disk(adata.X) or any(
         cellvi.data.is_on_disk(m) for m in adata.layers.values()
     ):
         adata = anndata.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm))
-    adata.write_h5ad(path)
+    with atomic_file(path) as tmp:
+        adata.write_h5ad(tmp)
 
 
 def _last_checkpoint(runs: Path) -> Path | None:
@@ -86,13 +94,16 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
     import cellvi
     from cellvi.model import SCANVI, SCVI
 
+    from ..io import atomic_file
+
     out = Path(config["outputs"]["dir"])
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty; use --resume to continue that run.")
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "state.json")
-    (out / "config.resolved.json").write_text(
-        json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2)
+    _write_text(
+        out / "config.resolved.json",
+        json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2),
     )
     train_cfg = dict(config["train"])
     seed = train_cfg.pop("seed", 0)
@@ -119,7 +130,8 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
             adata.layers["cellvi_normalized"] = model.get_normalized_expression(return_numpy=True)
         if outputs.get("de") and not state.done.get("de"):
             table = model.differential_expression(**outputs["de"])
-            table.to_csv(out / "de.csv")
+            with atomic_file(out / "de.csv") as tmp:
+                table.to_csv(tmp)
             state.mark("de")
         mapping = outputs.get("reference_mapping")
         if mapping and not state.done.get("reference_mapping"):
@@ -134,6 +146,8 @@ def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:
     """Map a query data set onto the trained reference; write its latent space."""
     import anndata
 
+    from ..io import atomic_file
+
     query = anndata.read_h5ad(mapping["query"])
     model_cls.prepare_query_anndata(query, reference)
     query_model = model_cls.load_query_data(query, reference)
@@ -144,4 +158,5 @@ def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:
     if model_cls.__name__ == "SCANVI":
         query.obs["cellvi_prediction"] = query_model.predict()
     query_model.save(out / "query_model", overwrite=True)
-    query.write_h5ad(out / "query_adata.h5ad")
+    with atomic_file(out / "query_adata.h5ad") as tmp:
+        query.write_h5ad(tmp)

@@ -1,12 +1,13 @@
 """The versioned, pickle-free, crash-safe model-file format."""
 
-from ._atomic import atomic_directory
+from ._atomic import atomic_directory, atomic_file
 from ._codec import from_plain, to_plain
 from ._format import FORMAT_VERSION, read_model_file, write_model_dir
 
 __all__ = [
     "FORMAT_VERSION",
     "atomic_directory",
+    "atomic_file",
     "from_plain",
     "read_model_file",
     "to_plain",

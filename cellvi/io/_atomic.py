@@ -1,4 +1,4 @@
-"""Crash-safe directory writes: build in a temporary sibling, then swap into place."""
+"""Crash-safe writes of files and directories: build a temporary sibling, then swap it in."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ModelFileError
 
-__all__ = ["atomic_directory"]
+__all__ = ["atomic_directory", "atomic_file"]
 
 
 def _fsync_tree(path: Path) -> None:
@@ -46,4 +46,25 @@ def atomic_directory(dir_path: str | os.PathLike, overwrite: bool) -> Iterator[P
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffix) to write to; on success it
+    replaces ``path`` in one rename, so readers never see a half-written file.
+
+    An exception (or a kill) leaves the previous file, if any, untouched; the temporary
+    file is removed on an exception.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -73,6 +73,27 @@ def test_run_then_validate(tmp_path, capsys):
     assert report["scores"]["knn_cell_type_accuracy"] > 0.8
     # 120 optimiser steps are too few for sharp DE; the score is computed and reported
     assert 0.0 <= report["scores"]["de_auroc"] <= 1.0
+    assert not list(out.glob(".*tmp-*"))  # every output went through a temporary sibling
+
+
+def test_a_failed_output_write_leaves_no_partial_file_and_resume_completes(tmp_path, monkeypatch):
+    import anndata
+
+    def half_write(self, filename, *args, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x89HDF\r\n")  # the start of an HDF5 file, then the disk is full
+        raise OSError("No space left on device")
+
+    path, out = _write(tmp_path, epochs=5), tmp_path / "out"
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        main(["run", str(path)])
+    assert not (out / "adata.h5ad").exists() and not list(out.glob(".*tmp-*"))
+    state = json.loads((out / "state.json").read_text())
+    assert state.get("train") and state.get("de") and not state.get("outputs")
+    monkeypatch.undo()
+    assert main(["run", str(path), "--resume"]) == 0
+    assert anndata.read_h5ad(out / "adata.h5ad").obsm["X_scVI"].shape == (300, 5)
 
 
 def test_validate_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
