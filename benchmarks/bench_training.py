@@ -10,7 +10,9 @@ contender: ``s_epoch``, all of ``train()`` divided by the epochs (set-up include
 ``steady``, the mean epoch after the first (needs --epochs >= 3). Ratios compare like with
 like: eager cellvi and the plain loop on ``s_epoch``, the compiled run (whose first epoch
 includes compilation) on ``steady`` against scvi-tools' ``steady``. Also prints held-out
-ELBOs (last round).
+ELBOs (last round). --sync-probe adds the bare loop with the two per-step host reads of
+cellvi's NaN guardrail (finite loss, finite gradients) and prints ``checks_vs_plain``: on a
+GPU each read waits for the device, so this isolates what they cost.
 
 --memory-cells N (e.g. 100000) instead measures peak memory: one epoch of each library, each
 in a fresh process reading the same in-memory h5ad of N simulated cells, reporting the
@@ -137,8 +139,11 @@ def cellvi_run(adata, batch_size, epochs, *, compile=False, accelerator="cpu"):
     return dt, [start, *clock.ends], model
 
 
-def plain_loop_run(adata, batch_size, epochs, accelerator="cpu"):
-    """The same module, loader and optimiser in a bare loop: the framework-free floor."""
+def plain_loop_run(adata, batch_size, epochs, accelerator="cpu", checks=False):
+    """The same module, loader and optimiser in a bare loop: the framework-free floor.
+
+    ``checks`` adds what cellvi's NaN guardrail does each step: a finite-loss test and a
+    finite-gradient test, each read on the host (on a GPU, each waits for the device)."""
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=128, n_latent=10, gene_likelihood="zinb")
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
@@ -156,8 +161,14 @@ def plain_loop_run(adata, batch_size, epochs, accelerator="cpu"):
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = module(batch, kl_weight=1.0).loss
+            if checks and not bool(torch.isfinite(loss)):
+                raise FloatingPointError("non-finite loss")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if checks:
+                grads = [p.grad for p in module.parameters() if p.grad is not None]
+                if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                    raise FloatingPointError("non-finite gradient")
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -208,6 +219,11 @@ def main() -> None:
     parser.add_argument(
         "--memory-cells", type=int, default=0, help="peak-memory mode: cells of the data set"
     )
+    parser.add_argument(
+        "--sync-probe",
+        action="store_true",
+        help="also time the bare loop with the guardrail's two per-step host reads",
+    )
     args = parser.parse_args()
     if args.memory_cells:
         return peak_memory(args)
@@ -236,6 +252,11 @@ def compare(adata, batch_size: int, args, tmp: Path) -> dict:
         where = args.accelerator
         s_epoch, ends, _ = plain_loop_run(adata.copy(), batch_size, args.epochs, where)
         times.setdefault("plain", []).append((s_epoch, steady_epoch(ends)))
+        if args.sync_probe:
+            s_epoch, ends, _ = plain_loop_run(
+                adata.copy(), batch_size, args.epochs, where, checks=True
+            )
+            times.setdefault("plain_checked", []).append((s_epoch, steady_epoch(ends)))
         s_epoch, ends, model = cellvi_run(adata.copy(), batch_size, args.epochs, accelerator=where)
         times.setdefault("cellvi", []).append((s_epoch, steady_epoch(ends)))
         elbos["cellvi"] = held_out_elbo(model)
@@ -260,6 +281,8 @@ def compare(adata, batch_size: int, args, tmp: Path) -> dict:
         if steady is not None:
             row[f"{name}_steady"] = round(steady, 3)
     row["overhead_vs_plain"] = round(med["cellvi"][0] / med["plain"][0], 3)
+    if "plain_checked" in med:  # what the per-step finiteness reads cost by themselves
+        row["checks_vs_plain"] = round(med["plain_checked"][0] / med["plain"][0], 3)
     if "scvi" in med:
         row["speedup_vs_scvi"] = round(med["scvi"][0] / med["cellvi"][0], 2)
         if med["scvi"][1] is not None:

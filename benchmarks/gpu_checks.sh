@@ -36,7 +36,7 @@ else
     echo "scvi-tools does not import; benchmarks run cellvi alone:"; tail -n 5 "$OUT/scvi_import.log"
 fi
 step bench_training "${BENCH_TRAIN_S:-150}" $PY benchmarks/bench_training.py \
-    --accelerator gpu --epochs 3 --rounds 2 "${SCVI_ARG[@]}"
+    --accelerator gpu --epochs 3 --rounds 2 --sync-probe "${SCVI_ARG[@]}"
 step bench_inference "${BENCH_INF_S:-100}" $PY benchmarks/bench_inference.py \
     --accelerator gpu --epochs 5 --rounds 3 "${SCVI_ARG[@]}"
 PARALLEL=()  # pytest-xdist, where installed, runs the suite in 8 processes
