@@ -67,3 +67,22 @@ def test_guard_gives_handlers_back_and_honours_a_late_signal():
     with InterruptGuard() as guard:  # no signal: nothing raised, nothing pending
         pass
     assert guard.pending is None
+
+
+def test_a_rank_other_than_0_points_to_rank_0_for_the_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from cellvi.train._runner import RunResult, _annotate
+
+    rows = [{"epoch": 0, "elbo_train": 1.0}]
+    for rank, expected in (
+        (1, "This is rank 1: rank 0's error names the checkpoint"),
+        (0, "No resumable checkpoint was written"),
+    ):
+        result = RunResult(
+            history_rows=rows, run_dir=tmp_path, trainer=SimpleNamespace(global_rank=rank)
+        )
+        err = TrainingInterrupted("Training was interrupted by SIGTERM.")
+        _annotate(err, result, max_epochs=5)
+        assert expected in "\n".join(err.__notes__)
+        assert ("history.csv" in err.__notes__[0]) == (rank == 0)  # rank 0 writes the folder
