@@ -7,12 +7,16 @@ scvi-tools runs in its own interpreter as a server that times one call per reque
 two libraries' calls alternate (cellvi, scvi, cellvi, scvi, ...; --rounds of each) and the
 machine's drifts hit both alike; the fastest call of each is reported. DE accuracy is the
 AUROC of proba_de for planted markers of type_0 (|true LFC| > 1) against null genes
-(|true LFC| < 0.3). Prints seconds, ratios and AUROCs.
+(|true LFC| < 0.3). Prints seconds, ratios and AUROCs, and for each call the growth of the
+process's peak RSS above its RSS before the call (Linux: the peak is reset through
+/proc/self/clear_refs), next to the size of the returned result: memory that does not balloon
+beyond the result shows as a growth close to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import subprocess
 import tempfile
@@ -27,6 +31,7 @@ from cellvi.model import SCVI
 SCVI_SCRIPT = r"""
 import json, sys, time, anndata, scvi, numpy as np
 path, epochs, accelerator = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+exec(sys.argv[4])  # the memory helpers below, shared with cellvi's side
 adata = anndata.read_h5ad(path)
 scvi.settings.seed = 0
 scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
@@ -42,12 +47,42 @@ calls = {
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:  # one timed call per request
     key = line.strip()
+    start_rss = reset_peak()
     t = time.perf_counter(); result = calls[key](); dt = time.perf_counter() - t
-    out = {"seconds": dt}
+    out = {"seconds": dt, "growth_mib": peak_mib() - start_rss}
     if key == "de":
         out["proba_de"] = result["proba_de"].to_dict()
     print(json.dumps(out), flush=True)
 """
+
+
+def _status(key):
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak():
+    """Restart the peak RSS from the current RSS (Linux); returns the current RSS in MiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _status("VmRSS")
+
+
+def peak_mib():
+    return _status("VmHWM")
+
+
+# the same helpers for the scvi-tools interpreter
+MEMORY = "\n".join(inspect.getsource(f) for f in (_status, reset_peak, peak_mib))
 
 
 class ScviServer:
@@ -55,7 +90,7 @@ class ScviServer:
 
     def __init__(self, python: str, data: Path, epochs: int, accelerator: str):
         self.proc = subprocess.Popen(
-            [python, "-c", SCVI_SCRIPT, str(data), str(epochs), accelerator],
+            [python, "-c", SCVI_SCRIPT, str(data), str(epochs), accelerator, MEMORY],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -123,24 +158,35 @@ def main() -> None:
     }
     ours = {key: float("inf") for key in calls}
     theirs = {key: float("inf") for key in calls}
+    growth = {("cellvi", key): 0.0 for key in calls} | {("scvi", key): 0.0 for key in calls}
     results = {}
     for _ in range(args.rounds):
         for key, call in calls.items():
+            results.pop(key, None)  # the previous round's result is not counted twice
+            start_rss = reset_peak()
             start = time.perf_counter()
             results[key] = call()
             ours[key] = min(ours[key], time.perf_counter() - start)
+            grown = peak_mib() - start_rss
+            growth["cellvi", key] = max(growth["cellvi", key], grown)
             if server is not None:
                 reply = server.time(key)
                 theirs[key] = min(theirs[key], reply["seconds"])
+                growth["scvi", key] = max(growth["scvi", key], reply["growth_mib"])
                 if key == "de":
                     theirs_proba = pd.Series(reply["proba_de"])
     row = {"n_cells": args.n_cells, **{f"cellvi_{k}": round(v, 3) for k, v in ours.items()}}
     row["cellvi_auroc"] = round(auroc(results["de"]["proba_de"], lfc), 4)
+    for key, result in results.items():
+        size = result.nbytes if hasattr(result, "nbytes") else result.memory_usage().sum()
+        row[f"result_{key}_mib"] = round(size / 2**20, 1)
+        row[f"cellvi_{key}_peak_growth_mib"] = round(growth["cellvi", key], 1)
     if server is not None:
         server.close()
         for key in calls:
             row[f"scvi_{key}"] = round(theirs[key], 3)
             row[f"speedup_{key}"] = round(theirs[key] / ours[key], 2)
+            row[f"scvi_{key}_peak_growth_mib"] = round(growth["scvi", key], 1)
         row["scvi_auroc"] = round(auroc(theirs_proba, lfc), 4)
     print(json.dumps(row))
 
