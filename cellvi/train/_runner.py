@@ -370,15 +370,16 @@ def _history_from_disk(run_dir: Path) -> list[dict]:
 def _annotate(exc: BaseException, result: RunResult, max_epochs: int) -> None:
     n_done = len(result.history_rows)
     rank = result.trainer.global_rank if result.trainer is not None else 0
-    kept = (
-        f"Kept: the weights at the end of epoch {n_done} and the history of the {n_done} "
-        f"finished epoch(s) (model.history; also {result.run_dir / 'history.csv'})."
-        if n_done and rank == 0
-        else f"Kept: the weights and history of the {n_done} finished epoch(s) (model.history)."
-        if n_done
-        else "No epoch had finished, so the model keeps its initial weights."
-    )
-    if rank > 0:  # only rank 0 writes the run folder and last.ckpt
+    if not n_done:
+        kept = "No epoch had finished, so the model keeps its initial weights."
+    elif rank == 0:
+        kept = (
+            f"Kept: the weights at the end of epoch {n_done} and the history of the {n_done} "
+            f"finished epoch(s) (model.history; also {result.run_dir / 'history.csv'})."
+        )
+    else:  # only rank 0 writes the run folder
+        kept = f"Kept: the weights and history of the {n_done} finished epoch(s) (model.history)."
+    if rank > 0:
         todo = f"This is rank {rank}: rank 0's error names the checkpoint to resume from."
     elif result.resume_checkpoint is not None:
         todo = (
