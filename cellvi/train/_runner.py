@@ -280,7 +280,9 @@ def run_training(
                 _stay_on_training_device(plan)
         except Exception as cleanup:  # e.g. a CUDA error left the device unusable
             exc.add_note(f"The weights could not be rolled back: {cleanup!r}")
-        result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
+        # the history that goes with the kept weights: a launching process takes both from
+        # last.ckpt; history.csv alone (no checkpoint) would claim weights it does not hold
+        result.history_rows = list(plan.history_rows)
         result.step_rows = list(plan.step_rows)
         record(result)
         _annotate(exc, result, max_epochs)
