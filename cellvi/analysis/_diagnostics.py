@@ -55,6 +55,20 @@ def get_reconstruction_error(
     return {"reconstruction_loss": _mean(rec, "reconstruction error") if return_mean else rec}
 
 
+def latent_draws(module, inf: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` draws ``(k, cells, d)`` of each cell's Gaussian posterior ``u ~ q(u | x)`` and
+    the latent the decoder takes: ``z = u``, or ``softmax(u)`` for a logistic-normal latent.
+
+    Densities (prior, posterior) are evaluated at ``u``: the N(0, I) prior and the ELBO's KL
+    live in that space, and ``z`` is a deterministic function of it, so ``p(x)`` needs no
+    change-of-variables term.
+    """
+    qz_m, qz_v = inf["qz_m"], inf["qz_v"]
+    u = torch.addcmul(qz_m, qz_v.sqrt(), torch.randn(k, *qz_m.shape, device=qz_m.device))
+    z = torch.softmax(u, dim=-1) if module.config.latent_distribution == "ln" else u
+    return u, z
+
+
 def get_marginal_ll(
     model,
     adata=None,
@@ -66,11 +80,10 @@ def get_marginal_ll(
 ):
     """Importance-sampled ``log p(x)`` (``models.md`` §1): K draws from q, split in passes.
 
-    ``logsumexp_k[log p(z_k) + log p(x | z_k, l_k) − log q(z_k | x) (+ library terms)] − log K``.
+    ``logsumexp_k[log p(u_k) + log p(x | z_k, l_k) − log q(u_k | x) (+ library terms)] − log K``
+    with ``u_k`` the Gaussian draws and ``z_k`` the decoder's latent (see :func:`latent_draws`).
     """
     module = model.module
-    if module.config.latent_distribution == "ln":
-        raise ValueError("get_marginal_ll needs latent_distribution='normal'.")
     n_mc_samples = check_count(n_mc_samples, "n_mc_samples")
     per_pass = min(check_count(n_mc_samples_per_pass, "n_mc_samples_per_pass"), n_mc_samples)
     results = []
@@ -87,13 +100,13 @@ def get_marginal_ll(
             while done < n_mc_samples:
                 k = min(step, n_mc_samples - done)
                 inf = module.inference(batch, n_samples=max(k, 2))
-                z = inf["z"][:k]
+                u, z = latent_draws(module, inf, k)
                 library = inf["library"][:k]
                 gen = module.generative(z, library, batch)
                 ll = module.log_likelihood(batch[REGISTRY_KEYS.X_KEY], gen)
                 qz_m, qz_v = inf["qz_m"], inf["qz_v"]
-                log_pz = log_normal(z, torch.zeros_like(qz_m), torch.ones_like(qz_v))
-                log_qz = log_normal(z, qz_m, qz_v)
+                log_pz = log_normal(u, torch.zeros_like(qz_m), torch.ones_like(qz_v))
+                log_qz = log_normal(u, qz_m, qz_v)
                 w = log_pz + ll - log_qz
                 if inf["ql_m"] is not None:
                     b = batch[REGISTRY_KEYS.BATCH_KEY].reshape(-1)

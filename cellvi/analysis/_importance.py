@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .._constants import REGISTRY_KEYS
 from ..errors import CellviWarning
 from ._batches import eval_mode, inference_batches, private_rng
-from ._diagnostics import get_marginal_ll
+from ._diagnostics import get_marginal_ll, latent_draws
 
 __all__ = ["get_importance_weights", "importance_resample", "pairwise_log_likelihood"]
 
@@ -34,12 +34,6 @@ _LIKELIHOODS = ("zinb", "nb", "poisson")
 
 def _check_model(model) -> None:
     config = model.module.config
-    if config.latent_distribution != "normal":
-        raise ValueError(
-            "weights='importance' needs latent_distribution='normal' (the weights use the "
-            f"N(0, I) prior); this model has {config.latent_distribution!r}. Use "
-            "weights='uniform'."
-        )
     if config.gene_likelihood not in _LIKELIHOODS:
         raise ValueError(
             f"weights='importance' supports the count likelihoods {_LIKELIHOODS}; this model "
@@ -114,7 +108,8 @@ def get_importance_weights(
 ) -> np.ndarray:
     """Normalised importance weights of the pooled draws of the cells ``cell_idx``.
 
-    ``draws`` holds, per draw, ``z`` ``(S, d)``, ``log_rho`` ``(S, G)``, ``theta`` (``(G,)``
+    ``draws`` holds, per draw, ``z`` ``(S, d)`` (the Gaussian draw ``u``, see
+    :func:`~cellvi.analysis._diagnostics.latent_draws`), ``log_rho`` ``(S, G)``, ``theta`` (``(G,)``
     or ``(S, G)``) and ``zi_logits`` ``(S, G)`` (ZINB), and per cell ``qz_m``/``qz_v``
     ``(n, d)`` aligned with ``cell_idx``. ``max_cells`` anchors are drawn from the group;
     ``truncation`` raises log-weights below their log-mean to it (Ionides 2008).
@@ -192,11 +187,11 @@ def importance_resample(
             elements_per_cell=3 * module.n_input * k,
         )
         for batch in batches:
-            inf = module.inference(batch, n_samples=max(k, 2), library=False)
-            z = inf["z"][:k]  # (k, cells, d); two draws asked so that the axis always exists
+            inf = module.inference(batch, library=False)
+            u, z = latent_draws(module, inf, k)  # (k, cells, d)
             zero_lib = torch.zeros(*z.shape[:-1], 1, device=z.device)
             px = module.generative(z, zero_lib, batch, transform_batch=code)
-            parts["z"].append(_flat(z))  # draws cell-major: (cells · k, d)
+            parts["z"].append(_flat(u))  # draws cell-major: (cells · k, d)
             parts["log_rho"].append(_flat(px["log_scale"]))
             theta = px["theta"]
             parts["theta"].append(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import cellvi
 from cellvi.analysis import credible_intervals, get_latent_representation, robust_inliers
 from cellvi.simulate import true_pairwise_log2fc
 
@@ -212,8 +211,6 @@ def test_importance_weights_concentrate_and_truncation_spreads_them(fitted):
 
 
 def test_importance_weighting_refuses_what_it_cannot_do(fitted):
-    from cellvi.model import SCVI
-
     cells = np.flatnonzero(fitted.adata.obs["cell_type"] == "type_0")
     kw = dict(indices=cells, n_samples_overall=100)
     with pytest.raises(ValueError, match="single transform_batch"):
@@ -228,11 +225,6 @@ def test_importance_weighting_refuses_what_it_cannot_do(fitted):
         fitted.get_normalized_expression(**kw, max_cells=10)
     with pytest.raises(ValueError, match="need weights='importance'"):
         fitted.differential_expression(**GROUPS, importance_weighting_kwargs={"max_cells": 9})
-    adata = cellvi.data.simulate(n_cells=60, n_genes=100, seed=1)
-    SCVI.setup_anndata(adata, batch_key="batch")
-    ln = SCVI(adata, latent_distribution="ln")
-    with pytest.raises(ValueError, match="latent_distribution='normal'"):
-        ln.get_normalized_expression(n_samples_overall=100, weights="importance")
 
 
 def test_collapsed_importance_weights_warn(fitted, monkeypatch):

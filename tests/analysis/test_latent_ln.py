@@ -59,3 +59,28 @@ def test_normal_points_are_standard_normal_and_reproducible():
 def test_a_bad_sample_count_is_named(ln_model, bad):
     with pytest.raises((ValueError, TypeError), match="mc_samples"):
         ln_model.get_latent_representation(mc_samples=bad)
+
+
+def test_marginal_likelihood_of_a_logistic_normal_model_is_estimated_in_the_gaussian_space(
+    ln_model,
+):
+    idx = np.arange(200)
+    elbo = ln_model.get_elbo(indices=idx)
+    # one importance draw is an unbiased estimate of the ELBO (the KL lives in u-space) ...
+    one = ln_model.get_marginal_ll(indices=idx, n_mc_samples=1, return_mean=False)
+    spread = one.std() / np.sqrt(len(one))
+    assert abs(one.mean() - elbo) < 4 * spread, (one.mean(), elbo, spread)
+    # ... and many draws tighten it towards log p(x)
+    many = ln_model.get_marginal_ll(indices=idx, n_mc_samples=200, n_mc_samples_per_pass=50)
+    assert many > elbo
+
+
+def test_importance_weighted_de_runs_on_a_logistic_normal_model(ln_model):
+    de = ln_model.differential_expression(
+        groupby="cell_type",
+        group1="type_0",
+        mode="change",
+        weights="importance",
+        importance_weighting_kwargs={"max_cells": 64, "n_mc_samples": 50},
+    )
+    assert len(de) == ln_model.adata.n_vars and np.isfinite(de["proba_de"]).all()
