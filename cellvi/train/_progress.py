@@ -16,6 +16,15 @@ def _format_metrics(row: dict) -> str:
     return "  ".join(parts)
 
 
+def _clock(seconds: float) -> str:
+    """``12.3s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _has_ipywidgets() -> bool:
     """Rich draws live bars in Jupyter through ipywidgets; without it, print lines."""
     import importlib.util
@@ -27,8 +36,9 @@ class EpochProgress(pl.Callback):
     """Shows ``Epoch i/N`` with elapsed/remaining time and the main losses.
 
     On a terminal (or in Jupyter with ipywidgets) a single rich progress bar is drawn;
-    otherwise (cluster logs, Jupyter without ipywidgets) a plain line is printed about every
-    tenth of the run, so logs stay short. Only rank 0 prints.
+    otherwise (cluster logs, Jupyter without ipywidgets) a plain line with the elapsed time
+    and an estimate of the time left is printed about every tenth of the run, so logs stay
+    short. Only rank 0 prints.
 
     Parameters
     ----------
@@ -42,6 +52,7 @@ class EpochProgress(pl.Callback):
         self._progress = None
         self._task = None
         self._start = 0.0
+        self._first = 0
         self._every = 1
 
     @property
@@ -58,7 +69,7 @@ class EpochProgress(pl.Callback):
         self._start = time.perf_counter()
         total = trainer.max_epochs
         self._every = max(1, total // 10)
-        first = trainer.current_epoch
+        first = self._first = trainer.current_epoch
         if self.console.is_terminal or (self.console.is_jupyter and _has_ipywidgets()):
             from rich.progress import (
                 BarColumn,
@@ -93,7 +104,12 @@ class EpochProgress(pl.Callback):
             self._progress.update(self._task, completed=done, metrics=text)
         elif done % self._every == 0 or done == trainer.max_epochs:
             elapsed = time.perf_counter() - self._start
-            self.console.print(f"Epoch {done}/{trainer.max_epochs}  {elapsed:.1f}s  {text}")
+            # epochs run in this call so far; a resumed run starts at ``first``
+            left = elapsed / max(done - self._first, 1) * (trainer.max_epochs - done)
+            self.console.print(
+                f"Epoch {done}/{trainer.max_epochs}  {_clock(elapsed)} (~{_clock(left)} left)"
+                f"  {text}"
+            )
 
     def _close(self):
         if self._progress is not None:

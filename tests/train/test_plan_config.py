@@ -98,3 +98,23 @@ def test_progress_in_jupyter_draws_a_bar_or_prints_lines():
         assert progress._progress is None
         assert "Epoch 5/5" in console.export_text()
     progress.on_train_end(_Trainer(), None)
+
+
+def test_plain_progress_lines_give_elapsed_and_estimated_time_left(monkeypatch):
+    from rich.console import Console
+
+    from cellvi.train import EpochProgress, _progress
+
+    class _Trainer:  # resumed at epoch 2 of 12
+        is_global_zero, max_epochs, current_epoch = True, 12, 2
+
+    clock = iter([100.0, 100.0 + 2 * 45.0])  # two epochs take 90 s
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: next(clock))
+    console = Console(file=None, force_terminal=False, force_jupyter=False, record=True)
+    progress = EpochProgress(console=console)
+    progress.on_train_start(_Trainer(), None)
+    progress.on_epoch_metrics(_Trainer(), None, {"epoch": 3, "train_loss": 3.0})
+    line = console.export_text().splitlines()[-1]
+    # 4 of 12 done, 2 of them in this run at 45 s each: 8 epochs (6:00) left
+    assert line.startswith("Epoch 4/12  1:30 (~6:00 left)"), line
+    assert _progress._clock(3725) == "1:02:05" and _progress._clock(7.25) == "7.2s"
