@@ -8,9 +8,29 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["BatchIndexSampler"]
+__all__ = ["BatchIndexSampler", "minibatch_bounds"]
 
 logger = logging.getLogger("cellvi")
+
+
+def minibatch_bounds(n: int, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive minibatches over ``n`` cells.
+
+    A short last minibatch is dropped with ``drop_last``; otherwise a last minibatch of a single
+    cell is merged into the one before (batch normalisation cannot train on one cell).
+
+    Examples
+    --------
+    >>> minibatch_bounds(5, 2), minibatch_bounds(5, 2, drop_last=True)
+    ([(0, 2), (2, 5)], [(0, 2), (2, 4)])
+    """
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if bounds and drop_last and bounds[-1][1] - bounds[-1][0] < batch_size:
+        bounds.pop()
+    elif len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], bounds[-1][1])
+        bounds.pop()
+    return bounds
 
 
 class BatchIndexSampler(torch.utils.data.Sampler):
@@ -85,14 +105,7 @@ class BatchIndexSampler(torch.utils.data.Sampler):
         return order[self.rank : len(order) : self.world_size]
 
     def _bounds(self, n: int) -> list[tuple[int, int]]:
-        starts = list(range(0, n, self.batch_size))
-        bounds = [(s, min(s + self.batch_size, n)) for s in starts]
-        if bounds and self.drop_last and bounds[-1][1] - bounds[-1][0] < self.batch_size:
-            bounds.pop()
-        elif len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-            bounds[-2] = (bounds[-2][0], bounds[-1][1])
-            bounds.pop()
-        return bounds
+        return minibatch_bounds(n, self.batch_size, drop_last=self.drop_last)
 
     def __iter__(self):
         shard = self._shard()

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .._constants import REGISTRY_KEYS
+from ._samplers import minibatch_bounds
 from ._splitter import DataSplitter, split_sizes
 
 __all__ = ["SemiSupervisedDataSplitter", "LabeledStream"]
@@ -41,10 +42,15 @@ class LabeledStream:
         return rng.permutation(chosen)
 
     def cycle(self):
+        """Minibatches of this epoch's subset, over and over; never one of a single cell
+        (merged into the one before; a lone labeled cell comes twice, which leaves its mean
+        classification loss unchanged and keeps batch normalisation working)."""
         while True:
             cells = self.subset()
-            for start in range(0, len(cells), self.batch_size):
-                yield self.store.gather(torch.as_tensor(cells[start : start + self.batch_size]))
+            if len(cells) == 1:
+                cells = np.repeat(cells, 2)
+            for start, stop in minibatch_bounds(len(cells), self.batch_size):
+                yield self.store.gather(torch.as_tensor(cells[start:stop]))
 
 
 class _PairedLoader:

@@ -137,6 +137,14 @@ class SCANVI(SCVI):
         return self.summary_stats["n_labels"] - 1
 
     def _build_module(self) -> SCANVAE:
+        if self.n_classes < 1:
+            state = _labels_state(self.registry_)
+            key = self.registry_.get("setup_args", {}).get("labels_key")
+            raise SetupError(
+                f"SCANVI needs at least one label class, but every cell of obs[{key!r}] is the "
+                f"unlabeled category {state['unlabeled_category']!r}. Put known cell types in "
+                "that column for some cells, or train SCVI on unlabeled data."
+            )
         seed_torch()
         return SCANVAE(
             self.summary_stats["n_vars"],

@@ -70,3 +70,18 @@ def test_external_indexing_is_kept_as_given():
     splitter.setup()
     np.testing.assert_array_equal(splitter.train_idx, train)
     np.testing.assert_array_equal(splitter.val_idx, val)
+
+
+def test_labeled_minibatches_never_hold_a_single_cell():
+    manager = LabelManager()
+    labeled = np.flatnonzero(manager.labels != 3)
+    manager.labels[labeled[65:]] = 3  # 65 labeled cells: 64 + 1 at batch size 64
+    splitter = SemiSupervisedDataSplitter(manager, train_size=1.0, batch_size=64)
+    splitter.setup()
+    sizes = [len(step["labeled"]["ind_x"]) for step in splitter.train_dataloader()]
+    assert set(sizes) == {65}  # the single cell joined the minibatch before it
+    manager.labels[labeled[1:]] = 3  # one labeled cell: it comes twice
+    splitter = SemiSupervisedDataSplitter(manager, train_size=1.0, batch_size=64)
+    splitter.setup()
+    step = next(iter(splitter.train_dataloader()))
+    assert step["labeled"]["ind_x"].ravel().tolist() == [labeled[0]] * 2

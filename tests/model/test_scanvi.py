@@ -10,7 +10,7 @@ import scipy.sparse
 import torch
 
 import cellvi
-from cellvi.errors import CellviWarning, InvalidDataError, SetupError
+from cellvi.errors import CellviWarning, InvalidDataError, SetupError, SmallCategoryWarning
 from cellvi.model import SCANVI, SCVI
 
 
@@ -141,3 +141,36 @@ def test_scanvi_query_mapping_predicts_labels_of_a_new_batch():
             assert torch.equal(value, classifier_before[name]), name  # classifier stays frozen
     # three planted types; the frozen classifier labels the mapped batch
     assert (q.predict() == truth).mean() >= 0.9
+
+
+def test_labels_with_no_known_class_are_refused_before_training():
+    adata = cellvi.data.simulate(n_cells=200, n_genes=100, n_batches=2, seed=1)
+    adata.obs["labels"] = "Unknown"
+    SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown")
+    with pytest.raises(SetupError, match=r"every cell of obs\['labels'\] is the unlabeled"):
+        SCANVI(adata)
+    SCVI.setup_anndata(adata, batch_key="batch")
+    scvi_model = SCVI(adata, n_hidden=16, n_latent=4)
+    scvi_model.train(max_epochs=1, plan_kwargs={"n_epochs_kl_warmup": 1})
+    with pytest.raises(SetupError, match="train SCVI on unlabeled data"):
+        SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels")
+
+
+@pytest.mark.parametrize("n_labeled", [1, 129])
+def test_a_labeled_minibatch_of_one_cell_does_not_break_batch_norm(n_labeled):
+    # 129 labeled training cells at batch size 128 used to end in a one-cell minibatch,
+    # and batch normalisation raised mid-training; a lone labeled cell did the same
+    adata = cellvi.data.simulate(n_cells=400, n_genes=100, n_batches=2, n_cell_types=3, seed=2)
+    labels = np.full(adata.n_obs, "Unknown", dtype=object)
+    labels[:n_labeled] = adata.obs["cell_type"].astype(str).to_numpy()[:n_labeled]
+    adata.obs["labels"] = labels
+    with warnings.catch_warnings():  # the lone cell's class is tiny, and that is the point
+        warnings.simplefilter("ignore", SmallCategoryWarning)
+        SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown")
+    model = SCANVI(adata, n_hidden=16, n_latent=4)
+    with cellvi.settings.override(progress_bar_style="none"):
+        model.train(
+            max_epochs=2, train_size=1.0, batch_size=128, plan_kwargs={"n_epochs_kl_warmup": 2}
+        )
+    assert len(model.history["train_accuracy"]) == 2
+    assert np.isfinite(model.history["elbo_train"].to_numpy()).all()
