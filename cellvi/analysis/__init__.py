@@ -2,7 +2,7 @@
 
 from ._batches import eval_mode, inference_batch_size, inference_batches, resolve_indices
 from ._correlation import get_feature_correlation_matrix
-from ._de import differential_expression
+from ._de import check_de_request, differential_expression
 from ._de_stats import credible_intervals, estimate_delta, estimate_pseudocount, fdr_calls
 from ._diagnostics import get_elbo, get_marginal_ll, get_reconstruction_error
 from ._expression import (
@@ -27,6 +27,7 @@ __all__ = [
     "kmeans",
     "normalized_mutual_info",
     "credible_intervals",
+    "check_de_request",
     "differential_expression",
     "robust_inliers",
     "estimate_delta",

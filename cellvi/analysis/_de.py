@@ -28,7 +28,7 @@ from ._latent import get_latent_representation
 from ._outliers import robust_inliers
 from ._raw_stats import group_raw_stats
 
-__all__ = ["differential_expression"]
+__all__ = ["check_de_request", "differential_expression"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,87 @@ def _resolve_group(adata, idx, arg: str) -> np.ndarray:
         return resolve_indices(idx, adata.n_obs)
     except (ValueError, IndexError) as err:
         raise type(err)(f"{arg}: {err}") from None
+
+
+def _check_choices(mode, test_mode, delta, fdr_target, weights) -> None:
+    if mode not in ("vanilla", "change"):
+        raise ValueError(f"mode={mode!r}: use 'vanilla' or 'change'.")
+    if test_mode not in ("two", "three"):
+        raise ValueError(f"test_mode={test_mode!r}: use 'two' or 'three'.")
+    if delta is not None and not delta >= 0:
+        raise ValueError(f"delta={delta!r} must be >= 0 (or None to estimate it).")
+    if not 0 < fdr_target <= 1:
+        raise ValueError(f"fdr_target={fdr_target!r} must lie in (0, 1], e.g. 0.05.")
+    if weights not in (None, "uniform", "importance"):
+        raise ValueError(f"weights={weights!r}: use 'uniform' or 'importance'.")
+
+
+def _index_groups(adata, idx1, idx2) -> tuple[np.ndarray, np.ndarray]:
+    """Cells of ``idx1`` and of ``idx2`` (None: all other cells)."""
+    i1 = _resolve_group(adata, idx1, "idx1")
+    if idx2 is None:
+        return i1, np.setdiff1d(np.arange(adata.n_obs), i1)
+    return i1, _resolve_group(adata, idx2, "idx2")
+
+
+def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list]:
+    """Each cell's ``groupby`` value as a string (None where missing) and the first groups to
+    compare; every named group must have cells."""
+    if groupby is None:
+        raise ValueError("Give groupby= (with group1/group2) or idx1=.")
+    if groupby not in adata.obs:
+        columns = [c for c in adata.obs.columns if not str(c).startswith("_cellvi_")]
+        raise KeyError(f"groupby={groupby!r} is not an obs column; obs columns: {columns}.")
+    column = adata.obs[groupby]
+    known = column.notna().to_numpy()  # cells without a value only ever count as "Rest"
+    labels = np.where(known, column.astype(str).to_numpy(), None)
+    categories = (
+        list(pd.unique(labels[known]))
+        if not hasattr(column, "cat")
+        else [str(c) for c in column.cat.categories if (labels == str(c)).any()]
+    )
+    if group1 is None:
+        if len(categories) < 2:
+            raise ValueError(f"groupby={groupby!r} has a single category; nothing to compare.")
+        firsts = categories
+    else:
+        firsts = as_name_list(group1)
+    unknown = [str(g) for g in [*firsts, *([] if group2 is None else [group2])]]
+    unknown = [g for g in unknown if g not in categories]
+    if unknown:
+        raise ValueError(
+            f"No cells in obs[{groupby!r}] are {', '.join(map(repr, unknown))}; its values: "
+            f"{categories[:20]}{' ...' if len(categories) > 20 else ''}."
+        )
+    return labels, firsts
+
+
+def check_de_request(adata, **kwargs) -> None:
+    """Check a :func:`differential_expression` request against ``adata`` without a model.
+
+    Raises the error the call would raise for its argument names, its choices (``mode``,
+    ``delta``, ``fdr_target``, ...) and its groups (``groupby`` column, ``group1``/``group2``
+    values, ``idx1``/``idx2``), so that a workflow can fail before training rather than after.
+    Checks that need the trained model (batch names of ``batch_correction``) are left to the
+    call itself.
+    """
+    import inspect
+
+    params = inspect.signature(differential_expression).parameters
+    unknown = sorted(set(kwargs) - set(params) - {"model", "adata"})
+    if unknown:
+        raise TypeError(
+            f"differential_expression got unknown argument(s) {unknown}; valid: "
+            f"{[p for p in params if p not in ('model', 'adata')]}."
+        )
+    args = {name: p.default for name, p in params.items() if name not in ("model", "adata")}
+    args.update(kwargs)
+    _check_choices(*(args[k] for k in ("mode", "test_mode", "delta", "fdr_target", "weights")))
+    check_count(args["n_samples_overall"], "n_samples_overall")
+    if args["idx1"] is not None:
+        _index_groups(adata, args["idx1"], args["idx2"])
+    else:
+        _group_plan(adata, args["groupby"], args["group1"], args["group2"])
 
 
 def _samples(model, adata, idx, codes, seed, opts: _Options):
@@ -219,16 +300,7 @@ def differential_expression(
     ``change_fn(x, y, pc)`` and ``m1_domain_fn(r) -> (up, down)`` replace the LFC and the
     DE region. The default computation is vectorised over genes and samples.
     """
-    if mode not in ("vanilla", "change"):
-        raise ValueError(f"mode={mode!r}: use 'vanilla' or 'change'.")
-    if test_mode not in ("two", "three"):
-        raise ValueError(f"test_mode={test_mode!r}: use 'two' or 'three'.")
-    if delta is not None and not delta >= 0:
-        raise ValueError(f"delta={delta!r} must be >= 0 (or None to estimate it).")
-    if not 0 < fdr_target <= 1:
-        raise ValueError(f"fdr_target={fdr_target!r} must lie in (0, 1], e.g. 0.05.")
-    if weights not in (None, "uniform", "importance"):
-        raise ValueError(f"weights={weights!r}: use 'uniform' or 'importance'.")
+    _check_choices(mode, test_mode, delta, fdr_target, weights)
     check_custom_functions(change_fn, m1_domain_fn)
     opts = _Options(
         mode=mode,
@@ -262,37 +334,8 @@ def differential_expression(
     elif not is_on_disk(x):
         x = np.asarray(x)
     if idx1 is not None:
-        i1 = _resolve_group(data, idx1, "idx1")
-        if idx2 is None:
-            i2 = np.setdiff1d(np.arange(data.n_obs), i1)
-        else:
-            i2 = _resolve_group(data, idx2, "idx2")
-        return _compare(model, data, x, i1, i2, opts)
-    if groupby is None:
-        raise ValueError("Give groupby= (with group1/group2) or idx1=.")
-    if groupby not in data.obs:
-        raise KeyError(f"groupby={groupby!r} is not an obs column.")
-    column = data.obs[groupby]
-    known = column.notna().to_numpy()  # cells without a value only ever count as "Rest"
-    labels = np.where(known, column.astype(str).to_numpy(), None)
-    categories = (
-        list(pd.unique(labels[known]))
-        if not hasattr(column, "cat")
-        else [str(c) for c in column.cat.categories if (labels == str(c)).any()]
-    )
-    if group1 is None:
-        if len(categories) < 2:
-            raise ValueError(f"groupby={groupby!r} has a single category; nothing to compare.")
-        firsts = categories
-    else:
-        firsts = as_name_list(group1)
-    unknown = [str(g) for g in [*firsts, *([] if group2 is None else [group2])]]
-    unknown = [g for g in unknown if g not in categories]
-    if unknown:
-        raise ValueError(
-            f"No cells in obs[{groupby!r}] are {', '.join(map(repr, unknown))}; its values: "
-            f"{categories[:20]}{' ...' if len(categories) > 20 else ''}."
-        )
+        return _compare(model, data, x, *_index_groups(data, idx1, idx2), opts)
+    labels, firsts = _group_plan(data, groupby, group1, group2)
     tables = []
     for g1 in firsts:
         i1 = np.flatnonzero(labels == str(g1))

@@ -92,6 +92,7 @@ def run_workflow(path: str | Path, *, resume: bool = False) -> Path:
 def run_config(config: dict, *, source: str = "<config>", resume: bool = False) -> Path:
     """Run a validated workflow config (see :func:`~cellvi.cli._schema.load_workflow`)."""
     import cellvi
+    from cellvi.analysis import check_de_request
     from cellvi.model import SCANVI, SCVI
 
     from ..io import atomic_file
@@ -115,6 +116,8 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
         if config["input"].get("layer"):
             setup["layer"] = config["input"]["layer"]
         model_cls.setup_anndata(adata, **setup)
+        if config["outputs"].get("de") and not state.done.get("de"):
+            check_de_request(adata, **config["outputs"]["de"])  # before training, not after
         if state.done.get("train") and (out / "model").exists():
             model = model_cls.load(out / "model", adata=adata)
         else:

@@ -127,3 +127,24 @@ def test_an_empty_selection_gives_empty_results_or_names_the_problem(model):
             call(indices=[])
     with pytest.raises(ValueError, match="n_mc_samples=0"):
         model.get_marginal_ll(n_mc_samples=0)
+
+
+def test_a_de_request_is_checked_without_a_model_as_the_call_would(model):
+    from cellvi.analysis import check_de_request
+
+    adata = model.adata
+    check_de_request(adata, groupby="cell_type", group1="type_0", mode="change")
+    check_de_request(adata, idx1=[0, 1, 2])
+    bad = [
+        ({"groupby": "celltype"}, KeyError, "groupby='celltype' is not an obs column"),
+        ({"groupby": "cell_type", "group1": "t0"}, ValueError, "are 't0'"),
+        ({"groupby": "cell_type", "grop1": "type_0"}, TypeError, r"unknown argument\(s\)"),
+        ({"groupby": "cell_type", "fdr_target": 2}, ValueError, "fdr_target=2"),
+        ({"idx1": "cell_type == 'type_0'", "idx2": [10**6]}, IndexError, "idx2"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            check_de_request(adata, **kwargs)
+        if "grop1" not in kwargs:  # the call itself raises the same error
+            with pytest.raises(error, match=message):
+                model.differential_expression(**kwargs)

@@ -143,6 +143,22 @@ def test_bad_training_settings_are_refused_before_the_run_folder_exists(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('groupby = "cell_type"', 'groupby = "celltype"', "groupby='celltype' is not an obs"),
+        ('group1 = "type_0"', 'group1 = "type_9"', "No cells in obs['cell_type'] are 'type_9'"),
+        ('group1 = "type_0"', 'grop1 = "type_0"', "unknown argument(s) ['grop1']"),
+        ('mode = "change"', 'mode = "changes"', "mode='changes': use"),
+    ],
+)
+def test_a_bad_de_request_is_refused_before_training(tmp_path, capsys, old, new, message):
+    assert main(["run", str(_write(tmp_path, epochs=40, **{old: new}))]) == 2
+    assert message in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert not (out / "model").exists() and not (out / "runs").exists()
+
+
 def test_interrupted_run_resumes_without_redoing_finished_epochs(tmp_path, capsys):
     path = _write(tmp_path, epochs=300)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
