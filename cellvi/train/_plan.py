@@ -22,6 +22,12 @@ logger = logging.getLogger("cellvi")
 _N_STATS = 6
 
 
+def without_aliases(state_dict: dict) -> dict:
+    """``state_dict`` without the ``_forward.*`` copies of the module's tensors that older
+    cellvi checkpoints hold (the forward alias used to be a registered submodule)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("_forward.")}
+
+
 class TrainingPlan(pl.LightningModule):
     """Trains a cellvi module with the ELBO; owns the optimiser, KL warm-up and metrics.
 
@@ -67,11 +73,14 @@ class TrainingPlan(pl.LightningModule):
         self.log_learning_rate = bool(self.config.reduce_lr_on_plateau)
         self._compiled = bool(self.config.compile)
         self._compiled_size: int | None = None
-        self._forward = (
+        forward = (
             torch.compile(module, **{"dynamic": False, **(self.config.compile_kwargs or {})})
             if self._compiled
             else module
         )
+        # not a registered submodule: the module's tensors belong to ``module`` alone, so
+        # checkpoints of compiled and eager runs have the same names and resume either way
+        object.__setattr__(self, "_forward", forward)
 
     METRIC_STEMS = ("elbo", "reconstruction_loss", "kl_local", "kl_global")
 
@@ -330,6 +339,7 @@ class TrainingPlan(pl.LightningModule):
         checkpoint["cellvi_rng"] = {"torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = without_aliases(checkpoint.get("state_dict", {}))
         self.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]
         self.step_rows = [dict(r) for r in checkpoint.get("cellvi_step_rows", [])]
         rng = checkpoint.get("cellvi_rng")

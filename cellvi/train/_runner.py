@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from .._settings import settings
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
 from ._config import TrainerConfig
 from ._interrupts import InterruptGuard, TrainingInterrupted
-from ._plan import TrainingPlan
+from ._plan import TrainingPlan, without_aliases
 from ._progress import EpochProgress
 
 __all__ = ["RunResult", "run_training", "TrainingInterrupted", "default_run_dir"]
@@ -144,6 +145,48 @@ def _check_monitors(
         )
 
 
+def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
+    """Refuse, before training, a checkpoint that this model cannot resume from: one of
+    another architecture or gene set (tensor names and shapes) or of more cells."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist; a run's resumable checkpoint is "
+            "<run_dir>/checkpoints/last.ckpt (the failed run's error names it)."
+        )
+    try:  # memory-mapped: only the tensors' metadata is read here
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {err}") from None
+    theirs, ours = without_aliases(state.get("state_dict", {})), plan.state_dict()
+    problems = []
+    for key in sorted(set(theirs) | set(ours)):
+        if key not in theirs:
+            problems.append(f"{key} is not in the checkpoint")
+        elif key not in ours:
+            problems.append(f"{key} is in the checkpoint but not in this model")
+        elif tuple(theirs[key].shape) != tuple(ours[key].shape):
+            problems.append(
+                f"{key} is {tuple(theirs[key].shape)} there, {tuple(ours[key].shape)} here"
+            )
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was written by a model of another architecture or gene "
+            f"set: {'; '.join(problems[:3])}{more}. Resume with a model built as the one that "
+            "wrote it (same genes, batches, covariates and architecture arguments)."
+        )
+    split = state.get(type(datamodule).__name__) or {}
+    n_obs = getattr(datamodule, "n_obs", None)
+    kept = [split[k] for k in ("train_idx", "val_idx", "test_idx") if split.get(k) is not None]
+    largest = max((int(t.max()) for t in kept if len(t)), default=-1)
+    if n_obs is not None and largest >= n_obs:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was written for at least {largest + 1} cells, but these "
+            f"data have {n_obs}. Resume on the AnnData that run trained on."
+        )
+
+
 def run_training(
     plan: TrainingPlan,
     datamodule: pl.LightningDataModule,
@@ -181,6 +224,8 @@ def run_training(
         checkpoint_monitor = cfg.checkpointing_monitor if cfg.enable_checkpointing else None
     every = _validation_needed(cfg, plan, checkpoint_monitor)
     _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, plan, datamodule)
     _tune_allocator()
     plan.module.train()
     plan.trained_on = None  # set by the process that trains (see _stay_on_training_device)
@@ -327,8 +372,6 @@ def _state_from_checkpoint(plan: TrainingPlan, last: Path | None, started: float
     ``last.ckpt`` (written together, so they match)."""
     if last is None or last.stat().st_mtime < started:
         return
-    import torch
-
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     plan.load_state_dict(checkpoint["state_dict"])
     plan.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]

@@ -126,3 +126,38 @@ def test_without_the_gradient_check_nan_weights_never_become_the_rollback_state(
     poison.assert_rolled_back(model)
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
     assert list(model.history["elbo_train"].index) == [0]
+
+
+def test_a_checkpoint_this_model_cannot_resume_from_is_refused_before_training(sim_tiny, tmp_path):
+    import cellvi
+
+    with cellvi.settings.override(logging_dir=tmp_path):
+        _model(sim_tiny.copy()).train(max_epochs=2)
+    (ckpt,) = tmp_path.glob("*/checkpoints/last.ckpt")
+    other = sim_tiny.copy()
+    SCVI.setup_anndata(other, batch_key="batch")
+    wider = SCVI(other, n_hidden=16, n_latent=5)
+    with pytest.raises(ValueError, match=r"another architecture.*is \(4, 16\) there, \(5, 16\)"):
+        wider.train(max_epochs=3, ckpt_path=str(ckpt))
+    assert not wider.is_trained and "elbo_train" not in wider.history
+    fewer = _model(sim_tiny[: sim_tiny.n_obs // 2].copy())
+    with pytest.raises(ValueError, match=r"written for at least \d+ cells, but these data"):
+        fewer.train(max_epochs=3, ckpt_path=str(ckpt))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _model(sim_tiny.copy()).train(max_epochs=3, ckpt_path=str(tmp_path / "nope.ckpt"))
+
+
+def test_a_checkpoint_with_the_old_forward_alias_still_resumes(sim_tiny, tmp_path):
+    import cellvi
+
+    with cellvi.settings.override(logging_dir=tmp_path):
+        _model(sim_tiny.copy()).train(max_epochs=2)
+    (ckpt,) = tmp_path.glob("*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    weights = state["state_dict"]
+    # older cellvi wrote every module tensor twice: also under the "_forward." alias
+    weights.update({"_forward." + k[len("module.") :]: v for k, v in list(weights.items())})
+    torch.save(state, ckpt)
+    model = _model(sim_tiny.copy())
+    model.train(max_epochs=3, ckpt_path=str(ckpt))
+    assert list(model.history["elbo_train"].index) == [0, 1, 2]
