@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -128,8 +129,6 @@ def check_de_request(adata, **kwargs) -> None:
     Checks that need the trained model (batch names of ``batch_correction``) are left to the
     call itself.
     """
-    import inspect
-
     params = inspect.signature(differential_expression).parameters
     unknown = sorted(set(kwargs) - set(params) - {"model", "adata"})
     if unknown:

@@ -145,10 +145,17 @@ def _check_monitors(
         )
 
 
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
 def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
     """Refuse, before training, a checkpoint that this model cannot resume from: one of
-    another architecture or gene set (tensor names and shapes) or of more cells."""
+    another architecture or gene set (tensor names and shapes) or of more cells.
+
+    Lightning's names (``"last"``, ``"best"``, ...) and remote URLs are left to Lightning."""
     path = Path(ckpt_path)
+    if "://" in str(ckpt_path) or (str(ckpt_path) in _LIGHTNING_CKPT_NAMES and not path.exists()):
+        return
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={str(path)!r} does not exist; a run's resumable checkpoint is "
