@@ -6,7 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
+import cellvi
 from cellvi.errors import CountsWarning
 from cellvi.model import SCVI
 
@@ -80,16 +82,12 @@ def test_compile_warns_when_counts_were_never_scanned(sim_tiny):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 def test_a_compiled_run_resumes_eagerly_and_an_eager_one_compiled(sim_small, tmp_path):
-    import cellvi
-
     kwargs = {"batch_size": 100, "plan_kwargs": {"n_epochs_kl_warmup": 2}}
     compiled = {"batch_size": 100, "plan_kwargs": {"n_epochs_kl_warmup": 2, "compile": True}}
     with cellvi.settings.override(logging_dir=tmp_path / "compiled"):
         _model(sim_small.copy()).train(max_epochs=2, **compiled)
     (ckpt,) = (tmp_path / "compiled").glob("*/checkpoints/last.ckpt")
     # the checkpoint holds the module's tensors once, under the names an eager plan uses
-    import torch
-
     names = list(torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"])
     assert names and all(n.startswith("module.") for n in names)
     resumed = _model(sim_small.copy())
