@@ -36,11 +36,17 @@ class _State:
         _write_text(self.path, json.dumps(self.done, indent=2))
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary sibling, then renamed over ``path`` (``cellvi.io`` is
+    imported here: it imports torch, which ``cellvi --help`` should not wait for)."""
     from ..io import atomic_file
 
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        write(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _load_input(config: dict):
@@ -69,14 +75,11 @@ def _write_outputs(adata, path: Path) -> None:
 
     import cellvi
 
-    from ..io import atomic_file
-
     if cellvi.data.is_on_disk(adata.X) or any(
         cellvi.data.is_on_disk(m) for m in adata.layers.values()
     ):
         adata = anndata.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm))
-    with atomic_file(path) as tmp:
-        adata.write_h5ad(tmp)
+    _write_atomically(path, adata.write_h5ad)
 
 
 def _last_checkpoint(runs: Path) -> Path | None:
@@ -94,8 +97,6 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
     import cellvi
     from cellvi.analysis import check_de_request
     from cellvi.model import SCANVI, SCVI
-
-    from ..io import atomic_file
 
     out = Path(config["outputs"]["dir"])
     if out.exists() and any(out.iterdir()) and not resume:
@@ -133,8 +134,7 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
             adata.layers["cellvi_normalized"] = model.get_normalized_expression(return_numpy=True)
         if outputs.get("de") and not state.done.get("de"):
             table = model.differential_expression(**outputs["de"])
-            with atomic_file(out / "de.csv") as tmp:
-                table.to_csv(tmp)
+            _write_atomically(out / "de.csv", table.to_csv)
             state.mark("de")
         mapping = outputs.get("reference_mapping")
         if mapping and not state.done.get("reference_mapping"):
@@ -149,8 +149,6 @@ def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:
     """Map a query data set onto the trained reference; write its latent space."""
     import anndata
 
-    from ..io import atomic_file
-
     query = anndata.read_h5ad(mapping["query"])
     model_cls.prepare_query_anndata(query, reference)
     query_model = model_cls.load_query_data(query, reference)
@@ -161,5 +159,4 @@ def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:
     if model_cls.__name__ == "SCANVI":
         query.obs["cellvi_prediction"] = query_model.predict()
     query_model.save(out / "query_model", overwrite=True)
-    with atomic_file(out / "query_adata.h5ad") as tmp:
-        query.write_h5ad(tmp)
+    _write_atomically(out / "query_adata.h5ad", query.write_h5ad)

@@ -148,7 +148,7 @@ def _check_monitors(
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
-def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
+def _check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
     """Refuse, before training, a checkpoint that this model cannot resume from: one of
     another architecture or gene set (tensor names and shapes) or of more cells.
 
@@ -232,7 +232,7 @@ def run_training(
     every = _validation_needed(cfg, plan, checkpoint_monitor)
     _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
     if ckpt_path is not None:
-        check_resume_checkpoint(ckpt_path, plan, datamodule)
+        _check_resume_checkpoint(ckpt_path, plan, datamodule)
     _tune_allocator()
     plan.module.train()
     plan.trained_on = None  # set by the process that trains (see _stay_on_training_device)
