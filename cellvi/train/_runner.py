@@ -164,7 +164,10 @@ def _check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
     try:  # memory-mapped: only the tensors' metadata is read here
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise ValueError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {err}") from None
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is not a readable checkpoint ({err}); pass the "
+            "<run_dir>/checkpoints/last.ckpt that a cellvi run wrote."
+        ) from None
     theirs, ours = without_aliases(state.get("state_dict", {})), plan.state_dict()
     problems = []
     for key in sorted(set(theirs) | set(ours)):
