@@ -3,8 +3,11 @@ directly on ``obsm["X_scVI"]`` and on the normalized expression in ``layers``.""
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import cellvi
 from cellvi.analysis import adjusted_rand_index
@@ -61,3 +64,28 @@ def test_scanpy_reads_normalized_expression_from_a_layer(trained):
     ranked = sc.get.rank_genes_groups_df(adata, group="type_0")["names"].to_numpy()
     # the ranking scanpy computes on the stored values puts type_0's planted genes on top
     assert len(planted_up & set(ranked[: len(planted_up)])) >= 0.75 * len(planted_up)
+
+
+def test_scanpy_reads_the_knn_graph_of_the_installed_pynndescent():
+    """From 8,192 cells, ``sc.pp.neighbors`` takes its kNN graph from pynndescent's
+    transformer: a ``csr_matrix`` up to pynndescent 0.6, a ``csr_array`` from 0.7, which
+    scanpy 1.11.5 cannot read under scipy 1.17 (no ``getnnz``; the ``scanpy`` extra pins
+    pynndescent < 0.7). Running NNDescent costs a JIT compile of about 100 s, so the graph
+    of the type the installed pynndescent returns is handed to scanpy's reader directly."""
+    pytest.importorskip("pynndescent")
+    reader = getattr(
+        pytest.importorskip("scanpy.neighbors._common"),
+        "_get_indices_distances_from_sparse_matrix",
+        None,
+    )
+    if reader is None:
+        pytest.skip("scanpy moved its sparse kNN reader")
+    version = tuple(int(p) for p in importlib.metadata.version("pynndescent").split(".")[:2])
+    kind = sp.csr_array if version >= (0, 7) else sp.csr_matrix
+    # four points on a line; each row holds the point itself and its nearest neighbour
+    rows, cols = np.repeat(np.arange(4), 2), np.array([0, 1, 1, 0, 2, 1, 3, 2])
+    dist = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.float32)
+    indices, distances = reader(kind((dist, (rows, cols)), shape=(4, 4)), 2)
+    assert indices.shape == distances.shape == (4, 2)
+    assert [set(row) for row in indices.tolist()] == [{0, 1}, {0, 1}, {1, 2}, {2, 3}]
+    assert sorted(distances.ravel().tolist()) == [0] * 4 + [1] * 4
