@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from .._constants import REGISTRY_KEYS
+from .._settings import settings
+from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._samplers import minibatch_bounds
 from ._splitter import DataSplitter, split_sizes
 
@@ -16,12 +18,26 @@ class LabeledStream:
     """Per-epoch labeled minibatches, at most ``n_samples_per_label`` cells per class.
 
     The subset is redrawn from ``(seed, epoch)`` each epoch; iteration cycles so it can be
-    zipped with the (longer) stream of all cells.
+    zipped with the (longer) stream of all cells. With counts on disk the minibatches are
+    block-shuffled and read a buffer at a time, like the training stream (``chunk_size``,
+    ``buffer_size``: see :class:`BlockShuffleSampler`), not a random row at a time.
     """
 
-    def __init__(self, store, indices, labels, batch_size, n_samples_per_label, seed):
+    def __init__(
+        self,
+        store,
+        indices,
+        labels,
+        batch_size,
+        n_samples_per_label,
+        seed,
+        chunk_size: int | None = None,
+        buffer_size: int | None = None,
+    ):
         self.store, self.indices, self.labels = store, np.asarray(indices), np.asarray(labels)
         self.batch_size, self.n_per_label, self.seed = batch_size, n_samples_per_label, seed
+        self.chunk_size = chunk_size or settings.dl_chunk_size
+        self.buffer_size = buffer_size or settings.dl_buffer_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,12 +61,26 @@ class LabeledStream:
         """Minibatches of this epoch's subset, over and over; never one of a single cell
         (merged into the one before; a lone labeled cell comes twice, which leaves its mean
         classification loss unchanged and keeps batch normalisation working)."""
+        cells = self.subset()
+        if len(cells) == 1:
+            cells = np.repeat(cells, 2)
+        if not self.store.on_disk or len(cells) == 2:
+            while True:
+                for start, stop in minibatch_bounds(len(cells), self.batch_size):
+                    yield self.store.gather(torch.as_tensor(cells[start:stop]))
+        sampler = BlockShuffleSampler(
+            cells,
+            self.batch_size,
+            True,
+            chunk_size=self.chunk_size,
+            buffer_size=self.buffer_size,
+            seed=self.seed,
+        )
+        sampler.set_epoch(self.epoch)
+        dataset = BufferedStoreDataset(self.store)
         while True:
-            cells = self.subset()
-            if len(cells) == 1:
-                cells = np.repeat(cells, 2)
-            for start, stop in minibatch_bounds(len(cells), self.batch_size):
-                yield self.store.gather(torch.as_tensor(cells[start:stop]))
+            for item in sampler:
+                yield dataset[item]
 
 
 class _PairedLoader:
@@ -131,5 +161,7 @@ class SemiSupervisedDataSplitter(DataSplitter):
             self.batch_size,
             self.n_samples_per_label,
             self.split_seed,
+            chunk_size=self.chunk_size,
+            buffer_size=self.buffer_size,
         )
         return _PairedLoader(full, stream)

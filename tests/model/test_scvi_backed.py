@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -11,6 +12,7 @@ from _callbacks import SignalAtEpoch, resume_checkpoint
 
 import cellvi
 from cellvi.analysis import knn_label_accuracy
+from cellvi.dataloaders import SemiSupervisedDataSplitter
 from cellvi.errors import TrainingError
 from cellvi.model import SCANVI, SCVI
 
@@ -128,3 +130,40 @@ def test_scanvi_on_disk_transfers_labels(sim, tmp_path):
     predicted = model.predict()
     truth = sim.obs["cell_type"].astype(str).to_numpy()
     assert (predicted[unlabeled] == truth[unlabeled]).mean() >= 0.9
+
+
+def test_scanvi_on_disk_reads_its_labeled_cells_a_buffer_at_a_time(sim, tmp_path, monkeypatch):
+    """The labeled stream reads like the training stream: one read per pass over the labeled
+    cells, not one random-row read per minibatch (which made SCANVI 3x slower on disk)."""
+    sim.obs["labels"] = sim.obs["cell_type"].astype(str)
+    sim.obs.loc[np.random.default_rng(0).random(sim.n_obs) < 0.5, "labels"] = "Unknown"
+    backed = _write(sim, tmp_path / "l.h5ad")
+    SCANVI.setup_anndata(
+        backed, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
+    )
+    model = SCANVI(backed, n_latent=4)
+    splitter = SemiSupervisedDataSplitter(model.adata_manager, batch_size=32)
+    splitter.setup()
+    loader = splitter.train_dataloader()
+    reads = []
+    source = type(splitter.store.tensors["X"].source)
+    read_sorted = source._read_sorted
+
+    def counted(self, rows):
+        reads.append(len(rows))
+        return read_sorted(self, rows)
+
+    monkeypatch.setattr(source, "_read_sorted", counted)
+    steps = list(loader)
+    train = splitter.train_idx
+    n_labeled = int((sim.obs["labels"].to_numpy()[train] != "Unknown").sum())
+    passes = math.ceil(len(steps) / math.ceil(n_labeled / 32))
+    assert passes >= 2 and len(steps) >= 15
+    # the training stream's one buffer, then one read of all labeled cells per pass
+    assert reads == [len(train)] + [n_labeled] * passes
+    x = sim.X.toarray()
+    for step in steps:
+        batch = step["labeled"]
+        cells = batch["ind_x"].ravel().numpy()
+        assert (sim.obs["labels"].to_numpy()[cells] != "Unknown").all()
+        np.testing.assert_array_equal(batch["X"].numpy(), x[cells])
