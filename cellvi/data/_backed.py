@@ -24,6 +24,9 @@ __all__ = ["RowSource", "DiskCSR", "as_row_source", "is_on_disk", "read_backed",
 SPAN_GAP = 1 << 16  # stored values: runs of rows closer than this are read as one slice
 SPAN_MAX = 1 << 23  # stored values read in one slice at most (64 MB of data + indices)
 CHUNK_ROWS = 20_000  # rows per chunk of whole-matrix passes
+# decompressed HDF5 chunks an opened matrix keeps (data and indices together): repeated
+# scattered reads (DE's posterior samples, cell subsets) then decompress each chunk once
+CHUNK_CACHE_BYTES = 64 << 20
 
 
 def _as_rows(key, n_rows: int) -> np.ndarray:
@@ -74,13 +77,12 @@ class RowSource(anndata.abc.CSRDataset):
             raise IndexError(f"row positions must lie in [0, {self._shape[0]}).")
         if rows.size == 0:
             return sparse.csr_matrix((0, self._shape[1]), dtype=np.float32)
-        if rows.size == 1 or np.all(rows[1:] >= rows[:-1]):
+        if rows.size == 1 or np.all(rows[1:] > rows[:-1]):
             return self._read_sorted(rows)
-        order = np.argsort(rows, kind="stable")
-        block = self._read_sorted(rows[order])
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        return block[inverse]
+        # each row is read once, in file order: a repeat would split the contiguous reads
+        # (sampling cells with replacement, as DE does, repeats many)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self._read_sorted(unique)[inverse]
 
     def __getitem__(self, key) -> sparse.csr_matrix:
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
@@ -205,6 +207,9 @@ class DiskCSR(RowSource):
         The ``.h5ad`` file or ``.zarr`` directory.
     key
         Group of the matrix inside the file: ``"X"`` or ``"layers/<name>"``.
+    cache_bytes
+        HDF5 chunk cache of the open matrix (default 64 MB, half each for values and column
+        indices): a chunk read again, as by scattered reads, is not decompressed again.
 
     Examples
     --------
@@ -216,9 +221,10 @@ class DiskCSR(RowSource):
     [[4.0, 5.0], [0.0, 1.0]]
     """
 
-    def __init__(self, path, key: str = "X"):
+    def __init__(self, path, key: str = "X", cache_bytes: int = CHUNK_CACHE_BYTES):
         self.path = str(Path(path))
         self.key = key.strip("/")
+        self.cache_bytes = int(cache_bytes)
         self._zarr = Path(self.path).is_dir() or self.path.rstrip("/").endswith(".zarr")
         self._handles = None
         self._pid = None
@@ -246,7 +252,9 @@ class DiskCSR(RowSource):
                     root = zarr.open_group(self.path, mode="r")
                     handle = None
                 else:
-                    handle = h5py.File(self.path, "r")
+                    handle = h5py.File(
+                        self.path, "r", rdcc_nbytes=self.cache_bytes // 2, rdcc_nslots=100_003
+                    )
                     root = handle
                 group = root[self.key]
             except (OSError, KeyError, FileNotFoundError) as err:
@@ -259,7 +267,8 @@ class DiskCSR(RowSource):
                     "from disk by row blocks, which needs CSR. Rewrite the file with a "
                     "scipy.sparse.csr_matrix X."
                 )
-            self._handles = (group, handle)
+            # the datasets stay open with the file: HDF5's chunk cache lives in them
+            self._handles = (group, handle, _SliceReader(group["data"], group["indices"]))
             self._pid = os.getpid()
         return self._handles
 
@@ -281,8 +290,7 @@ class DiskCSR(RowSource):
         return f"{self.path} [{self.key}]"
 
     def _read_sorted(self, rows: np.ndarray) -> sparse.csr_matrix:
-        group = self._open()[0]
-        reader = _SliceReader(group["data"], group["indices"])
+        reader = self._open()[2]
         data, indices = gather_spans(self._indptr, rows, reader)
         lengths = self._indptr[rows + 1] - self._indptr[rows]
         return csr_from_parts(data, indices, lengths, self._shape[1])

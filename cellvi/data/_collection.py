@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import sparse
 
 from ..errors import InvalidDataError
-from ._backed import DiskCSR, RowSource
+from ._backed import CHUNK_CACHE_BYTES, DiskCSR, RowSource
 
 __all__ = ["CollectionCSR", "read_collection", "COLLECTION_UNS_KEY"]
 
@@ -154,7 +154,8 @@ def read_collection(
     for path, name in zip(paths, keys):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} (file {name!r} of the collection) does not exist.")
-        parts.append(DiskCSR(path, key))
+        # the files share one chunk-cache budget
+        parts.append(DiskCSR(path, key, cache_bytes=CHUNK_CACHE_BYTES // len(paths)))
         obs, var = _read_annotations(path)
         if var.index.duplicated().any():
             dup = list(var.index[var.index.duplicated()].unique()[:5])

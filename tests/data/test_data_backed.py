@@ -60,6 +60,40 @@ def test_row_reads_equal_the_in_memory_matrix_in_any_order(written):
         disk.read_rows([700])
 
 
+def test_repeated_rows_are_read_once_in_one_slice(written, monkeypatch):
+    """Rows drawn with replacement (as DE's posterior samples are) keep contiguous reads."""
+    sim, path = written
+    disk, X = DiskCSR(path), sim.X.tocsr()
+    slices = []
+    read = cellvi.data._backed._SliceReader.__call__
+
+    def counted(self, lo, hi, data_out, indices_out):
+        slices.append((lo, hi))
+        return read(self, lo, hi, data_out, indices_out)
+
+    monkeypatch.setattr(cellvi.data._backed._SliceReader, "__call__", counted)
+    rows = np.array([40, 38, 38, 39, 40, 39, 41, 38])
+    assert (disk.read_rows(rows) != X[rows]).nnz == 0
+    assert slices == [(X.indptr[38], X.indptr[42])]
+
+
+def test_an_open_h5ad_matrix_keeps_its_chunk_cache_across_reads(sim, tmp_path):
+    """The datasets stay open with their HDF5 chunk cache, so chunks read again by scattered
+    reads are not decompressed again; the files of a collection share one budget."""
+    sim.write_h5ad(tmp_path / "a.h5ad", compression="gzip")
+    disk = DiskCSR(tmp_path / "a.h5ad", cache_bytes=8 << 20)
+    reader = disk._open()[2]
+    disk.read_rows([5, 600, 3])
+    disk.read_rows(np.arange(100))
+    assert disk._open()[2] is reader  # the same open datasets, hence the same cache
+    for dataset in (reader.data_ds, reader.indices_ds):
+        assert dataset.id.get_access_plist().get_chunk_cache()[1] == 4 << 20
+    paths = _split_files(sim, tmp_path)
+    parts = read_collection(paths).X.parts
+    budget = cellvi.data._backed.CHUNK_CACHE_BYTES
+    assert [p.cache_bytes for p in parts] == [budget // len(paths)] * len(paths)
+
+
 def test_read_backed_keeps_annotations_and_leaves_counts_on_disk(written):
     sim, path = written
     adata = read_backed(path)
