@@ -187,7 +187,7 @@ def importance_resample(
             elements_per_cell=3 * module.n_input * k,
         )
         for batch in batches:
-            inf = module.inference(batch, library=False)
+            inf = module.inference(batch, library=False, sample_z=False)
             u, z = latent_draws(module, inf, k)  # (k, cells, d)
             zero_lib = torch.zeros(*z.shape[:-1], 1, device=z.device)
             px = module.generative(z, zero_lib, batch, transform_batch=code)

@@ -44,7 +44,7 @@ def get_latent_representation(
         for batch in inference_batches(
             model, adata, indices, batch_size, sparse_x=True, elements_per_cell=draws
         ):
-            inf = module.inference(batch, library=False)
+            inf = module.inference(batch, library=False, sample_z=not (give_mean or return_dist))
             qz_m, qz_v = inf["qz_m"], inf["qz_v"]
             if return_dist:
                 means.append(qz_m.cpu())

@@ -91,7 +91,8 @@ class SCANVAE(VAE):
 
     def classify(self, tensors: dict[str, torch.Tensor], use_posterior_mean: bool = True):
         """Class logits ``(cells, K)`` from the posterior mean (or a draw) of ``z1``."""
-        inf = self.inference(tensors, library=False)  # the classifier sees z only
+        # the classifier sees z only
+        inf = self.inference(tensors, library=False, sample_z=not use_posterior_mean)
         z = inf["qz_m"] if use_posterior_mean else inf["z"]
         return self.classifier(z)
 

@@ -178,12 +178,17 @@ class VAE(nn.Module):
 
     # --------------------------------------------------------------- inference
     def inference(
-        self, tensors: dict[str, torch.Tensor], n_samples: int = 1, library: bool = True
+        self,
+        tensors: dict[str, torch.Tensor],
+        n_samples: int = 1,
+        library: bool = True,
+        sample_z: bool = True,
     ) -> dict[str, torch.Tensor | None]:
         """Encode a minibatch: ``qz_m``, ``qz_v``, ``z``, ``ql_m``, ``ql_v``, ``library``.
 
         ``library=False`` skips the library size (then ``library``, ``ql_m`` and ``ql_v`` are
         None): outputs that only need ``z``, such as latents and normalized expression.
+        ``sample_z=False`` skips drawing ``z`` (None): outputs that only need q(z | x).
         """
         x = tensors[_K.X_KEY]
         batch_index = tensors[_K.BATCH_KEY]
@@ -199,7 +204,9 @@ class VAE(nn.Module):
             enc_cat, enc_cont = cat, cont
         else:
             enc_cat, enc_cont = [], None
-        qz_m, qz_v, z = self.z_encoder(x_in, *enc_cat, cont=enc_cont)
+        # one draw here; several are drawn below from the posterior
+        one = sample_z and n_samples == 1
+        qz_m, qz_v, z = self.z_encoder(x_in, *enc_cat, cont=enc_cont, sample=one)
         ql_m = ql_v = None
         if not library:  # the flag; from here on ``library`` holds the log library size
             library = None
@@ -210,11 +217,12 @@ class VAE(nn.Module):
         else:
             ql_m, ql_v, library = self.l_encoder(x_in, *enc_cat, cont=enc_cont)
         if n_samples > 1:
-            qz_m_s = qz_m.expand(n_samples, *qz_m.shape)
-            qz_v_s = qz_v.expand(n_samples, *qz_v.shape)
-            z = qz_m_s + qz_v_s.sqrt() * torch.randn_like(qz_m_s)
-            if self.config.latent_distribution == "ln":
-                z = torch.softmax(z, dim=-1)
+            if sample_z:
+                qz_m_s = qz_m.expand(n_samples, *qz_m.shape)
+                qz_v_s = qz_v.expand(n_samples, *qz_v.shape)
+                z = qz_m_s + qz_v_s.sqrt() * torch.randn_like(qz_m_s)
+                if self.config.latent_distribution == "ln":
+                    z = torch.softmax(z, dim=-1)
             if ql_m is not None:
                 library = ql_m + ql_v.sqrt() * torch.randn(
                     n_samples, *ql_m.shape, device=ql_m.device

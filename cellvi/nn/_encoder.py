@@ -75,12 +75,19 @@ class Encoder(nn.Module):
         self.var_activation = torch.exp if var_activation is None else var_activation
 
     def forward(
-        self, x: torch.Tensor, *cat_list: torch.Tensor, cont: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(q_mean, q_var, z)``; ``z`` is a reparameterised draw (softmaxed for ``ln``)."""
+        self,
+        x: torch.Tensor,
+        *cat_list: torch.Tensor,
+        cont: torch.Tensor | None = None,
+        sample: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return ``(q_mean, q_var, z)``; ``z`` is a reparameterised draw (softmaxed for ``ln``),
+        or None with ``sample=False`` (only the posterior is wanted)."""
         h = self.encoder(x, *cat_list, cont=cont)
         q_m = self.mean_encoder(h)
         q_v = self.var_activation(self.var_encoder(h)) + self.var_eps
+        if not sample:
+            return q_m, q_v, None
         z = q_m + q_v.sqrt() * torch.randn_like(q_m)
         if self.distribution == "ln":
             z = torch.softmax(z, dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import cellvi
 from cellvi.errors import CellviWarning
@@ -148,3 +149,17 @@ def test_a_de_request_is_checked_without_a_model_as_the_call_would(model):
         if "grop1" not in kwargs:  # the call itself raises the same error
             with pytest.raises(error, match=message):
                 model.differential_expression(**kwargs)
+
+
+def test_the_posterior_mean_draws_nothing_from_the_global_random_stream(model):
+    """Means and distributions need no draw of z: asking for them leaves torch's global
+    random stream where it was (a draw is still made for give_mean=False)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    for kwargs in ({}, {"return_dist": True}):
+        torch.manual_seed(0)
+        model.get_latent_representation(**kwargs)
+        torch.testing.assert_close(torch.rand(3), expected)
+    torch.manual_seed(0)
+    model.get_latent_representation(give_mean=False)
+    assert not torch.equal(torch.rand(3), expected)
