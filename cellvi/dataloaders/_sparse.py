@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,11 @@ __all__ = ["SparseRows"]
 # nonzero; ``benchmarks/bench_sparse_product.py``), enough to pay for a second pass over the
 # indices. On a GPU the product stays one pass: the blocking was measured on CPUs only.
 CPU_BAG_COLUMNS = 64
+
+# a weight's column blocks, kept while the weight is unchanged: inference multiplies every
+# minibatch by the same first-layer weight (copying its blocks cost 4 % of a latent pass)
+# (keyed by id: tensors compare elementwise, so they cannot be dictionary keys themselves)
+_BLOCKS: dict[int, tuple] = {}
 
 
 class SparseRows:
@@ -104,7 +110,7 @@ class SparseRows:
         expected = n + (0 if tail is None else tail.shape[-1])
         if weight.shape[1] != expected:
             raise ValueError(f"weight has {weight.shape[1]} input columns, expected {expected}.")
-        out = self._bag(weight[:, :n].t())
+        out = self._bag(weight[:, :n].t(), owner=weight)
         if bias is not None:
             out = out.add_(bias)
         if tail is not None:
@@ -123,22 +129,43 @@ class SparseRows:
     def _float_dtype(self) -> torch.dtype:
         return self.values.dtype if self.values.is_floating_point() else torch.float32
 
-    def _bag(self, table: torch.Tensor) -> torch.Tensor:
+    def _bag(self, table: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_j values[j] * table[indices[j]]`` per row: the sparse rows times ``table``
-        (``(n_cols, k)``, any strides; on a CPU in blocks of ``CPU_BAG_COLUMNS`` columns)."""
+        (``(n_cols, k)``, any strides; on a CPU in blocks of ``CPU_BAG_COLUMNS`` columns).
+        ``table`` is a view of ``owner``, under which its blocks are cached when no gradient
+        flows."""
         if self.shape[0] == 0 or table.shape[1] == 0:
             return table.new_zeros(self.shape[0], table.shape[1])
         weights = self.values.to(table.dtype)
-        width = CPU_BAG_COLUMNS if table.device.type == "cpu" else table.shape[1]
-        blocks = [
+        outs = [
             F.embedding_bag(
                 self.indices,
-                table[:, start : start + width].contiguous(),
+                block,
                 self.offsets,
                 mode="sum",
                 per_sample_weights=weights,
                 include_last_offset=True,
             )
-            for start in range(0, table.shape[1], width)
+            for block in _column_blocks(table, owner)
         ]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _column_blocks(table: torch.Tensor, owner: torch.Tensor | None) -> list[torch.Tensor]:
+    """``table`` as contiguous blocks of columns, cached under ``owner`` (the tensor it views)
+    until ``owner`` changes in place or the table's shape changes."""
+    width = CPU_BAG_COLUMNS if table.device.type == "cpu" else table.shape[1]
+    cacheable = owner is not None and not (torch.is_grad_enabled() and owner.requires_grad)
+    state = (owner._version, tuple(table.shape), table.stride()) if cacheable else None
+    if cacheable:
+        ref, cached_state, blocks = _BLOCKS.get(id(owner), (None, None, None))
+        if ref is not None and ref() is owner and cached_state == state:
+            return blocks
+    blocks = [
+        table[:, start : start + width].contiguous() for start in range(0, table.shape[1], width)
+    ]
+    if cacheable:
+        key = id(owner)
+        forget = weakref.ref(owner, lambda _, key=key: _BLOCKS.pop(key, None))
+        _BLOCKS[key] = (forget, state, blocks)
+    return blocks

@@ -125,3 +125,22 @@ def test_integer_counts_are_shared_not_copied_and_read_as_float32(dtype, idx):
         sparse.map_values(torch.log1p).linear(weight),
         torch.log1p(torch.from_numpy(dense[idx])) @ weight.T,
     )
+
+
+def test_the_weight_blocks_are_reused_until_the_weight_changes():
+    """Inference reuses a weight's column blocks across minibatches; an optimiser step (an
+    in-place change) invalidates them, and with gradients no cached copy is used."""
+    dense = _counts(g=30)
+    rows, x = _rows(dense), torch.from_numpy(dense)
+    layer = torch.nn.Linear(30, 150)  # three blocks of columns on a CPU
+    with torch.no_grad():
+        for _ in range(2):  # the second product reads the cached blocks
+            torch.testing.assert_close(
+                rows.linear(layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias)
+            )
+        layer.weight.mul_(-2.0)  # as an optimiser step does between two inference passes
+        torch.testing.assert_close(
+            rows.linear(layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias)
+        )
+    rows.linear(layer.weight, layer.bias).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, torch.ones(150, 40) @ x)
