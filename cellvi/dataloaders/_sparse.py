@@ -155,7 +155,9 @@ def _column_blocks(table: torch.Tensor, owner: torch.Tensor | None) -> list[torc
     """``table`` as contiguous blocks of columns, cached under ``owner`` (the tensor it views)
     until ``owner`` changes in place or the table's shape changes."""
     width = CPU_BAG_COLUMNS if table.device.type == "cpu" else table.shape[1]
-    cacheable = owner is not None and not (torch.is_grad_enabled() and owner.requires_grad)
+    # (an inference-mode tensor has no version counter to tell a change)
+    cacheable = owner is not None and not owner.is_inference()
+    cacheable = cacheable and not (torch.is_grad_enabled() and owner.requires_grad)
     state = (owner._version, tuple(table.shape), table.stride()) if cacheable else None
     if cacheable:
         ref, cached_state, blocks = _BLOCKS.get(id(owner), (None, None, None))
