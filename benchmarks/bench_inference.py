@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import cellvi
@@ -130,9 +131,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scvi-python", default=None)
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument(
+        "--library-size",
+        type=float,
+        default=1000.0,
+        help="mean library size of the simulated cells (1000: 31%% nonzero, 500: 19%%)",
+    )
     args = parser.parse_args()
     adata = cellvi.data.simulate(
-        n_cells=args.n_cells, n_genes=args.n_genes, n_batches=2, n_cell_types=5, seed=0
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        n_batches=2,
+        n_cell_types=5,
+        library_size_log_mean=float(np.log(args.library_size)),
+        seed=0,
     )
     lfc = adata.varm["true_lfc"]["type_0"]
     tmp = Path(tempfile.mkdtemp())
@@ -175,7 +187,9 @@ def main() -> None:
                 growth["scvi", key] = max(growth["scvi", key], reply["growth_mib"])
                 if key == "de":
                     theirs_proba = pd.Series(reply["proba_de"])
-    row = {"n_cells": args.n_cells, **{f"cellvi_{k}": round(v, 3) for k, v in ours.items()}}
+    density = adata.X.nnz / (adata.n_obs * adata.n_vars)
+    row = {"n_cells": args.n_cells, "nonzero": round(density, 3)}
+    row |= {f"cellvi_{k}": round(v, 3) for k, v in ours.items()}
     row["cellvi_auroc"] = round(auroc(results["de"]["proba_de"], lfc), 4)
     for key, result in results.items():
         size = result.nbytes if hasattr(result, "nbytes") else result.memory_usage().sum()
