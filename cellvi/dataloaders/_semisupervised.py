@@ -64,6 +64,8 @@ class LabeledStream:
         cells = self.subset()
         if len(cells) == 1:
             cells = np.repeat(cells, 2)
+        # in memory, or just two cells (e.g. the lone one twice): plain gathers; on disk the
+        # training stream's buffered reads
         if not self.store.on_disk or len(cells) == 2:
             while True:
                 for start, stop in minibatch_bounds(len(cells), self.batch_size):
