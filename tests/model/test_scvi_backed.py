@@ -57,16 +57,21 @@ def test_trained_on_disk_it_learns_and_infers_exactly_as_from_memory(sim, tmp_pa
     np.testing.assert_allclose(de_disk.loc[de_mem.index, "proba_de"], de_mem["proba_de"])
 
 
-def test_resume_from_disk_is_exact(sim, tmp_path):
+@pytest.mark.parametrize("cls", [SCVI, SCANVI])
+def test_resume_from_disk_is_exact(sim, tmp_path, cls):
+    """Also for SCANVI, whose labeled minibatches are read from disk buffer by buffer."""
     sim = sim[:300].copy()
+    sim.obs["labels"] = sim.obs["cell_type"].astype(str)
+    sim.obs.loc[sim.obs_names[::3], "labels"] = "Unknown"
     path = tmp_path / "sim.h5ad"
     sim.write_h5ad(path)
     kwargs = {"max_epochs": 4, "plan_kwargs": {"n_epochs_kl_warmup": 3}}
+    labels = {"labels_key": "labels", "unlabeled_category": "Unknown"} if cls is SCANVI else {}
 
     def model():
         adata = cellvi.data.read_backed(path)
-        SCVI.setup_anndata(adata, batch_key="batch")
-        return SCVI(adata, n_hidden=16, n_latent=4)
+        cls.setup_anndata(adata, batch_key="batch", **labels)
+        return cls(adata, n_hidden=16, n_latent=4)
 
     with cellvi.settings.override(dl_chunk_size=16, dl_buffer_size=64):
         reference = model()
