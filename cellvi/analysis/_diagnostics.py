@@ -99,7 +99,9 @@ def get_marginal_ll(
             step = min(per_pass, max(1, _PASS_ELEMENTS // (n_cells * module.n_input)))
             while done < n_mc_samples:
                 k = min(step, n_mc_samples - done)
-                inf = module.inference(batch, n_samples=max(k, 2))
+                # z is drawn by latent_draws; inference draws only the library (two
+                # draws at least, so that its sample axis exists)
+                inf = module.inference(batch, n_samples=max(k, 2), sample_z=False)
                 u, z = latent_draws(module, inf, k)
                 library = inf["library"][:k]
                 gen = module.generative(z, library, batch)
