@@ -373,12 +373,12 @@ def read_backed(path, layer: str | None = None) -> anndata.AnnData:
     Examples
     --------
     >>> import cellvi, tempfile, os
-    >>> adata = cellvi.data.simulate(n_cells=100, n_genes=50, seed=0)
+    >>> adata = cellvi.data.simulate(n_cells=100, n_genes=80, seed=0)
     >>> path = os.path.join(tempfile.mkdtemp(), "sim.h5ad")
     >>> adata.write_h5ad(path)
     >>> backed = read_backed(path)
     >>> type(backed.X).__name__, backed.shape
-    ('DiskCSR', (100, 50))
+    ('DiskCSR', (100, 80))
     """
     path = str(path)
     if not Path(path).exists():

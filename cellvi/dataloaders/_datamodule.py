@@ -65,10 +65,10 @@ class AnnDataModule:
     Examples
     --------
     >>> import cellvi
-    >>> adata = cellvi.data.simulate(n_cells=200, n_genes=50, seed=0)
+    >>> adata = cellvi.data.simulate(n_cells=200, n_genes=80, seed=0)
     >>> dm = AnnDataModule(adata, batch_key="batch")
     >>> dm.n_obs, dm.n_vars, dm.n_batch
-    (200, 50, 2)
+    (200, 80, 2)
     """
 
     def __init__(

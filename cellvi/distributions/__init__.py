@@ -10,6 +10,7 @@ from ._counts import (
 from ._functional import log_mixture_nb, log_nb_positive, log_poisson, log_zinb_positive
 from ._fused import nb_log_likelihood, poisson_log_likelihood, zinb_log_likelihood
 from ._gammaless import (
+    digamma_difference,
     log_factorial,
     log_gamma_ratio,
     nb_log_likelihood_gammaless,
@@ -24,6 +25,7 @@ __all__ = [
     "Normal",
     "Poisson",
     "ZeroInflatedNegativeBinomial",
+    "digamma_difference",
     "log_factorial",
     "log_gamma_ratio",
     "log_mixture_nb",

@@ -1,4 +1,9 @@
-"""Elementwise log-likelihoods of count distributions (``models.md`` §0)."""
+"""Elementwise log-likelihoods of count distributions (``models.md`` §0).
+
+The NB terms ``log(θ/(θ+μ))`` and ``log(μ/(θ+μ))`` are written as ``-log1p`` of a ratio, not
+as differences of logarithms, which lose all their digits in float32 when one of ``θ`` and
+``μ`` is small against the other (``eps`` keeps both ratios finite).
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,10 @@ def log_nb_positive(
     >>> float(log_nb_positive(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1e8)).exp())
     0.36...
     """
-    log_theta_mu_eps = torch.log(theta + mu + eps)
     return (
-        theta * (torch.log(theta + eps) - log_theta_mu_eps)
-        + x * (torch.log(mu + eps) - log_theta_mu_eps)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
+        -theta * torch.log1p(mu / (theta + eps))
+        - x * torch.log1p(theta / (mu + eps))
+        + _log_gamma_ratio(x, theta)
     )
 
 
@@ -42,18 +44,17 @@ def log_zinb_positive(
     and are not evaluated.
     """
     softplus_neg_logits = F.softplus(-zi_logits)
-    log_theta_mu_eps = torch.log(theta + mu + eps)
-    a = -zi_logits + theta * (torch.log(theta + eps) - log_theta_mu_eps)
+    a = -zi_logits - theta * torch.log1p(mu / (theta + eps))
     case_zero = F.softplus(a) - softplus_neg_logits
     case_nonzero = (
-        -softplus_neg_logits
-        + a
-        + x * (torch.log(mu + eps) - log_theta_mu_eps)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
+        -softplus_neg_logits + a - x * torch.log1p(theta / (mu + eps)) + _log_gamma_ratio(x, theta)
     )
     return torch.where(x < 1e-8, case_zero, case_nonzero)
+
+
+def _log_gamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    # grouped: added term by term to an O(1) value, lgamma(θ) of a huge θ would swamp it
+    return torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
 
 
 def log_poisson(x: torch.Tensor, rate: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

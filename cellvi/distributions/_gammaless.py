@@ -9,7 +9,13 @@ again ``log``-free):
 ``lgamma(x + θ) - lgamma(θ) - lgamma(x + 1) = Σ_{k<x} log(θ + k) - log x!``
 
 summed exactly for ``x ≤ K`` and, for larger counts, continued with the Stirling series, which
-at arguments ``≥ K = 4`` is exact to float32 precision. The result is zero at ``x = 0``.
+at arguments ``≥ K = 4`` is exact to float32 precision. The result is zero at ``x = 0``. The
+continuation is written as a difference (``log1p`` of the relative step), so a huge ``θ`` does
+not cancel two numbers of size ``θ log θ``. Its derivative in ``θ``,
+``ψ(x + θ) - ψ(θ) = Σ_{k<x} 1/(θ + k)``, is built the same way (:func:`digamma_difference`).
+
+Outside ``torch.compile`` the fused kernels of :mod:`._fused` use these for the counts beyond
+their per-gene tables.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = [
+    "digamma_difference",
     "log_factorial",
     "log_gamma_ratio",
     "nb_log_likelihood_gammaless",
@@ -32,12 +39,25 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_FACT = [math.lgamma(k + 1) for k in range(_K + 1)]
 
 
-def _stirling(z: torch.Tensor) -> torch.Tensor:
-    """``lgamma(z)`` for ``z ≥ 4`` (Stirling series to ``z^-7``; error below 4e-9)."""
+def _series(z: torch.Tensor) -> torch.Tensor:
+    """``lgamma(z) - ((z - 1/2) log z - z + log(2π)/2)`` for ``z ≥ 4`` (to ``z^-7``; error
+    below 4e-9)."""
     r = z.reciprocal()
     r2 = r * r
-    series = r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 / 1680)))
-    return (z - 0.5) * z.log() - z + _HALF_LOG_2PI + series
+    return r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 / 1680)))
+
+
+def _stirling(z: torch.Tensor) -> torch.Tensor:
+    """``lgamma(z)`` for ``z ≥ 4``."""
+    return (z - 0.5) * z.log() - z + _HALF_LOG_2PI + _series(z)
+
+
+def _psi_series(z: torch.Tensor) -> torch.Tensor:
+    """``log z - ψ(z)`` for ``z ≥ 4`` (asymptotic series to ``z^-10``; error below 2e-9)."""
+    r = z.reciprocal()
+    r2 = r * r
+    poly = 1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 * (1 / 240 - r2 / 132)))
+    return r * 0.5 + r2 * poly
 
 
 def log_gamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -50,14 +70,37 @@ def log_gamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     >>> import torch, math
     >>> v = log_gamma_ratio(torch.tensor([0.0, 3.0, 50.0]), torch.tensor(2.5))
     >>> [round(float(a), 4) for a in v]
-    [0.0, 2.0794, 7.7004]
+    [0.0, 1.8814, 5.6204]
     """
     small = torch.zeros_like(x)
     for k in range(_K):
         small = small + torch.where(x > k, torch.log(theta + k), 0.0)
-    x_big = torch.clamp(x, min=_K)  # = K where x ≤ K: the tail terms cancel exactly
-    tail = _stirling(x_big + theta) - _stirling(theta + _K)
+    # lgamma(z1) - lgamma(z0) for z0 = θ + K, z1 = z0 + d (d = 0 where x ≤ K: the tail is 0)
+    d = torch.clamp(x - _K, min=0)
+    z0 = theta + _K
+    z1 = z0 + d
+    tail = (z0 - 0.5) * torch.log1p(d / z0) + d * (z1.log() - 1) + _series(z1) - _series(z0)
     return small + tail - log_factorial(x)
+
+
+def digamma_difference(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``ψ(x + θ) - ψ(θ)`` (the ``θ``-derivative of :func:`log_gamma_ratio`) for integer
+    counts ``x ≥ 0``; ``theta`` broadcastable to ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> v = digamma_difference(torch.tensor([0.0, 2.0, 50.0]), torch.tensor(2.5))
+    >>> [round(float(a), 4) for a in v]
+    [0.0, 0.6857, 3.2481]
+    """
+    small = torch.zeros_like(x)
+    for k in range(_K):
+        small = small + torch.where(x > k, torch.reciprocal(theta + k), 0.0)
+    d = torch.clamp(x - _K, min=0)
+    z0 = theta + _K
+    z1 = z0 + d
+    return small + torch.log1p(d / z0) - _psi_series(z1) + _psi_series(z0)
 
 
 def log_factorial(x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +116,16 @@ def zinb_log_likelihood_gammaless(
     x: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor
 ) -> torch.Tensor:
     """``Σ_g log ZINB`` per cell, like :func:`~cellvi.distributions.zinb_log_likelihood`."""
-    log_t = (theta + log_mu.exp()).log()  # log(θ + μ)
-    a = theta * (theta.log() - log_t) - zi_logits
+    u = log_mu - theta.log()  # log(μ / θ); softplus(u) = log(1 + μ/θ), as in the fused kernels
+    log1p_ratio = F.softplus(u)
+    a = -theta * log1p_ratio - zi_logits
     softplus_a = F.softplus(a)
     positive = x > 0
     ll = (
         softplus_a
         - F.softplus(-zi_logits)
         + torch.where(positive, a - softplus_a, 0.0)
-        + x * (log_mu - log_t)
+        + x * (u - log1p_ratio)
         + log_gamma_ratio(x, theta)
     )
     return ll.sum(-1)
@@ -91,8 +135,9 @@ def nb_log_likelihood_gammaless(
     x: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor
 ) -> torch.Tensor:
     """``Σ_g log NB`` per cell, like :func:`~cellvi.distributions.nb_log_likelihood`."""
-    log_t = (theta + log_mu.exp()).log()
-    ll = theta * (theta.log() - log_t) + x * (log_mu - log_t) + log_gamma_ratio(x, theta)
+    u = log_mu - theta.log()
+    log1p_ratio = F.softplus(u)
+    ll = x * (u - log1p_ratio) - theta * log1p_ratio + log_gamma_ratio(x, theta)
     return ll.sum(-1)
 
 

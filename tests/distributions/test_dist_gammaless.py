@@ -7,6 +7,7 @@ import torch
 from scipy import special
 
 from cellvi.distributions import (
+    digamma_difference,
     log_factorial,
     log_gamma_ratio,
     nb_log_likelihood,
@@ -40,6 +41,15 @@ def test_log_gamma_ratio_gradient_is_the_digamma_difference(theta):
     want = special.digamma(x.numpy() + theta) - special.digamma(theta)
     assert abs(t.grad.numpy() - want).max() / (1 + abs(want).max()) < 1e-7
     assert float(t.grad[0]) == 0.0
+
+
+@pytest.mark.parametrize("theta", THETAS)
+def test_digamma_difference_matches_scipy_in_float64(theta):
+    x = torch.tensor(COUNTS, dtype=torch.float64)
+    got = digamma_difference(x, torch.tensor(theta, dtype=torch.float64)).numpy()
+    want = special.digamma(x.numpy() + theta) - special.digamma(theta)
+    assert (abs(got - want) / (1 + abs(want))).max() < 1e-9
+    assert got[0] == 0.0
 
 
 def test_log_gamma_ratio_float32_error_is_float32_rounding():
