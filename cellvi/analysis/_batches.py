@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Iterator
 
@@ -36,19 +37,53 @@ def inference_batch_size(elements_per_cell: int) -> int:
     return max(settings.batch_size, min(INFERENCE_MAX_BATCH, fit))
 
 
-def resolve_indices(indices, n_obs: int) -> np.ndarray:
-    """Positions of the requested cells (all cells when None; boolean masks accepted)."""
+def resolve_indices(indices, n_obs: int, name: str = "indices", also: str = "") -> np.ndarray:
+    """Positions of the requested cells (all cells when None; boolean masks accepted).
+
+    ``name`` is the argument named in errors; ``also`` names further accepted forms.
+
+    Raises
+    ------
+    TypeError
+        For anything but a boolean mask or integer positions (obs names, fractions), naming
+        ``name``.
+    """
     if indices is None:
         return np.arange(n_obs, dtype=np.int64)
     idx = np.asarray(indices)
     if idx.dtype == bool:
         if idx.shape[0] != n_obs:
-            raise ValueError(f"Boolean indices have length {idx.shape[0]}, expected {n_obs}.")
+            raise ValueError(
+                f"{name} is a boolean mask of length {idx.shape[0]}; it needs one value per "
+                f"cell ({n_obs})."
+            )
         return np.flatnonzero(idx).astype(np.int64)
-    idx = idx.astype(np.int64).ravel()
+    idx = idx.ravel()
+    if idx.size and not _integral(idx):
+        shown = ", ".join(map(repr, idx[:3].tolist())) + (", ..." if idx.size > 3 else "")
+        hint = (
+            " For obs names use np.flatnonzero(adata.obs_names.isin(names))."
+            if idx.dtype.kind in "OUS"
+            else ""
+        )
+        raise TypeError(
+            f"{name} got [{shown}]; it takes a boolean mask or integer positions{also}.{hint}"
+        )
+    idx = idx.astype(np.int64)
     if idx.size and (idx.min() < -n_obs or idx.max() >= n_obs):
-        raise IndexError(f"indices must lie in [0, {n_obs}); got {idx.min()}..{idx.max()}.")
+        raise IndexError(f"{name} must lie in [0, {n_obs}); got {idx.min()}..{idx.max()}.")
     return idx % n_obs
+
+
+def _integral(idx: np.ndarray) -> bool:
+    """Whether every value is an integer (integer dtypes, whole floats, Python ints)."""
+    if idx.dtype.kind in "iu":
+        return True
+    if idx.dtype.kind == "f":
+        return bool(np.all(np.isfinite(idx) & (idx == np.round(idx))))
+    if idx.dtype.kind == "O":
+        return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in idx)
+    return False
 
 
 @contextlib.contextmanager

@@ -59,12 +59,12 @@ class _Options:
 
 
 def _resolve_group(adata, idx, arg: str) -> np.ndarray:
+    """The sorted, distinct positions of a group's cells: a group is a set of cells, so a
+    position given twice counts once."""
     if isinstance(idx, str):
         return np.flatnonzero(adata.obs.eval(idx).to_numpy())
-    try:
-        return resolve_indices(idx, adata.n_obs)
-    except (ValueError, IndexError) as err:
-        raise type(err)(f"{arg}: {err}") from None
+    positions = resolve_indices(idx, adata.n_obs, arg, also=" (or an obs.query string)")
+    return np.unique(positions)
 
 
 def _check_choices(mode, test_mode, delta, fdr_target, weights) -> None:
@@ -88,36 +88,57 @@ def _index_groups(adata, idx1, idx2) -> tuple[np.ndarray, np.ndarray]:
     return i1, _resolve_group(adata, idx2, "idx2")
 
 
-def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list]:
-    """Each cell's ``groupby`` value as a string (None where missing) and the first groups to
-    compare; every named group must have cells."""
+def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple | None]:
+    """The groups of a ``groupby`` comparison.
+
+    Returns each cell's category code (-1 where the value is missing), the ``(code, value)``
+    of every first group and that of ``group2`` (None: the rest). Categories are the
+    column's (or, for other columns, its sorted distinct values, as ``astype("category")``),
+    and values keep their type (an integer label stays an integer). Every named group must
+    have cells.
+    """
     if groupby is None:
         raise ValueError("Give groupby= (with group1/group2) or idx1=.")
     if groupby not in adata.obs:
         columns = [c for c in adata.obs.columns if not str(c).startswith("_cellvi_")]
         raise KeyError(f"groupby={groupby!r} is not an obs column; obs columns: {columns}.")
     column = adata.obs[groupby]
-    known = column.notna().to_numpy()  # cells without a value only ever count as "Rest"
-    labels = np.where(known, column.astype(str).to_numpy(), None)
-    categories = (
-        list(pd.unique(labels[known]))
-        if not hasattr(column, "cat")
-        else [str(c) for c in column.cat.categories if (labels == str(c)).any()]
-    )
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        column = column.astype("category")
+    codes = column.cat.codes.to_numpy().astype(np.int64)  # -1: missing, only ever "Rest"
+    used = np.bincount(codes[codes >= 0], minlength=len(column.cat.categories)) > 0
+    present = [(i, v) for i, v in enumerate(column.cat.categories) if used[i]]
     if group1 is None:
-        if len(categories) < 2:
-            raise ValueError(f"groupby={groupby!r} has a single category; nothing to compare.")
-        firsts = categories
+        if len(present) < 2:
+            what = (
+                f"a single category ({present[0][1]!r})"
+                if present
+                else "no values (every cell's value is missing)"
+            )
+            raise ValueError(
+                f"groupby={groupby!r} has {what}; one-vs-rest needs at least two categories."
+            )
+        firsts = present
     else:
-        firsts = as_name_list(group1)
-    unknown = [str(g) for g in [*firsts, *([] if group2 is None else [group2])]]
-    unknown = [g for g in unknown if g not in categories]
-    if unknown:
-        raise ValueError(
-            f"No cells in obs[{groupby!r}] are {', '.join(map(repr, unknown))}; its values: "
-            f"{categories[:20]}{' ...' if len(categories) > 20 else ''}."
-        )
-    return labels, firsts
+        firsts = [_find_group(present, g, groupby) for g in as_name_list(group1)]
+    second = None if group2 is None else _find_group(present, group2, groupby)
+    return codes, firsts, second
+
+
+def _find_group(present: list, name, groupby) -> tuple:
+    """``(code, value)`` of the category ``name`` (matched exactly, else by its text, so
+    that ``"0"`` finds the label 0)."""
+    for code, value in present:
+        if value == name:
+            return code, value
+    for code, value in present:
+        if str(value) == str(name):
+            return code, value
+    values = [v for _, v in present]
+    raise ValueError(
+        f"No cells in obs[{groupby!r}] are {name!r}; its values: "
+        f"{values[:20]}{' ...' if len(values) > 20 else ''}."
+    )
 
 
 def check_de_request(adata, **kwargs) -> None:
@@ -334,16 +355,16 @@ def differential_expression(
         x = np.asarray(x)
     if idx1 is not None:
         return _compare(model, data, x, *_index_groups(data, idx1, idx2), opts)
-    labels, firsts = _group_plan(data, groupby, group1, group2)
+    codes, firsts, second = _group_plan(data, groupby, group1, group2)
     tables = []
-    for g1 in firsts:
-        i1 = np.flatnonzero(labels == str(g1))
-        if group2 is None:
-            i2, name2 = np.flatnonzero(labels != str(g1)), "Rest"
+    for code1, value1 in firsts:
+        i1 = np.flatnonzero(codes == code1)
+        if second is None:
+            i2, value2 = np.flatnonzero(codes != code1), "Rest"
         else:
-            i2, name2 = np.flatnonzero(labels == str(group2)), str(group2)
+            i2, value2 = np.flatnonzero(codes == second[0]), second[1]
         table = _compare(model, data, x, i1, i2, opts)
-        table["comparison"] = f"{g1} vs {name2}"
-        table["group1"], table["group2"] = str(g1), name2
+        table["comparison"] = f"{value1} vs {value2}"
+        table["group1"], table["group2"] = value1, value2
         tables.append(table)
     return pd.concat(tables)

@@ -126,6 +126,13 @@ def get_normalized_expression(
     genes = _gene_mask(model, gene_list)
     manager = model._manager_for(adata)
     cell_idx = resolve_indices(indices, manager.summary_stats["n_cells"])
+    if n_samples_overall is not None:
+        n_samples_overall = check_count(n_samples_overall, "n_samples_overall")
+        if len(cell_idx) == 0:
+            raise ValueError(
+                f"n_samples_overall={n_samples_overall} draws from the selected cells, but "
+                "indices selects no cells; select at least one cell."
+            )
     if weights == "importance" or importance_weighting_kwargs:
         return _importance_weighted(
             model, adata, cell_idx, codes, genes, library_size, n_samples, n_samples_overall,

@@ -59,9 +59,12 @@ def get_latent_representation(
                     out.append(qz_m.cpu())
             else:
                 out.append(inf["z"].cpu())
+    empty = np.zeros((0, module.config.n_latent), np.float32)  # no cells selected
     if return_dist:
+        if not means:
+            return empty, empty.copy()
         return torch.cat(means).numpy(), torch.cat(variances).numpy()
-    return torch.cat(out).numpy() if out else np.zeros((0, module.config.n_latent), np.float32)
+    return torch.cat(out).numpy() if out else empty
 
 
 def normal_points(n: int, dim: int, seed: int = 0) -> torch.Tensor:

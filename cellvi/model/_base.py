@@ -13,6 +13,7 @@ import torch
 
 from .._settings import settings
 from ..data import AnnDataManager
+from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, SetupError
 from ._registry import ManagerStore, check_registry_compatible
 
@@ -202,11 +203,18 @@ class BaseModel:
         return manager
 
     def _transfer_setup(self, adata, **kwargs) -> AnnDataManager:
-        if adata.is_view:
-            raise SetupError(
-                "The AnnData is a view; pass a copy (adata[idx].copy()) so cellvi can add its "
-                "columns without modifying the parent object."
-            )
+        """Register ``adata`` with this model's setup (``data.md`` §1.1).
+
+        A view is first turned into an actual object in place (its parent is left untouched),
+        and a copy of registered data gets a UUID of its own, so that the original keeps its
+        manager.
+        """
+        if getattr(adata, "is_view", False):
+            logger.info("Received a view of an AnnData; making it a copy in place.")
+            adata._init_as_actual(adata.copy())
+            adata.uns.pop(UUID_KEY, None)  # the parent's id: the copy gets its own
+        elif self._store.holds_another(adata):
+            adata.uns.pop(UUID_KEY, None)
         if self.adata_manager is not None:
             manager = self.adata_manager.transfer_fields(adata, **kwargs)
         else:

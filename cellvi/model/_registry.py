@@ -27,6 +27,13 @@ class ManagerStore:
     def add(self, manager: AnnDataManager) -> None:
         self._managers[manager.adata.uns[_UUID_KEY]] = manager
 
+    def holds_another(self, adata: Any) -> bool:
+        """Whether ``adata``'s cellvi UUID belongs to another object here (``adata`` is a copy
+        or a view of data set up for this class)."""
+        uuid = adata.uns.get(_UUID_KEY) if hasattr(adata, "uns") else None
+        manager = self._managers.get(uuid) if uuid is not None else None
+        return manager is not None and manager.adata is not adata
+
     def get(self, adata: Any, *, required: bool = True) -> AnnDataManager | None:
         uuid = adata.uns.get(_UUID_KEY) if hasattr(adata, "uns") else None
         manager = self._managers.get(uuid) if uuid is not None else None
@@ -40,6 +47,12 @@ class ManagerStore:
         if manager.adata is not adata:
             if not required:
                 return None
+            if getattr(adata, "is_view", False):
+                raise SetupError(
+                    f"This AnnData is a view of data set up for {self.model_name}; a model "
+                    "needs an actual object. Copy it and set it up: adata = adata[idx].copy(); "
+                    f"cellvi.model.{self.model_name}.setup_anndata(adata, ...)."
+                )
             raise SetupError(
                 f"This AnnData carries the cellvi id of data set up for {self.model_name}, but "
                 "it is another object: it was probably copied after setup. Run "

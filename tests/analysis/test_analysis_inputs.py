@@ -100,7 +100,7 @@ def test_de_groups_numeric_labels_masks_and_missing_values(model):
     table = model.differential_expression(adata, groupby="partial")
     assert set(table["group1"]) == {"type_0", "type_1", "type_2"}  # no 'nan' group
     mask = np.zeros(adata.n_obs, dtype=bool)
-    with pytest.raises(ValueError, match="idx1: Boolean indices have length 100"):
+    with pytest.raises(ValueError, match="idx1 is a boolean mask of length 100"):
         model.differential_expression(idx1=mask[:100])
     with pytest.raises(IndexError, match="idx2"):
         model.differential_expression(idx1=[0, 1], idx2=[5000])
@@ -163,3 +163,92 @@ def test_the_posterior_mean_draws_nothing_from_the_global_random_stream(model):
     torch.manual_seed(0)
     model.get_latent_representation(give_mean=False)
     assert not torch.equal(torch.rand(3), expected)
+
+
+def test_a_view_is_copied_in_place_at_inference_and_its_parent_is_untouched(model):
+    adata = model.adata
+    parent_id, parent_columns = adata.uns["_cellvi_uuid"], list(adata.obs.columns)
+    view = adata[:50]
+    latent = model.get_latent_representation(view)
+    np.testing.assert_allclose(latent, model.get_latent_representation(indices=np.arange(50)))
+    assert not view.is_view and view.uns["_cellvi_uuid"] != parent_id
+    assert adata.uns["_cellvi_uuid"] == parent_id and list(adata.obs.columns) == parent_columns
+    assert model.get_normalized_expression(adata[:30]).shape == (30, adata.n_vars)
+    table = model.differential_expression(
+        adata[adata.obs["cell_type"] != "type_2"], groupby="cell_type", n_samples_overall=50
+    )
+    assert set(table["group1"]) == {"type_0", "type_1"}
+    SCVI(adata)  # the original keeps its setup
+    with pytest.raises(ValueError, match=r"view.*\.copy\(\)"):  # setup still wants a copy
+        SCVI.setup_anndata(adata[:10], batch_key="batch")
+    with pytest.raises(ValueError, match=r"is a view of data set up for SCVI.*\.copy\(\)"):
+        SCVI(adata[:10])
+
+
+def test_a_copy_gets_its_own_id_and_the_original_keeps_its_setup(model):
+    copy = model.adata.copy()
+    model.get_latent_representation(copy)
+    assert copy.uns["_cellvi_uuid"] != model.adata.uns["_cellvi_uuid"]
+    SCVI(model.adata)
+    SCVI(copy)
+
+
+def test_one_vs_rest_on_plain_columns_uses_sorted_categories_and_keeps_values(model):
+    adata = model.adata.copy()
+    adata.obs["letters"] = np.array(["z", "a", "m"])[np.arange(adata.n_obs) % 3]
+    adata.obs["ints"] = np.array([2, 0, 1])[np.arange(adata.n_obs) % 3]
+    letters = model.differential_expression(adata, groupby="letters", n_samples_overall=50)
+    assert list(letters["comparison"].unique()) == ["a vs Rest", "m vs Rest", "z vs Rest"]
+    ints = model.differential_expression(adata, groupby="ints", n_samples_overall=50)
+    assert list(ints["group1"].unique()) == [0, 1, 2]
+    assert pd.api.types.is_integer_dtype(ints["group1"])
+    pair = model.differential_expression(
+        adata, groupby="ints", group1="2", group2=0, n_samples_overall=50
+    )
+    assert set(pair["group1"]) == {2} and set(pair["group2"]) == {0}
+    assert set(pair["comparison"]) == {"2 vs 0"}
+
+
+def test_a_cell_given_twice_in_a_group_counts_once(model):
+    kwargs = {"idx2": [3, 4, 5], "n_samples_overall": 50}
+    repeated = model.differential_expression(idx1=[11, 10, 10, 10], **kwargs)
+    once = model.differential_expression(idx1=[10, 11], **kwargs)
+    pd.testing.assert_frame_equal(repeated, once)
+    x = model.adata.X[[10, 11]].toarray()
+    raw = repeated.loc[model.adata.var_names, "raw_mean1"].to_numpy()
+    np.testing.assert_allclose(raw, x.mean(0), rtol=1e-6)
+
+
+def test_obs_names_as_positions_are_refused_with_the_accepted_forms(model):
+    names = list(model.adata.obs_names[:5])
+    accepted = r"boolean mask or integer positions \(or an obs.query string\)"
+    with pytest.raises(TypeError, match=rf"idx1 got \[{names[0]!r}.*{accepted}.*obs_names"):
+        model.differential_expression(idx1=names)
+    with pytest.raises(TypeError, match=r"idx2 got .*obs.query string"):
+        model.differential_expression(idx1=[0, 1], idx2=np.array(names))
+    with pytest.raises(TypeError, match=r"indices got .*integer positions\. For obs names"):
+        model.get_latent_representation(indices=names)
+    with pytest.raises(TypeError, match=r"indices got \[0.5\]"):
+        model.get_latent_representation(indices=[0.5])
+    whole = model.get_latent_representation(indices=np.array([1.0, 2.0]))
+    np.testing.assert_allclose(whole, model.get_latent_representation(indices=[1, 2]))
+
+
+def test_an_empty_selection_of_distributions_or_overall_samples(model):
+    means, variances = model.get_latent_representation(indices=[], return_dist=True)
+    assert means.shape == variances.shape == (0, 4)
+    assert means.dtype == variances.dtype == np.float32
+    with pytest.raises(ValueError, match="n_samples_overall=10 draws .* indices selects no"):
+        model.get_normalized_expression(indices=[], n_samples_overall=10)
+    with pytest.raises(ValueError, match="n_samples_overall=0"):
+        model.get_normalized_expression(n_samples_overall=0)
+
+
+def test_a_groupby_column_without_two_categories_is_named_for_what_it_has(model):
+    adata = model.adata.copy()
+    adata.obs["missing"] = np.nan
+    adata.obs["one"] = "x"
+    with pytest.raises(ValueError, match=r"'missing' has no values \(every cell's value is"):
+        model.differential_expression(adata, groupby="missing")
+    with pytest.raises(ValueError, match=r"'one' has a single category \('x'\)"):
+        model.differential_expression(adata, groupby="one")
