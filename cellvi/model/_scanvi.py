@@ -17,6 +17,7 @@ from ..dataloaders import SemiSupervisedDataSplitter
 from ..errors import CellviWarning, SetupError
 from ..module import SCANVAE, VAEConfig
 from ..train import UNSET, SemiSupervisedTrainingPlan
+from ..train._checks import check_datamodule
 from ._base import seed_torch
 from ._scvi import SCVI
 from ._training import default_max_epochs, train_unsupervised
@@ -269,6 +270,8 @@ class SCANVI(SCVI):
         (50). Early stopping goes through ``**trainer_kwargs`` (``early_stopping=True``).
         Other arguments (``datamodule`` included) as in :meth:`SCVI.train`.
         """
+        if datamodule is not None:
+            check_datamodule(datamodule)
         if self.registry_ is None and datamodule is not None:  # SCANVI(): build it now
             self._attach_manager(datamodule.manager, "the data module")
         if max_epochs is None:

@@ -282,9 +282,13 @@ class SCVI(RNAOutputsMixin, BaseModel):
             :class:`~cellvi.train.TrainingPlanConfig` (or mapping) and overrides
             (``lr``, ``n_epochs_kl_warmup``, ``reduce_lr_on_plateau``, ...).
         trainer_config
-            :class:`~cellvi.train.TrainerConfig` (or mapping).
+            :class:`~cellvi.train.TrainerConfig`, or a mapping (or object with
+            ``to_kwargs()``) of its fields and Lightning ``Trainer`` arguments; arguments given
+            to train() win over it, and its ``max_epochs``/``accelerator``/``devices`` are
+            ignored (train()'s apply; a differing value warns).
         callbacks
-            Extra Lightning callbacks.
+            Extra Lightning callbacks (``lightning.pytorch.Callback`` instances), e.g.
+            :class:`~cellvi.train.SaveCheckpoint`.
         ckpt_path
             Resume an interrupted run from its ``last.ckpt`` (same ``max_epochs``).
         datamodule
@@ -294,7 +298,11 @@ class SCVI(RNAOutputsMixin, BaseModel):
         **trainer_kwargs
             Fields of :class:`~cellvi.train.TrainerConfig` (``early_stopping_patience``,
             ``enable_checkpointing``, ``gradient_clip_val`` ...) or Lightning ``Trainer``
-            arguments; unknown names raise ``TypeError`` listing the valid ones.
+            arguments; unknown names raise ``TypeError`` listing the valid ones. Among them,
+            ``log_save_dir``: when training ends (finished or not) the run's history is
+            pickled to ``<log_save_dir>/lightning_logs/version_<k>/history.pkl`` (a dict of
+            DataFrames, as ``model.history``), with a ``history.csv`` beside it; ``k`` is the
+            next free number from 1, so runs never overwrite each other.
 
         Raises
         ------

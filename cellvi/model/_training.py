@@ -8,6 +8,7 @@ import logging
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from ..train import (
     default_run_dir,
     run_training,
 )
+from ..train._checks import check_callbacks, check_datamodule
 from ._base import seed_torch
+from ._history_log import check_log_save_dir, save_history_log
 
 __all__ = ["default_max_epochs", "resolve_trainer_config", "train_unsupervised"]
 
@@ -75,15 +78,39 @@ def _lightning_trainer_args() -> set[str]:
     return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
 
-def resolve_trainer_config(
-    trainer_config: Any, explicit: dict[str, Any], trainer_kwargs: dict[str, Any]
-) -> TrainerConfig:
-    """Merge config object < ``trainer_kwargs`` < explicit arguments that were really given."""
-    values = config_to_kwargs(trainer_config, "trainer_config")
-    extra = dict(values.pop("extra_kwargs", {}) or {})
-    fields = set(TrainerConfig.__dataclass_fields__)
+_TRAIN_OWN = ("max_epochs", "accelerator", "devices")
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays: not worth a warning either way
+        return True
+
+
+def _sort_trainer_arguments(
+    source: Mapping[str, Any],
+    where: str,
+    values: dict,
+    extra: dict,
+    train_args: Mapping[str, Any] | None,
+) -> None:
+    """Put each argument in ``values`` (TrainerConfig fields) or ``extra`` (Lightning Trainer
+    arguments); refuse unknown names with a 'did you mean'. With ``train_args`` (a config's
+    values), train()'s own arguments are discarded, with a warning when they differ."""
+    fields = set(TrainerConfig.__dataclass_fields__) - {"extra_kwargs"}
     lightning_args = _lightning_trainer_args()
-    for name, value in trainer_kwargs.items():
+    for name, value in source.items():
+        if train_args is not None and name in _TRAIN_OWN:
+            if not _same(value, train_args[name]):
+                warnings.warn(
+                    f"trainer_config sets {name}={value!r}, which is ignored: train()'s own "
+                    f"{name}={train_args[name]!r} applies. Pass {name}={value!r} to train() "
+                    "instead.",
+                    TrainingWarning,
+                    stacklevel=5,
+                )
+            continue
         if name in fields:
             values[name] = value
         elif name in lightning_args:
@@ -95,11 +122,37 @@ def resolve_trainer_config(
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(
-                f"train() got an unknown argument {name!r}.{hint} Valid trainer arguments are "
+                f"{where} got an unknown argument {name!r}.{hint} Valid trainer arguments are "
                 f"cellvi's {sorted(fields)} and Lightning Trainer's arguments."
             )
-    # train()'s own max_epochs/accelerator/devices win over a config's (spec: discarded)
-    for name in ("max_epochs", "accelerator", "devices"):
+
+
+def resolve_trainer_config(
+    trainer_config: Any,
+    explicit: dict[str, Any],
+    trainer_kwargs: dict[str, Any],
+    train_args: Mapping[str, Any] | None = None,
+) -> TrainerConfig:
+    """Merge config object < ``trainer_kwargs`` < explicit arguments that were really given.
+
+    A config (mapping or object with ``to_kwargs()``) may hold TrainerConfig fields and
+    Lightning Trainer arguments, directly or under ``extra_kwargs`` (named ones win). Its
+    ``max_epochs``/``accelerator``/``devices`` are discarded: train()'s (``train_args``) win.
+    """
+    config_values = config_to_kwargs(trainer_config, "trainer_config")
+    nested = config_values.pop("extra_kwargs", None) or {}
+    if not isinstance(nested, Mapping):
+        raise TypeError(
+            f"trainer_config extra_kwargs must be a dict of Lightning Trainer arguments, not "
+            f"{type(nested).__name__}."
+        )
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    own = dict(train_args or dict.fromkeys(_TRAIN_OWN, UNSET))
+    _sort_trainer_arguments({**nested, **config_values}, "trainer_config", values, extra, own)
+    _sort_trainer_arguments(trainer_kwargs, "train()", values, extra, None)
+    # train()'s own max_epochs/accelerator/devices are never Lightning extras
+    for name in _TRAIN_OWN:
         extra.pop(name, None)
     if "use_distributed_sampler" in extra:
         raise ValueError(
@@ -237,9 +290,13 @@ def train_unsupervised(
     datamodule=None,
 ) -> None:
     """Train ``model`` (see ``SCVI.train`` for the arguments)."""
+    # (a list or other non-mapping is refused here, naming the argument)
+    plan_kwargs = config_to_kwargs(plan_kwargs, "plan_kwargs")
+    datasplitter_kwargs = config_to_kwargs(datasplitter_kwargs, "datasplitter_kwargs")
     manager = model.adata_manager
     from_module: dict = {}
     if datamodule is not None:  # its split and batch size, unless given here
+        check_datamodule(datamodule)
         manager = model._attach_manager(datamodule.manager, "the data module")
         batch_size = datamodule.batch_size if batch_size is None else batch_size
         train_size = datamodule.train_size if train_size is None else train_size
@@ -275,7 +332,10 @@ def train_unsupervised(
         trainer_config,
         {"early_stopping": early_stopping, "check_val_every_n_epoch": check_val_every_n_epoch},
         trainer_kwargs,
+        {"max_epochs": max_epochs, "accelerator": accelerator, "devices": devices},
     )
+    check_log_save_dir(cfg.log_save_dir)
+    callbacks = check_callbacks(callbacks)
     plan_values = config_to_kwargs(plan_config, "plan_config")
     plan_values.update(plan_kwargs or {})
     build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")  # names and types, first
@@ -341,10 +401,17 @@ def train_unsupervised(
         accelerator=accelerator,
         devices=devices,
         config=cfg,
-        callbacks=list(callbacks or []) + list(extra_callbacks or []),
+        callbacks=callbacks + list(extra_callbacks or []),
         ckpt_path=ckpt_path,
         run_dir=_run_dir_for(model, ckpt_path),
-        record=lambda result: model._record_run(result, resumed=ckpt_path is not None),
+        record=lambda result: _record(model, result, ckpt_path is not None, cfg.log_save_dir),
         save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
     )
+
+
+def _record(model, result, resumed: bool, log_save_dir) -> None:
+    """Fold a run into the model and, with ``log_save_dir``, write its history to disk."""
+    model._record_run(result, resumed=resumed)
+    if log_save_dir is not None:
+        save_history_log(log_save_dir, result)

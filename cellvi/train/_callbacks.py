@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ __all__ = [
     "BestModelCheckpoint",
     "ResumeCheckpoint",
     "SaveCheckpoint",
+    "write_history_csv",
 ]
 
 logger = logging.getLogger("cellvi")
@@ -38,15 +40,20 @@ class HistoryWriter(pl.Callback):
     def on_epoch_metrics(self, trainer, pl_module, row: dict) -> None:
         if not trainer.is_global_zero:
             return
-        rows = pl_module.history_rows
-        columns = ["epoch"] + sorted({k for r in rows for k in r} - {"epoch"})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        write_history_csv(self.path, pl_module.history_rows)
+
+
+def write_history_csv(path: str | Path, rows: list[dict]) -> None:
+    """Write per-epoch history rows as CSV (``epoch`` first), atomically."""
+    path = Path(path)
+    columns = ["epoch"] + sorted({k for r in rows for k in r} - {"epoch"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 class LoudEarlyStopping(EarlyStopping):
@@ -55,7 +62,9 @@ class LoudEarlyStopping(EarlyStopping):
     Parameters
     ----------
     warmup_epochs
-        Validation checks during the first ``warmup_epochs`` epochs never stop training.
+        The first ``warmup_epochs`` checks (validation runs, or epochs when a training metric
+        is monitored) never stop training and set no best value. The number of checks seen
+        is part of the callback's state, so a resumed run (``ckpt_path``) keeps counting.
     **kwargs
         ``monitor``, ``min_delta``, ``patience``, ``mode`` of Lightning's ``EarlyStopping``.
     """
@@ -63,11 +72,13 @@ class LoudEarlyStopping(EarlyStopping):
     def __init__(self, *, warmup_epochs: int = 0, **kwargs):
         super().__init__(check_finite=True, **kwargs)
         self.warmup_epochs = warmup_epochs
+        self.checks_seen = 0
         self.best_epoch: int | None = None
         self.stop_reason: str | None = None
 
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
-        if trainer.current_epoch < self.warmup_epochs:
+        self.checks_seen += 1
+        if self.checks_seen <= self.warmup_epochs:
             return
         before = self.best_score.clone()
         super()._run_early_stopping_check(trainer)
@@ -84,10 +95,14 @@ class LoudEarlyStopping(EarlyStopping):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update(best_epoch=self.best_epoch, stop_reason=self.stop_reason)
+        state.update(
+            best_epoch=self.best_epoch, stop_reason=self.stop_reason, checks_seen=self.checks_seen
+        )
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.checks_seen = state_dict.pop("checks_seen", 0)
         self.best_epoch = state_dict.pop("best_epoch", None)
         self.stop_reason = state_dict.pop("stop_reason", None)
         super().load_state_dict(state_dict)
@@ -114,12 +129,60 @@ class LoudEarlyStopping(EarlyStopping):
                 Console().print(message)
 
 
+# ModelCheckpoint arguments that make sense when every checkpoint is a model directory
+# written after a validation run; the others (step or time triggers, saving on exceptions)
+# are refused rather than half-honoured.
+CHECKPOINT_OPTIONS = (
+    "mode",
+    "save_top_k",
+    "every_n_epochs",
+    "verbose",
+    "auto_insert_metric_name",
+    "enable_version_counter",
+)
+_IGNORED_OPTIONS = {
+    "save_weights_only": "every checkpoint is a full model directory (weights, registry, "
+    "architecture), which Model.load needs",
+    "save_last": "the run directory's checkpoints/last.ckpt already holds the last epoch, "
+    "resumable with train(ckpt_path=...)",
+}
+
+
+def _checkpoint_options(options: dict, owner: str) -> dict:
+    """``options`` for Lightning's ``ModelCheckpoint``: ignored ones dropped with a
+    ``RuntimeWarning``, unsupported ones refused before training."""
+    options = dict(options)
+    for name, why in _IGNORED_OPTIONS.items():
+        if name in options:
+            value = options.pop(name)
+            warnings.warn(
+                f"{owner}: {name}={value!r} is ignored: {why}.", RuntimeWarning, stacklevel=4
+            )
+    unknown = sorted(set(options) - set(CHECKPOINT_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{owner} got unsupported argument(s) {unknown}. Each checkpoint is a model "
+            "directory written after a validation run, so only these ModelCheckpoint "
+            f"arguments apply: {list(CHECKPOINT_OPTIONS)}."
+        )
+    mode = options.get("mode", "min")
+    if mode not in ("min", "max"):
+        raise ValueError(f"{owner}: mode={mode!r}; use 'min' or 'max'.")
+    top_k = options.get("save_top_k", 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise ValueError(
+            f"{owner}: save_top_k={top_k!r} must be an integer >= -1 (-1 keeps every "
+            "checkpoint, 0 none, k the k best)."
+        )
+    return options
+
+
 class BestModelCheckpoint(ModelCheckpoint):
-    """Keeps the best model by ``monitor`` as a cellvi model directory (not a pickle).
+    """Keeps the best model(s) by ``monitor`` as cellvi model directories (not pickles).
 
     Each saved checkpoint is a directory written by ``save_fn(path)`` (the model's own safe
     ``save``), so it loads back with ``Model.load`` into a usable model. ``best_model_path``
-    points at that directory.
+    points at that directory, ``best_model_score`` holds its value.
 
     Parameters
     ----------
@@ -128,10 +191,20 @@ class BestModelCheckpoint(ModelCheckpoint):
     load_fn
         Callable loading the weights of a saved directory into the live module (used by
         ``load_best_on_end``).
+    dirpath
+        Folder of the checkpoints.
+    filename
+        Lightning filename template; default ``{epoch}-{step}-{<monitor>}``, giving
+        directories such as ``epoch=3-step=120-validation_loss=1234.5``.
+    monitor
+        Metric to keep the best of (``"validation_loss"``).
     load_best_on_end
         Load the best weights into the model when training ends.
-    dirpath, monitor, mode
-        As in Lightning's ``ModelCheckpoint`` (``save_top_k`` is 1).
+    **checkpoint_kwargs
+        Lightning ``ModelCheckpoint`` arguments among :data:`CHECKPOINT_OPTIONS`: ``mode``
+        (``"min"``), ``save_top_k`` (1), ``every_n_epochs``, ``verbose``,
+        ``auto_insert_metric_name``, ``enable_version_counter``. ``save_weights_only`` and
+        ``save_last`` are ignored with a ``RuntimeWarning``; other names raise ``TypeError``.
 
     ``save_fn``, ``load_fn`` and ``dirpath`` may be left out when the callback is handed to
     ``model.train(callbacks=[...])``: training binds them to the model and its run directory.
@@ -143,19 +216,27 @@ class BestModelCheckpoint(ModelCheckpoint):
         save_fn: Callable[[str], None] | None = None,
         load_fn: Callable[[str], None] | None = None,
         dirpath: str | Path | None = None,
+        filename: str | None = None,
         monitor: str = "validation_loss",
-        mode: str = "min",
         load_best_on_end: bool = False,
+        **checkpoint_kwargs,
     ):
+        options = _checkpoint_options(checkpoint_kwargs, type(self).__name__)
+        if filename is None:
+            filename = "epoch={epoch}-step={step}-" + monitor + "={" + monitor + ":.6g}"
+            options.setdefault("auto_insert_metric_name", False)
+        elif not isinstance(filename, str) or not filename:
+            raise TypeError(
+                f"{type(self).__name__}: filename={filename!r} must be a non-empty string "
+                "such as '{epoch}-{" + monitor + "}'."
+            )
         super().__init__(
             dirpath=None if dirpath is None else str(dirpath),
-            filename="epoch={epoch}-step={step}-" + monitor + "={" + monitor + ":.6g}",
-            auto_insert_metric_name=False,
+            filename=filename,
             monitor=monitor,
-            mode=mode,
-            save_top_k=1,
             save_last=False,
             save_weights_only=False,
+            **options,
         )
         self.save_fn = save_fn
         self.load_fn = load_fn
@@ -205,26 +286,41 @@ class SaveCheckpoint(BestModelCheckpoint):
     ----------
     dirpath
         Folder of the checkpoints.
-    monitor, mode
-        Metric to keep the best of (``"validation_loss"``), and ``"min"`` or ``"max"``.
+    filename
+        Lightning filename template (default ``{epoch}-{step}-{<monitor>}``); e.g.
+        ``"best-{epoch}"``. Metric names are inserted (``epoch=3``) unless
+        ``auto_insert_metric_name=False``.
+    monitor
+        Metric to keep the best of (``"validation_loss"``).
     load_best_on_end
         Load the best weights into the model when training ends.
     check_nan_gradients
         If training then fails (a NaN loss or gradient, any error but an interrupt), load the
         best checkpoint's weights into the model rather than the last finite epoch's. NaN
         losses and gradients are always caught at the step they appear.
+    **model_checkpoint_kwargs
+        ``mode`` (``"min"`` or ``"max"``), ``save_top_k`` (1; -1 keeps all),
+        ``every_n_epochs``, ``verbose``, ``auto_insert_metric_name``,
+        ``enable_version_counter``. ``save_weights_only`` and ``save_last`` are ignored with
+        a ``RuntimeWarning`` (a checkpoint is always a full model; the run's
+        ``checkpoints/last.ckpt`` is the last epoch). Other names raise ``TypeError``.
     """
 
     def __init__(
         self,
         dirpath: str | Path | None = None,
+        filename: str | None = None,
         monitor: str = "validation_loss",
-        mode: str = "min",
         load_best_on_end: bool = False,
         check_nan_gradients: bool = False,
+        **model_checkpoint_kwargs,
     ):
         super().__init__(
-            dirpath=dirpath, monitor=monitor, mode=mode, load_best_on_end=load_best_on_end
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            load_best_on_end=load_best_on_end,
+            **model_checkpoint_kwargs,
         )
         self.check_nan_gradients = check_nan_gradients
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import shutil
@@ -119,8 +120,7 @@ class TrainingPlanConfig:
                 f"min_kl_weight={self.min_kl_weight} is larger than "
                 f"max_kl_weight={self.max_kl_weight}."
             )
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive.")
+        _check_optimiser_numbers(self)
         for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -140,6 +140,32 @@ class TrainingPlanConfig:
     def to_kwargs(self) -> dict:
         """Field values as a dict (``loss_kwargs`` kept as one entry)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_optimiser_numbers(cfg: TrainingPlanConfig) -> None:
+    """Optimiser and scheduler numbers torch would refuse (or silently misuse) at the first
+    step, refused here with the argument's name."""
+    where = "plan_kwargs (TrainingPlanConfig)"
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(
+            f"{where} lr={cfg.lr!r} must be a finite number > 0 (the default is 1e-3)."
+        )
+    for name, default in (("eps", 0.01), ("weight_decay", 1e-6)):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"{where} {name}={value!r} must be a finite number >= 0 (the default is {default})."
+            )
+    if cfg.reduce_lr_on_plateau:
+        if not (0 < cfg.lr_factor < 1):
+            raise ValueError(
+                f"{where} lr_factor={cfg.lr_factor!r} must be between 0 and 1 (exclusive): "
+                "the learning rate is multiplied by it on a plateau (the default is 0.6)."
+            )
+        if cfg.lr_patience < 0:
+            raise ValueError(f"{where} lr_patience={cfg.lr_patience!r} must be >= 0.")
+        if not (math.isfinite(cfg.lr_min) and cfg.lr_min >= 0):
+            raise ValueError(f"{where} lr_min={cfg.lr_min!r} must be a finite number >= 0.")
 
 
 def _check_field_types(config) -> None:
@@ -179,6 +205,8 @@ class TrainerConfig:
     early_stopping, early_stopping_monitor, early_stopping_min_delta,
     early_stopping_patience, early_stopping_mode, early_stopping_warmup_epochs
         Early stopping (off; ``"elbo_validation"``, 0.0, 45 validation checks, ``"min"``, 0).
+        The warm-up counts validation checks: the first ``early_stopping_warmup_epochs``
+        checks never stop training (with ``check_val_every_n_epoch=2``, 2 checks = 4 epochs).
     enable_checkpointing, checkpointing_monitor
         Keep the best model by ``checkpointing_monitor`` (``"validation_loss"``).
     load_best_on_end
@@ -202,6 +230,11 @@ class TrainerConfig:
     run_dir
         Directory of this run (history, checkpoints); default
         ``<settings.logging_dir>/<model>_<timestamp>``.
+    log_save_dir
+        If set, the run's history is also written, when training ends (finished or not), to
+        ``<log_save_dir>/lightning_logs/version_<k>/history.pkl`` (the ``model.history``
+        dict of DataFrames, pickled) and ``history.csv`` beside it; ``k`` is the next free
+        number from 1, so a later run never overwrites an earlier one.
     extra_kwargs
         Further Lightning ``Trainer`` arguments (checked against its signature).
     """
@@ -227,6 +260,7 @@ class TrainerConfig:
     precision: Any = "32-true"
     deterministic: bool | None = None
     run_dir: str | None = None
+    log_save_dir: str | os.PathLike | None = None
     extra_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -243,6 +277,11 @@ class TrainerConfig:
             raise ValueError(
                 f"progress_bar_refresh_rate={self.progress_bar_refresh_rate!r}: use 1 (draw the "
                 "bar) or 0 (no bar)."
+            )
+        if self.early_stopping_warmup_epochs < 0:
+            raise ValueError(
+                f"early_stopping_warmup_epochs={self.early_stopping_warmup_epochs} must be >= 0 "
+                "(the number of first validation checks that never stop training)."
             )
         cv = self.check_val_every_n_epoch
         if cv is not None and (not isinstance(cv, int) or cv < 1):

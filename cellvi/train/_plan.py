@@ -12,13 +12,15 @@ import torch
 from .._constants import REGISTRY_KEYS
 from ..errors import NonFiniteLossError
 from ..module import LossOutput
+from ._checks import check_loss_kwargs
 from ._config import TrainingPlanConfig
 
 __all__ = ["TrainingPlan"]
 
 logger = logging.getLogger("cellvi")
 
-# Sums kept per split during an epoch: loss, reconstruction, kl_local, kl_global, batches, cells
+# Sums kept per split during an epoch: loss x cells, reconstruction, kl_local, kl_global,
+# minibatches, cells (summed across ranks under DDP, so every ratio is over all cells)
 _N_STATS = 6
 
 
@@ -56,6 +58,7 @@ class TrainingPlan(pl.LightningModule):
         super().__init__()
         self.module = module
         self.config = config or TrainingPlanConfig()
+        check_loss_kwargs(module, self.config.loss_kwargs)
         self.batch_categories = batch_categories
         self.n_obs_training: int | None = None
         self.n_obs_validation: int | None = None
@@ -108,10 +111,12 @@ class TrainingPlan(pl.LightningModule):
     # ------------------------------------------------------------------- steps
     def _accumulate(self, split: str, out: LossOutput) -> None:
         # loss sums stay on the device (no copy to the host per step); the minibatch and cell
-        # counts are host numbers, so no host value travels to a GPU per step either
+        # counts are host numbers, so no host value travels to a GPU per step either. The loss
+        # (a per-cell mean) is summed weighted by the minibatch's cells, so ``*_loss`` is the
+        # mean over the epoch's cells, as Lightning's size-weighted epoch mean in scvi-tools
         row = torch.stack(
             [
-                out.loss.detach(),
+                out.loss.detach() * out.n_obs,
                 out.reconstruction_loss.detach().sum(),
                 out.kl_local.detach().sum(),
                 out.kl_global.detach().to(out.loss.device),
@@ -199,7 +204,7 @@ class TrainingPlan(pl.LightningModule):
         n_split = n_obs_split or n_cells
         kl_global = kl_g / n_batches
         return {
-            f"{split}_loss": loss / n_batches,
+            f"{split}_loss": loss / n_cells,
             f"elbo_{split}": (rec + kl_l) / n_cells + kl_global / n_split,
             f"reconstruction_loss_{split}": rec / n_cells,
             f"kl_local_{split}": kl_l / n_cells,

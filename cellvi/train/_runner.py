@@ -16,6 +16,7 @@ import torch
 
 from .._settings import settings
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
+from ._checks import check_callbacks
 from ._config import TrainerConfig
 from ._interrupts import InterruptGuard, TrainingInterrupted
 from ._plan import TrainingPlan, without_aliases
@@ -226,7 +227,9 @@ def run_training(
     val_idx = getattr(datamodule, "val_idx", None)
     n_val = 0 if val_idx is None else len(val_idx)
     extra = dict(cfg.extra_kwargs)
-    cbs: list = list(callbacks or []) + list(extra.pop("callbacks", None) or [])
+    cbs: list = check_callbacks(callbacks) + check_callbacks(
+        extra.pop("callbacks", None), "trainer_config's callbacks"
+    )
     supplied = [cb for cb in cbs if isinstance(cb, BestModelCheckpoint)]
     if supplied:
         checkpoint_monitor = supplied[0].monitor
@@ -342,6 +345,7 @@ def run_training(
         record(result)
         _annotate(exc, result, max_epochs)
         _load_best_after_failure(exc, supplied)
+        plan.module.train()  # an untrained model stays in train mode (training.md §5)
         if exc is raised:
             raise
         raise exc from raised

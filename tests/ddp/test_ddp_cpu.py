@@ -106,6 +106,23 @@ def test_compiled_training_under_ddp_keeps_ranks_in_step(tmp_path):
     assert np.isfinite(elbo).all() and elbo[-1] < elbo[0]
 
 
+def test_epoch_losses_are_means_over_every_ranks_cells():
+    # per rank: 180 training cells in minibatches of 128 and 52; at KL weight 0 the loss of a
+    # cell is its reconstruction loss, so the cell-weighted means over both ranks agree
+    model = SCVI(_data(), n_hidden=16, n_latent=3)
+    model.train(
+        max_epochs=1,
+        **TWO_CPU_RANKS,
+        batch_size=128,
+        check_val_every_n_epoch=1,
+        plan_kwargs={"min_kl_weight": 0.0, "max_kl_weight": 0.0},
+    )
+    for split in ("train", "validation"):
+        loss = model.history[f"{split}_loss"][f"{split}_loss"].to_numpy()
+        rec = model.history[f"reconstruction_loss_{split}"][f"reconstruction_loss_{split}"]
+        np.testing.assert_allclose(loss, rec.to_numpy(), rtol=1e-6)
+
+
 def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
     model = SCVI(_data(), n_hidden=16, n_latent=3)
     model.train(

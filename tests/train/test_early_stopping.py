@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
+from _callbacks import SignalAtEpoch, resume_checkpoint
 
+from cellvi.errors import TrainingError
+from cellvi.model import SCVI
 from cellvi.train import LoudEarlyStopping
 
 
@@ -29,7 +33,7 @@ class _Scripted(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(values, **kwargs):
+def _fit(values, every=1, **kwargs):
     data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
     callback = LoudEarlyStopping(monitor="elbo_validation", mode="min", **kwargs)
     trainer = pl.Trainer(
@@ -40,6 +44,7 @@ def _fit(values, **kwargs):
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        check_val_every_n_epoch=every,
     )
     trainer.fit(_Scripted(values), train_dataloaders=data, val_dataloaders=data)
     return trainer, callback
@@ -72,3 +77,43 @@ def test_early_stopping_stops_on_non_finite_metric():
     trainer, callback = _fit([5, 4, float("nan"), 2, 1], patience=10)
     assert trainer.current_epoch == 3
     assert "non-finite" in callback.report()
+
+
+def test_early_stopping_warmup_counts_validation_checks_not_epochs():
+    values = [9, 9, 9, 6, 9, 7, 9, 7.5, 9, 7.2, 9, 9]  # checked at odd epochs only
+    trainer, callback = _fit(values, every=2, patience=2, warmup_epochs=2)
+    # checks 1-2 (epochs 1, 3) are the warm-up, so epoch 3's low value is not the best;
+    # epoch 5 is; epochs 7, 9 do not improve -> stop
+    assert trainer.current_epoch == 10
+    assert callback.best_epoch == 5
+    assert callback.checks_seen == 5
+
+
+_WARMUP_RUN = {
+    "max_epochs": 10,
+    "check_val_every_n_epoch": 2,
+    "early_stopping": True,
+    "early_stopping_warmup_epochs": 2,
+    "early_stopping_patience": 1,
+    "early_stopping_min_delta": 1e6,  # nothing improves: stop at the first check after the best
+}
+
+
+def _scvi(adata):
+    SCVI.setup_anndata(adata, batch_key="batch")
+    return SCVI(adata, n_hidden=16, n_latent=4)
+
+
+def test_train_warmup_counts_checks_and_a_resumed_run_keeps_the_count(sim_tiny):
+    # checks at epochs 1, 3 (warm-up), 5 (best), 7 (stop): 8 epochs
+    model = _scvi(sim_tiny.copy())
+    model.train(**_WARMUP_RUN)
+    assert len(model.history["train_loss"]) == 8
+
+    # interrupted after the two warm-up checks: the resumed run must not restart the warm-up
+    model = _scvi(sim_tiny.copy())
+    with pytest.raises(TrainingError) as info:
+        model.train(**_WARMUP_RUN, callbacks=[SignalAtEpoch(4)])
+    assert len(model.history["train_loss"]) == 4
+    model.train(**_WARMUP_RUN, ckpt_path=resume_checkpoint(info.value))
+    assert len(model.history["train_loss"]) == 8

@@ -1,0 +1,96 @@
+"""Checks of ``train()`` arguments that would otherwise fail deep inside Lightning or torch,
+run before any training starts."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+
+__all__ = ["check_callbacks", "check_datamodule", "check_loss_kwargs"]
+
+# what train() reads from a data module (cellvi's AnnDataModule and SomaDataModule have all)
+_DATAMODULE_ATTRIBUTES = (
+    "manager",
+    "n_obs",
+    "batch_size",
+    "train_size",
+    "validation_size",
+    "split_seed",
+    "store",
+)
+
+
+def check_callbacks(callbacks, name: str = "callbacks") -> list:
+    """``callbacks`` as a list of Lightning callbacks (a single one is accepted as is)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, pl.Callback):
+        return [callbacks]
+    if isinstance(callbacks, str | bytes | Mapping) or not hasattr(callbacks, "__iter__"):
+        raise TypeError(
+            f"{name}={callbacks!r} must be a list of Lightning callbacks "
+            "(lightning.pytorch.Callback instances), e.g. callbacks=[SaveCheckpoint()]."
+        )
+    out = list(callbacks)
+    bad = [cb for cb in out if not isinstance(cb, pl.Callback)]
+    if bad:
+        shown = ", ".join(f"{cb!r} ({type(cb).__name__})" for cb in bad[:3])
+        raise TypeError(
+            f"{name} holds {len(bad)} object(s) that are not Lightning callbacks: {shown}. "
+            "Each must be a lightning.pytorch.Callback instance (subclass "
+            "lightning.pytorch.Callback; callbacks of the separate pytorch_lightning package "
+            "do not work either)."
+        )
+    return out
+
+
+def check_datamodule(datamodule) -> None:
+    """A data module ``train()`` can read: one of cellvi's (its registered data and split)."""
+    # looked up on the class and instance dict: a property (``store``) is not evaluated here
+    present = set(getattr(datamodule, "__dict__", {})) | set(dir(type(datamodule)))
+    missing = [a for a in _DATAMODULE_ATTRIBUTES if a not in present]
+    if missing:
+        raise ValueError(
+            f"datamodule={type(datamodule).__name__} lacks {', '.join(missing)}: train() "
+            "builds its split and loaders from the data module's registered data "
+            f"(attributes {list(_DATAMODULE_ATTRIBUTES)}). Pass a cellvi data module "
+            "(cellvi.dataloaders.AnnDataModule or SomaDataModule), or train on the model's "
+            "AnnData without datamodule=."
+        )
+
+
+def check_loss_kwargs(module, loss_kwargs: Mapping) -> None:
+    """``loss_kwargs`` are keyword arguments the module's ``forward`` (which calls its
+    ``loss``) accepts; ``kl_weight`` belongs to the plan's warm-up."""
+    if not loss_kwargs:
+        return
+    if not isinstance(loss_kwargs, Mapping):
+        raise TypeError(
+            f"plan_kwargs loss_kwargs={loss_kwargs!r} must be a dict of keyword arguments "
+            "for the module's loss."
+        )
+    if "kl_weight" in loss_kwargs:
+        raise ValueError(
+            "plan_kwargs loss_kwargs sets 'kl_weight', which the training plan sets at every "
+            "step from its warm-up; use plan_kwargs min_kl_weight/max_kl_weight and "
+            "n_epochs_kl_warmup instead."
+        )
+    params = inspect.signature(module.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [
+        n
+        for n, p in list(params.items())[1:]  # the first is the minibatch
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and n != "kl_weight"
+    ]
+    unknown = [k for k in loss_kwargs if k not in accepted]
+    if unknown:
+        raise TypeError(
+            f"plan_kwargs loss_kwargs has argument(s) {unknown} that "
+            f"{type(module).__name__}'s loss does not take; it takes "
+            + (f"{accepted}." if accepted else "none besides kl_weight (set by the plan).")
+            + " Remove them from loss_kwargs."
+        )
