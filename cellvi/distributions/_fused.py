@@ -41,6 +41,9 @@ def _gamma_terms(x: torch.Tensor, theta: torch.Tensor, flat, cols, need_grad: bo
     ``need_grad``) its θ-derivative ``ψ(x+θ) - ψ(θ)``, else None."""
     x_nz = x.reshape(-1).index_select(0, flat)
     theta = theta.detach()
+    if x_nz.dtype != theta.dtype:  # e.g. float32 counts with a float64 model
+        dtype = torch.promote_types(x_nz.dtype, theta.dtype)
+        x_nz, theta = x_nz.to(dtype), theta.to(dtype)
     if theta.dim() == 1 and x.device.type == "cpu":
         counts = x_nz.to(torch.int64)
         if bool((counts == x_nz).all()):

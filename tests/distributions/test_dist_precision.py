@@ -127,3 +127,13 @@ def test_fused_zinb_without_a_dispersion_gradient_gives_the_same_values():
     want = torch.autograd.grad(with_grad.sum(), (log_mu, logits))
     for a, b in zip(grads, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_float32_counts_with_float64_parameters_give_the_float64_result():
+    x, _ = _counts(seed=8)
+    log_mu, theta, logits = _zinb_inputs(x, 9)
+    want = zinb_log_likelihood(x.double(), log_mu, theta, logits)
+    torch.testing.assert_close(zinb_log_likelihood(x, log_mu, theta, logits), want)
+    torch.testing.assert_close(
+        nb_log_likelihood(x, log_mu, theta), nb_log_likelihood(x.double(), log_mu, theta)
+    )
