@@ -60,6 +60,17 @@ def _psi_series(z: torch.Tensor) -> torch.Tensor:
     return r * 0.5 + r2 * poly
 
 
+def _split(x: torch.Tensor, theta: torch.Tensor, term):
+    """``Σ_{k<min(x, K)} term(θ + k)``, and the tail's step ``d = max(x - K, 0)`` with its ends
+    ``z0 = θ + K``, ``z1 = z0 + d``."""
+    small = torch.zeros_like(x)
+    for k in range(_K):
+        small = small + torch.where(x > k, term(theta + k), 0.0)
+    d = torch.clamp(x - _K, min=0)
+    z0 = theta + _K
+    return small, d, z0, z0 + d
+
+
 def log_gamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``lgamma(x + θ) - lgamma(θ) - lgamma(x + 1)`` for integer counts ``x ≥ 0``.
 
@@ -72,13 +83,8 @@ def log_gamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     >>> [round(float(a), 4) for a in v]
     [0.0, 1.8814, 5.6204]
     """
-    small = torch.zeros_like(x)
-    for k in range(_K):
-        small = small + torch.where(x > k, torch.log(theta + k), 0.0)
-    # lgamma(z1) - lgamma(z0) for z0 = θ + K, z1 = z0 + d (d = 0 where x ≤ K: the tail is 0)
-    d = torch.clamp(x - _K, min=0)
-    z0 = theta + _K
-    z1 = z0 + d
+    small, d, z0, z1 = _split(x, theta, torch.log)
+    # lgamma(z1) - lgamma(z0) (d = 0 where x ≤ K: the tail is 0)
     tail = (z0 - 0.5) * torch.log1p(d / z0) + d * (z1.log() - 1) + _series(z1) - _series(z0)
     return small + tail - log_factorial(x)
 
@@ -94,12 +100,7 @@ def digamma_difference(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     >>> [round(float(a), 4) for a in v]
     [0.0, 0.6857, 3.2481]
     """
-    small = torch.zeros_like(x)
-    for k in range(_K):
-        small = small + torch.where(x > k, torch.reciprocal(theta + k), 0.0)
-    d = torch.clamp(x - _K, min=0)
-    z0 = theta + _K
-    z1 = z0 + d
+    small, d, z0, z1 = _split(x, theta, torch.reciprocal)
     return small + torch.log1p(d / z0) - _psi_series(z1) + _psi_series(z0)
 
 
