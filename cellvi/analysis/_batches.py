@@ -86,15 +86,28 @@ def _integral(idx: np.ndarray) -> bool:
     return False
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module):
-    """Run with the module in eval mode and autograd off; restore its mode afterwards."""
+    """Run with the module in eval mode and autograd off; restore its mode afterwards.
+
+    A module trained in half precision (``precision="bf16-true"`` or ``"16-true"``) runs in
+    float32 meanwhile: NumPy has no bfloat16, several samplers have no half kernels, and the
+    round trip back to half precision is exact."""
     was_training = module.training
+    half = _module_float_dtype(module)
+    half = half if half in _HALF else None
     module.eval()
+    if half is not None:
+        module.float()
     try:
         with torch.inference_mode():
             yield
     finally:
+        if half is not None:
+            module.to(half)
         module.train(was_training)
 
 
@@ -141,7 +154,26 @@ def inference_batches(
     device = model.device
     accepts = sparse_x and getattr(model.module, "accepts_sparse_x", False)
     sparse_keys = (REGISTRY_KEYS.X_KEY,) if accepts else ()
+    dtype = _module_float_dtype(model.module)
     for start in range(0, len(idx), size):
         chunk = torch.as_tensor(idx[start : start + size])
         batch = store.gather(chunk, sparse_keys)
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield {k: _to_module(v, device, dtype) for k, v in batch.items()}
+
+
+def _module_float_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's floating-point weights (float32 unless trained otherwise,
+    e.g. with ``precision="64-true"``)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _to_module(value, device: torch.device, dtype: torch.dtype):
+    """A minibatch entry on the module's device, floating-point dense tensors in its dtype
+    (as Lightning's precision plugin casts them in training; sparse rows cast their values
+    at the product)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(device, dtype, non_blocking=True)
+    return value.to(device, non_blocking=True)

@@ -97,8 +97,12 @@ class CountDecoder(nn.Module):
         h = self.px_decoder(z, *cat_list, cont=cont)
         logits = self.px_scale_decoder(h)
         if scale_only:
-            if self.scale_activation == "softmax":
+            if self.scale_activation == "softmax" and (
+                scale_out is None or scale_out.dtype == logits.dtype
+            ):
                 scale = torch.softmax(logits, dim=-1, out=scale_out)
+            elif self.scale_activation == "softmax":  # e.g. a float64 model, float32 result
+                scale = scale_out.copy_(torch.softmax(logits, dim=-1))
             else:
                 scale = F.softplus(logits)
                 scale = scale if scale_out is None else scale_out.copy_(scale)

@@ -73,9 +73,9 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
         with torch.no_grad():
             probs = logits.softmax(-1)
             conf, pred = probs.max(-1)
-            correct = (pred == y).float()
+            correct = (pred == y).to(conf.dtype)
             bins = torch.clamp((conf * _N_BINS).long(), max=_N_BINS - 1)
-            hist = torch.zeros(3, _N_BINS, device=logits.device)
+            hist = torch.zeros(3, _N_BINS, dtype=conf.dtype, device=logits.device)
             hist[0].index_add_(0, bins, torch.ones_like(conf))
             hist[1].index_add_(0, bins, conf)
             hist[2].index_add_(0, bins, correct)

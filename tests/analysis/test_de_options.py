@@ -85,7 +85,9 @@ def test_custom_change_fn_and_region_reproduce_the_defaults(fitted):
         **GROUPS, mode="change", delta=1.0, m1_domain_fn=lambda r: (r >= 1.0, r < -1.0)
     )
     by_delta = fitted.differential_expression(**GROUPS, mode="change", delta=1.0)
-    assert np.allclose(region.loc[by_delta.index, "proba_de"], by_delta["proba_de"], atol=1e-6)
+    # the custom path computes the log fold changes in another order: a draw within float32
+    # rounding of the boundary may fall on either side (1e-4 per draw of the 10,000)
+    assert np.allclose(region.loc[by_delta.index, "proba_de"], by_delta["proba_de"], atol=2.5e-4)
     # a region that is never hit: nothing is DE
     never = fitted.differential_expression(
         **GROUPS, mode="change", m1_domain_fn=lambda r: (r > np.inf, r < -np.inf)
