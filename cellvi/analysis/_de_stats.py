@@ -7,7 +7,9 @@ authors expect.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -92,11 +94,12 @@ def change_statistics(
 ) -> dict:
     """Columns of change mode from the paired ``(samples, genes)`` ρ samples of both groups.
 
-    Each block of genes is transposed once to gene-major order, so every per-gene reduction
-    (mean, spread, extremes, the median's selection, the tail counts) runs over contiguous
-    memory. With ``delta`` given, the tail probabilities come from the same pass; otherwise
-    the log ratios are kept until δ is estimated from their means. ``levels`` adds the
-    highest-density intervals of the LFC (:func:`credible_intervals`).
+    Blocks of genes are reduced over the samples where they lie (column reductions need no
+    transposed copies); only the block's LFCs are copied to gene-major order, for the
+    median's selection (or the sort for intervals). With ``delta`` given, the tail
+    probabilities come from the same pass; otherwise the log ratios are kept until δ is
+    estimated from their means. ``levels`` adds the highest-density intervals of the LFC
+    (:func:`credible_intervals`).
     """
     m, n_genes = s1.shape
     names = ["scale1", "scale2", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max"]
@@ -105,31 +108,31 @@ def change_statistics(
     p_up, p_down = np.empty(n_genes), np.empty(n_genes)
     kept, r_means = [], np.empty(n_genes)  # log ratios per block while δ is unknown
     lower = (m - 1) // 2  # the lower middle order statistic (the median when m is odd)
-    buffers = torch.empty(2, min(_GENE_BLOCK, n_genes), m)  # gene-major copies, reused
-    for genes, a, b in _gene_blocks(s1, s2):
-        n = a.shape[1]
-        a, b = buffers[0, :n].copy_(a.T), buffers[1, :n].copy_(b.T)  # (block genes, samples)
-        cols["scale1"][genes], cols["scale2"][genes] = a.mean(1).numpy(), b.mean(1).numpy()
+    buffer = torch.empty(min(_GENE_BLOCK, n_genes), m)  # a block's LFCs gene-major, reused
+    threads = max(1, torch.get_num_threads())
+    for genes, a, b in _gene_blocks(s1, s2):  # (samples, block genes) views
+        cols["scale1"][genes], cols["scale2"][genes] = a.mean(0).numpy(), b.mean(0).numpy()
         r = _log2_ratio(a, b, pc)
         if delta is None:
-            r_means[genes] = r.mean(1).numpy()
+            r_means[genes] = r.mean(0).numpy()
             kept.append((genes, r))
         else:
             p_up[genes], p_down[genes] = _tail_probabilities(r, delta)
         lfc = _log2_ratio(a, b, 1e-3 * pc)
-        std, mean = torch.std_mean(lfc, dim=1, correction=0)
-        low, high = torch.aminmax(lfc, dim=1)
+        mean = lfc.mean(0)
+        std = (lfc - mean).square_().mean(0).sqrt_()  # two passes beat Welford's one
+        low, high = lfc.amin(0), lfc.amax(0)  # (aminmax over dim 0 is 10x slower)
         cols["lfc_mean"][genes], cols["lfc_std"][genes] = mean.numpy(), std.numpy()
         cols["lfc_min"][genes], cols["lfc_max"][genes] = low.numpy(), high.numpy()
-        by_gene = lfc.numpy()
+        by_gene = buffer[: lfc.shape[1]].copy_(lfc.T).numpy()
         if levels:
-            by_gene.sort(axis=1)
+            _in_row_chunks(lambda part: part.sort(axis=1), by_gene, threads)
             for level in levels:
                 lo_name, hi_name = _interval_names(level)
                 cols[lo_name][genes], cols[hi_name][genes] = credible_intervals(by_gene, level)
             upper = by_gene[:, m // 2]
-        else:
-            by_gene.partition(lower, axis=1)  # a selection in place, not a sort
+        else:  # a selection in place, not a sort
+            _in_row_chunks(lambda part: part.partition(lower, axis=1), by_gene, threads)
             upper = by_gene[:, lower + 1 :].min(1) if m % 2 == 0 else by_gene[:, lower]
         cols["lfc_median"][genes] = (by_gene[:, lower] + upper) / 2
     if delta is None:
@@ -137,6 +140,22 @@ def change_statistics(
         for genes, r in kept:
             p_up[genes], p_down[genes] = _tail_probabilities(r, delta)
     return _change_columns(p_up, p_down, test_mode, pc, delta, cols)
+
+
+def _in_row_chunks(fn, rows: np.ndarray, threads: int) -> None:
+    """``fn(part)`` on ``threads`` contiguous row chunks of ``rows`` at once: numpy's sort and
+    selection run on one core and release the GIL, so the chunks use all of torch's cores."""
+    if threads == 1 or len(rows) < 2 * threads:
+        fn(rows)
+        return
+    for _ in _thread_pool(threads).map(fn, np.array_split(rows, threads)):
+        pass
+
+
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count, kept: a new pool per call costs about what it saves."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="cellvi-de")
 
 
 def custom_change_statistics(
@@ -304,9 +323,11 @@ def _pairs(a, b, use_permutation, m, rng):
 
 
 def _tail_probabilities(r: torch.Tensor, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per gene (row of ``r``): the fractions of samples with ``r >= δ`` and ``r < -δ``."""
-    m = r.shape[1]
-    up, down = torch.count_nonzero(r >= delta, dim=1), torch.count_nonzero(r < -delta, dim=1)
+    """Per gene (column of ``r``): the fractions of samples with ``r >= δ`` and ``r < -δ``."""
+    m = r.shape[0]
+    # (bytes summed into int32: a boolean sum would widen the whole mask to int64 first)
+    up = (r >= delta).view(torch.uint8).sum(0, dtype=torch.int32)
+    down = (r < -delta).view(torch.uint8).sum(0, dtype=torch.int32)
     return up.numpy() / m, down.numpy() / m
 
 
