@@ -93,12 +93,12 @@ _HALF = (torch.float16, torch.bfloat16)
 def eval_mode(module: torch.nn.Module):
     """Run with the module in eval mode and autograd off; restore its mode afterwards.
 
-    A module trained in half precision (``precision="bf16-true"`` or ``"16-true"``) runs in
-    float32 meanwhile: NumPy has no bfloat16, several samplers have no half kernels, and the
-    round trip back to half precision is exact."""
+    A module wholly in half precision (trained with ``precision="bf16-true"`` or
+    ``"16-true"``) runs in float32 meanwhile: NumPy has no bfloat16, several samplers have no
+    half kernels, and the round trip back to half precision is exact."""
     was_training = module.training
-    half = _module_float_dtype(module)
-    half = half if half in _HALF else None
+    floats = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    half = floats.pop() if len(floats) == 1 and floats <= set(_HALF) else None
     module.eval()
     if half is not None:
         module.float()

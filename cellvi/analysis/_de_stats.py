@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -148,13 +149,14 @@ def _in_row_chunks(fn, rows: np.ndarray, threads: int) -> None:
     if threads == 1 or len(rows) < 2 * threads:
         fn(rows)
         return
-    for _ in _thread_pool(threads).map(fn, np.array_split(rows, threads)):
+    for _ in _thread_pool(threads, os.getpid()).map(fn, np.array_split(rows, threads)):
         pass
 
 
 @functools.cache
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per thread count, kept: a new pool per call costs about what it saves."""
+def _thread_pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count, kept: a new pool per call costs about what it saves.
+    Keyed by process too: a forked child inherits the pool but not its threads."""
     return ThreadPoolExecutor(threads, thread_name_prefix="cellvi-de")
 
 
