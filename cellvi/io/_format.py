@@ -26,6 +26,7 @@ def write_model_dir(
     prefix: str | None = None,
     overwrite: bool = False,
     extra_files: dict[str, Callable[[Path], None]] | None = None,
+    save_kwargs: dict | None = None,
 ) -> Path:
     """Write a model directory atomically.
 
@@ -45,6 +46,8 @@ def write_model_dir(
         Replace an existing directory (all its old files go).
     extra_files
         ``{file name: writer(path)}`` for further files (e.g. ``adata.h5ad``).
+    save_kwargs
+        Passed to ``torch.save``.
     """
     from .. import __version__
 
@@ -56,7 +59,7 @@ def write_model_dir(
         "cellvi_version": __version__,
     }
     with atomic_directory(dir_path, overwrite) as tmp:
-        torch.save(content, tmp / f"{prefix or ''}model.pt")
+        torch.save(content, tmp / f"{prefix or ''}model.pt", **(save_kwargs or {}))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
     return Path(dir_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,43 +14,12 @@ from .._settings import settings
 from ..data import AnnDataManager
 from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, SetupError
+from ._history import _without_last_rows, append_history, history_from_rows
 from ._registry import ManagerStore, check_registry_compatible
 
-__all__ = ["BaseModel", "history_from_rows", "append_history"]
+__all__ = ["BaseModel"]
 
 logger = logging.getLogger("cellvi")
-
-
-def history_from_rows(rows: Sequence[dict], *, first_epoch: int = 0) -> dict[str, pd.DataFrame]:
-    """Per-metric DataFrames (index ``epoch``) from per-epoch rows."""
-    out: dict[str, pd.DataFrame] = {}
-    names = sorted({k for r in rows for k in r} - {"epoch"})
-    for name in names:
-        epochs = [first_epoch + r["epoch"] for r in rows if name in r]
-        values = [r[name] for r in rows if name in r]
-        frame = pd.DataFrame({name: values}, index=pd.Index(epochs, name="epoch"))
-        out[name] = frame
-    return out
-
-
-def append_history(
-    old: dict[str, pd.DataFrame], new: dict[str, pd.DataFrame]
-) -> dict[str, pd.DataFrame]:
-    """Concatenate a later run's history after an earlier one; metrics new in either are kept."""
-    if not old:
-        return new
-    offsets: dict[str, int] = {}  # per index kind: "epoch" metrics and "step" metrics
-    for df in old.values():
-        if len(df):
-            kind = df.index.name or "epoch"
-            offsets[kind] = max(offsets.get(kind, 0), 1 + int(df.index.max()))
-    merged = dict(old)
-    for name, frame in new.items():
-        kind = frame.index.name or "epoch"
-        shifted = frame.copy()
-        shifted.index = pd.Index(shifted.index + offsets.get(kind, 0), name=kind)
-        merged[name] = pd.concat([old[name], shifted]) if name in old else shifted
-    return merged
 
 
 class BaseModel:
@@ -255,7 +223,10 @@ class BaseModel:
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
-        anndata_write_kwargs: dict | None = None,
+        save_kwargs: dict | None = None,
+        legacy_mudata_format: bool = False,
+        datamodule=None,
+        **anndata_write_kwargs,
     ):
         """Save the model as a directory (``model.pt`` plus optionally ``adata.h5ad``).
 
@@ -273,8 +244,15 @@ class BaseModel:
             Replace an existing directory (its stale files do not survive).
         save_anndata
             Also write the model's AnnData.
-        anndata_write_kwargs
-            Passed to ``AnnData.write_h5ad``.
+        save_kwargs
+            Passed to ``torch.save``; a ``pickle_module`` or a ``pickle_protocol`` other than 2
+            is refused (the file must stay readable by the safe, weights-only reader).
+        legacy_mudata_format, datamodule
+            Accepted for scvi-tools compatibility. cellvi models hold AnnData (the MuData
+            name layout does not apply), and a model trained on a data module keeps that
+            module's shape facts in its registry, so neither is needed.
+        **anndata_write_kwargs
+            Passed to ``AnnData.write_h5ad`` (e.g. ``compression="gzip"``).
         """
         from ._save_load import save_model
 
@@ -284,6 +262,7 @@ class BaseModel:
             prefix=prefix,
             overwrite=overwrite,
             save_anndata=save_anndata,
+            save_kwargs=save_kwargs,
             anndata_write_kwargs=anndata_write_kwargs,
         )
 
@@ -335,6 +314,13 @@ class BaseModel:
         from ._save_load import load_registry
 
         return load_registry(dir_path, prefix)
+
+    @classmethod
+    def view_setup_args(cls, dir_path, prefix: str | None = None) -> None:
+        """Print the setup method and arguments a saved model was registered with."""
+        from ._save_load import view_setup_args
+
+        view_setup_args(dir_path, prefix)
 
     @classmethod
     def prepare_query_anndata(
@@ -448,7 +434,10 @@ class BaseModel:
 
     def _record_run(self, result, *, resumed: bool) -> None:
         """Fold a run's outcome into the model (called on success and on failure)."""
-        if resumed and self._history_before_failed_run is not None:
+        if resumed and result.resumed_rows is not None and str(result.run_dir) == self.run_dir_:
+            # this model's history ends with the rows the checkpoint brings back: replace them
+            base = _without_last_rows(self.history_, *result.resumed_rows)
+        elif resumed and self._history_before_failed_run is not None:
             base = self._history_before_failed_run
         else:
             base = self.history_

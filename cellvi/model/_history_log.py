@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..errors import TrainingWarning
 from ..train._callbacks import write_history_csv
-from ._base import history_from_rows
+from ._history import history_from_rows
 
 __all__ = ["check_log_save_dir", "save_history_log"]
 

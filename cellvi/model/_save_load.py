@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,11 @@ def save_model(
     prefix: str | None = None,
     overwrite: bool = False,
     save_anndata: bool = False,
+    save_kwargs: dict | None = None,
     anndata_write_kwargs: dict | None = None,
 ) -> Path:
     """Write ``model`` to ``dir_path`` atomically (see :meth:`BaseModel.save`)."""
+    save_kwargs = _check_save_kwargs(save_kwargs)
     if model.module is None:
         raise SetupError(
             f"This {type(model).__name__} has no module yet (created without data); train it "
@@ -102,7 +105,51 @@ def save_model(
         prefix=prefix,
         overwrite=overwrite,
         extra_files=extra or None,
+        save_kwargs=save_kwargs,
     )
+
+
+_TORCH_SAVE_ARGS = (
+    "pickle_protocol",
+    "_use_new_zipfile_serialization",
+    "_disable_byteorder_record",
+)
+
+
+def _check_save_kwargs(save_kwargs) -> dict:
+    """``save_kwargs`` for ``torch.save``, refused before anything is written when they would
+    fail or make the file need unpickling."""
+    if save_kwargs is None:
+        return {}
+    if not isinstance(save_kwargs, Mapping):
+        raise TypeError(f"save_kwargs must be a dict of torch.save arguments; got {save_kwargs!r}.")
+    if "pickle_module" in save_kwargs:
+        raise ValueError(
+            "save_kwargs={'pickle_module': ...} is refused: model.pt holds tensors and plain "
+            "values only, read back without unpickling; drop pickle_module."
+        )
+    if save_kwargs.get("pickle_protocol", 2) != 2:
+        raise ValueError(
+            f"save_kwargs={{'pickle_protocol': {save_kwargs['pickle_protocol']!r}}} is refused: "
+            "the safe reader of model.pt (torch.load with weights_only) expects protocol 2."
+        )
+    unknown = sorted(set(save_kwargs) - set(_TORCH_SAVE_ARGS))
+    if unknown:
+        raise TypeError(
+            f"save_kwargs has arguments torch.save does not take: {unknown}; it takes "
+            f"{list(_TORCH_SAVE_ARGS)}. AnnData write options go as keywords of save()."
+        )
+    return dict(save_kwargs)
+
+
+def view_setup_args(dir_path, prefix: str | None = None) -> None:
+    """Print the setup method and its arguments from a saved model's registry."""
+    registry = load_registry(dir_path, prefix)
+    method = registry.get("setup_method_name", "setup_anndata")
+    args = registry.get("setup_args", {})
+    lines = [f"{registry.get('model_name', 'model')}.{method}("]
+    lines += [f"    {name}={value!r}," for name, value in args.items()]
+    print("\n".join([*lines, ")"]))
 
 
 def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
