@@ -110,9 +110,9 @@ def get_importance_weights(
 
     ``draws`` holds, per draw, ``z`` ``(S, d)`` (the Gaussian draw ``u``, see
     :func:`~cellvi.analysis._diagnostics.latent_draws`), ``log_rho`` ``(S, G)``, ``theta`` (``(G,)``
-    or ``(S, G)``) and ``zi_logits`` ``(S, G)`` (ZINB), and per cell ``qz_m``/``qz_v``
-    ``(n, d)`` aligned with ``cell_idx``. ``max_cells`` anchors are drawn from the group;
-    ``truncation`` raises log-weights below their log-mean to it (Ionides 2008).
+    or ``(S, G)``; absent for Poisson) and ``zi_logits`` ``(S, G)`` (ZINB), and per cell
+    ``qz_m``/``qz_v`` ``(n, d)`` aligned with ``cell_idx``. ``max_cells`` anchors are drawn from
+    the group; ``truncation`` raises log-weights below their log-mean to it (Ionides 2008).
     """
     _check_model(model)
     rng = np.random.default_rng(seed)
@@ -134,7 +134,7 @@ def get_importance_weights(
     x = _anchors_data(model, adata, cell_idx[anchors])
     qm, qv = draws["qz_m"][anchors], draws["qz_v"][anchors]
     lik = model.module.config.gene_likelihood
-    z, theta, zl = draws["z"], draws["theta"], draws.get("zi_logits")
+    z, theta, zl = draws["z"], draws.get("theta"), draws.get("zi_logits")
     log_w = torch.empty(len(z))
     draw_chunk = max(8, 2**18 // x.shape[1])  # (draws, genes) blocks of about 1 MB
     for s0 in range(0, len(z), draw_chunk):
@@ -143,7 +143,7 @@ def get_importance_weights(
         log_pz = -0.5 * (zs.pow(2).sum(1) + zs.shape[1] * math.log(2 * math.pi))
         diff = zs[:, None, :] - qm[None]  # (s, a, d)
         log_q = -0.5 * (diff.pow(2) / qv[None] + qv[None].log() + math.log(2 * math.pi)).sum(-1)
-        th = theta if theta.dim() == 1 else theta[sl]
+        th = theta if theta is None or theta.dim() == 1 else theta[sl]
         ll = pairwise_log_likelihood(
             lik, x, draws["log_rho"][sl], th, None if zl is None else zl[sl]
         )
@@ -193,10 +193,11 @@ def importance_resample(
             px = module.generative(z, zero_lib, batch, transform_batch=code)
             parts["z"].append(_flat(u))  # draws cell-major: (cells · k, d)
             parts["log_rho"].append(_flat(px["log_scale"]))
-            theta = px["theta"]
-            parts["theta"].append(
-                theta if theta.dim() == 1 else _flat(theta.expand_as(px["log_scale"]))
-            )
+            theta = px["theta"]  # None for a Poisson likelihood
+            if theta is not None:
+                parts["theta"].append(
+                    theta if theta.dim() == 1 else _flat(theta.expand_as(px["log_scale"]))
+                )
             if px.get("dropout_logits") is not None:
                 parts["zi_logits"].append(_flat(px["dropout_logits"]))
             parts["qz_m"].append(inf["qz_m"].cpu())
