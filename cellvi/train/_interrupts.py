@@ -107,6 +107,14 @@ class InterruptGuard(pl.Callback):
             return exc
         if self.pending is not None:
             return TrainingInterrupted(f"Training was interrupted by {self.pending}.")
+        if isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt):
+            # Lightning answers a KeyboardInterrupt raised in training code (a callback, a
+            # data loader) with sys.exit(1), which would end a script without a word
+            interrupted = TrainingInterrupted(
+                "Training was interrupted by a KeyboardInterrupt raised during training."
+            )
+            interrupted.__cause__ = exc.__context__
+            return interrupted
         if type(exc).__name__ == "ProcessRaisedException":
             found = _WORKER_INTERRUPTION.search(str(exc))
             if found:

@@ -72,6 +72,9 @@ class TrainingPlan(pl.LightningModule):
         self._last_good_state = None
         self._current_batch: dict = {}
         self._current_batch_idx = -1
+        self.lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+        self._lr_scheduler_state: dict | None = None  # from a resume checkpoint
+        self.resumed_rows: tuple[int, int] | None = None  # history rows a checkpoint brought
         # the learning rate joins the history (``lr-<optimizer>``) when asked or scheduled
         self.log_learning_rate = bool(self.config.reduce_lr_on_plateau)
         self._compiled = bool(self.config.compile)
@@ -93,6 +96,13 @@ class TrainingPlan(pl.LightningModule):
         if validation:
             names += ["validation_loss", *(f"{m}_validation" for m in self.METRIC_STEMS)]
         return names
+
+    def observe_split(self, datamodule) -> None:
+        """Called by the runner with the set-up data module, before training."""
+
+    def why_not_logged(self, metric: str) -> str:
+        """A sentence on why ``metric`` is missing from :meth:`metric_names` (or "")."""
+        return ""
 
     # ----------------------------------------------------------------- warm-up
     @property
@@ -233,6 +243,7 @@ class TrainingPlan(pl.LightningModule):
         row = {"epoch": int(self.current_epoch), **metrics, **self._val_row}
         self._val_row = {}
         self.history_rows.append(row)
+        self._step_lr_scheduler(row)  # after the row: it records the LR this epoch used
         self._snapshot()
         for callback in self.trainer.callbacks:
             hook = getattr(callback, "on_epoch_metrics", None)
@@ -321,32 +332,50 @@ class TrainingPlan(pl.LightningModule):
             optimizer = cls(
                 params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
             )
-        if not cfg.reduce_lr_on_plateau:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            mode="min",
-            factor=cfg.lr_factor,
-            patience=cfg.lr_patience,
-            threshold=cfg.lr_threshold,
-            threshold_mode="abs",
-            min_lr=cfg.lr_min,
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": cfg.lr_scheduler_metric},
-        }
+        self.lr_scheduler = None
+        if cfg.reduce_lr_on_plateau:
+            self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode="min",
+                factor=cfg.lr_factor,
+                patience=cfg.lr_patience,
+                threshold=cfg.lr_threshold,
+                threshold_mode="abs",
+                min_lr=cfg.lr_min,
+            )
+            if self._lr_scheduler_state is not None:  # resumed: the checkpoint's state
+                self.lr_scheduler.load_state_dict(self._lr_scheduler_state)
+                self._lr_scheduler_state = None
+        # The plan steps the scheduler itself (``_step_lr_scheduler``) rather than handing it
+        # to Lightning, which steps a plateau scheduler after the epoch's checkpoint was
+        # written (a resumed run would lose that step) and fails on epochs without validation.
+        return optimizer
+
+    def _step_lr_scheduler(self, row: dict) -> None:
+        """ReduceLROnPlateau step on this epoch's ``lr_scheduler_metric``; skipped on epochs
+        that do not log it (``check_val_every_n_epoch > 1``)."""
+        value = row.get(self.config.lr_scheduler_metric)
+        if self.lr_scheduler is not None and value is not None:
+            self.lr_scheduler.step(value)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cellvi_history_rows"] = [dict(r) for r in self.history_rows]
         checkpoint["cellvi_step_rows"] = [dict(r) for r in self.step_rows]
         checkpoint["cellvi_rng"] = {"torch": torch.get_rng_state()}
+        if self.lr_scheduler is not None:
+            checkpoint["cellvi_lr_scheduler"] = self.lr_scheduler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = without_aliases(checkpoint.get("state_dict", {}))
         self.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]
         self.step_rows = [dict(r) for r in checkpoint.get("cellvi_step_rows", [])]
+        self.resumed_rows = (len(self.history_rows), len(self.step_rows))
+        # a checkpoint from before the plan stepped its scheduler holds it in Lightning's list
+        state = checkpoint.get("cellvi_lr_scheduler") or next(
+            iter(checkpoint.get("lr_schedulers") or []), None
+        )
+        self._lr_scheduler_state = state if self.config.reduce_lr_on_plateau else None
         rng = checkpoint.get("cellvi_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

@@ -51,6 +51,8 @@ class RunResult:
     early_stopping: str | None = None
     best_checkpoint: str | None = None
     extra: dict = field(default_factory=dict)
+    # with ckpt_path: the (epoch, step) rows of history the checkpoint brought back
+    resumed_rows: tuple[int, int] | None = None
 
 
 def default_run_dir(model_name: str) -> Path:
@@ -142,7 +144,8 @@ def _check_monitors(
                 "'elbo_train'."
             )
         raise ValueError(
-            f"{arg}={metric!r} is never logged by this model. Metrics logged: {available}."
+            f"{arg}={metric!r} is never logged by this model.{plan.why_not_logged(metric)} "
+            f"Metrics logged: {available}."
         )
 
 
@@ -235,6 +238,7 @@ def run_training(
         checkpoint_monitor = supplied[0].monitor
     else:
         checkpoint_monitor = cfg.checkpointing_monitor if cfg.enable_checkpointing else None
+    plan.observe_split(datamodule)
     every = _validation_needed(cfg, plan, checkpoint_monitor)
     _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
     if ckpt_path is not None:
@@ -342,19 +346,21 @@ def run_training(
         # last.ckpt; history.csv alone (no checkpoint) would claim weights it does not hold
         result.history_rows = list(plan.history_rows)
         result.step_rows = list(plan.step_rows)
+        result.resumed_rows = plan.resumed_rows
         record(result)
         _annotate(exc, result, max_epochs)
         _load_best_after_failure(exc, supplied)
         plan.module.train()  # an untrained model stays in train mode (training.md §5)
         if exc is raised:
             raise
-        raise exc from raised
+        raise exc from (exc.__cause__ or raised)
     finally:
         for log, level in zip(quiet, old_levels, strict=True):
             log.setLevel(level)
     _stay_on_training_device(plan)
     result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
     result.step_rows = list(plan.step_rows)
+    result.resumed_rows = plan.resumed_rows
     result.completed = True
     result.train_idx = datamodule.train_idx
     result.val_idx = datamodule.val_idx

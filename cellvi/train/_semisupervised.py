@@ -53,13 +53,33 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
         self.classification_ratio = classification_ratio
         self.n_classes = n_classes
         self._class_stats: dict[str, torch.Tensor] = {}
+        self._labeled_in: dict[str, bool] = {}  # per split, set by observe_split
 
     def metric_names(self, *, validation: bool) -> list[str]:
         names = super().metric_names(validation=validation)
-        names += [f"train_{m}" for m in self.CLASS_STEMS]
-        if validation:
-            names += [f"validation_{m}" for m in self.CLASS_STEMS]
+        splits = ["train", "validation"] if validation else ["train"]
+        for split in splits:
+            if self._labeled_in.get(split, True):
+                names += [f"{split}_{m}" for m in self.CLASS_STEMS]
         return names
+
+    def observe_split(self, datamodule) -> None:
+        """Classification metrics of a split are logged only if it has labeled cells."""
+        mask = getattr(datamodule, "labeled_mask", None)
+        if mask is None:
+            return
+        for split in ("train", "validation"):
+            idx = getattr(datamodule, "train_idx" if split == "train" else "val_idx", None)
+            if idx is not None:
+                self._labeled_in[split] = bool(mask[idx].any())
+
+    def why_not_logged(self, metric: str) -> str:
+        split = "validation" if metric.startswith("validation_") else "train"
+        if metric in {f"{split}_{m}" for m in self.CLASS_STEMS} and not self._labeled_in.get(
+            split, True
+        ):
+            return f" The {split} set has no labeled cells, so it has no classification metrics."
+        return ""
 
     def _classification(self, split: str, batch: dict) -> torch.Tensor | None:
         labels = batch[REGISTRY_KEYS.LABELS_KEY].reshape(-1)

@@ -60,9 +60,14 @@ def test_adam_skips_frozen_parameters():
 
 
 def test_reduce_lr_on_plateau_monitors_configured_metric():
-    out = _plan(reduce_lr_on_plateau=True, lr_scheduler_metric="elbo_train").configure_optimizers()
-    assert out["lr_scheduler"]["monitor"] == "elbo_train"
-    assert isinstance(out["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
+    plan = _plan(reduce_lr_on_plateau=True, lr_scheduler_metric="elbo_train")
+    optimizer = plan.configure_optimizers()  # the plan steps the scheduler itself
+    assert isinstance(plan.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert plan.lr_scheduler.optimizer is optimizer
+    plan._step_lr_scheduler({"elbo_validation": 1.0})  # not the monitored metric: no step
+    assert plan.lr_scheduler.best == float("inf")
+    plan._step_lr_scheduler({"elbo_train": 1.0})
+    assert plan.lr_scheduler.best == 1.0
 
 
 def test_trainer_config_extra_kwargs_lose_to_named_fields():
