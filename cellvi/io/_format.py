@@ -27,6 +27,7 @@ def write_model_dir(
     overwrite: bool = False,
     extra_files: dict[str, Callable[[Path], None]] | None = None,
     save_kwargs: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write a model directory atomically.
 
@@ -48,6 +49,8 @@ def write_model_dir(
         ``{file name: writer(path)}`` for further files (e.g. ``adata.h5ad``).
     save_kwargs
         Passed to ``torch.save``.
+    optimizer_state
+        Stored as ``optimizer_state`` when given (tensors and plain values, like the rest).
     """
     from .. import __version__
 
@@ -58,6 +61,8 @@ def write_model_dir(
         "format_version": FORMAT_VERSION,
         "cellvi_version": __version__,
     }
+    if optimizer_state is not None:
+        content["optimizer_state"] = optimizer_state
     with atomic_directory(dir_path, overwrite) as tmp:
         torch.save(content, tmp / f"{prefix or ''}model.pt", **(save_kwargs or {}))
         for name, writer in (extra_files or {}).items():

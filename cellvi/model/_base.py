@@ -58,6 +58,10 @@ class BaseModel:
         self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
         self.run_dir_: str | None = None
         self._history_before_failed_run: dict | None = None
+        # the optimiser state and (epochs, steps) trained behind the current weights, for
+        # train(resume=True) and save(save_optimizer_state=True)
+        self._optimizer_state: dict | None = None
+        self._training_progress: tuple[int, int] = (0, 0)
         self.module: torch.nn.Module | None = None
 
     # ----------------------------------------------------------------- setup
@@ -226,6 +230,7 @@ class BaseModel:
         save_kwargs: dict | None = None,
         legacy_mudata_format: bool = False,
         datamodule=None,
+        save_optimizer_state: bool = False,
         **anndata_write_kwargs,
     ):
         """Save the model as a directory (``model.pt`` plus optionally ``adata.h5ad``).
@@ -251,6 +256,9 @@ class BaseModel:
             Accepted for scvi-tools compatibility. cellvi models hold AnnData (the MuData
             name layout does not apply), and a model trained on a data module keeps that
             module's shape facts in its registry, so neither is needed.
+        save_optimizer_state
+            Also store the optimiser state and training progress, so that the loaded model's
+            ``train(resume=True)`` continues Adam and the KL warm-up.
         **anndata_write_kwargs
             Passed to ``AnnData.write_h5ad`` (e.g. ``compression="gzip"``).
         """
@@ -264,6 +272,7 @@ class BaseModel:
             save_anndata=save_anndata,
             save_kwargs=save_kwargs,
             anndata_write_kwargs=anndata_write_kwargs,
+            save_optimizer_state=save_optimizer_state,
         )
 
     @classmethod
@@ -459,6 +468,9 @@ class BaseModel:
             self.trainer = result.trainer
         else:
             self._history_before_failed_run = base
+        if result.optimizer_state and result.optimizer_state["state"]:  # it took steps
+            self._optimizer_state = result.optimizer_state
+            self._training_progress = tuple(result.progress)
         self.module.eval()
 
     def __repr__(self) -> str:

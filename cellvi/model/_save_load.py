@@ -64,9 +64,20 @@ def save_model(
     save_anndata: bool = False,
     save_kwargs: dict | None = None,
     anndata_write_kwargs: dict | None = None,
+    save_optimizer_state: bool = False,
 ) -> Path:
     """Write ``model`` to ``dir_path`` atomically (see :meth:`BaseModel.save`)."""
     save_kwargs = _check_save_kwargs(save_kwargs)
+    optimizer = None
+    if save_optimizer_state:
+        if model._optimizer_state is None:
+            raise ValueError(
+                f"save_optimizer_state=True, but this {type(model).__name__} holds no optimiser "
+                "state (it was not trained in this session, or was loaded from a file saved "
+                "without save_optimizer_state=True)."
+            )
+        epochs, steps = model._training_progress
+        optimizer = {"optimizer": model._optimizer_state, "epochs": epochs, "steps": steps}
     if model.module is None:
         raise SetupError(
             f"This {type(model).__name__} has no module yet (created without data); train it "
@@ -106,6 +117,7 @@ def save_model(
         overwrite=overwrite,
         extra_files=extra or None,
         save_kwargs=save_kwargs,
+        optimizer_state=optimizer,
     )
 
 
@@ -225,4 +237,8 @@ def load_model(
         ) from err
     model.module.to(torch_device)
     model.module.eval()
+    saved = content.get("optimizer_state")  # save(..., save_optimizer_state=True)
+    if saved is not None:
+        model._optimizer_state = saved["optimizer"]
+        model._training_progress = (int(saved["epochs"]), int(saved["steps"]))
     return model

@@ -261,6 +261,7 @@ class SCANVI(SCVI):
         callbacks: list | None = None,
         ckpt_path: str | None = None,
         datamodule=None,
+        resume: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Train with the ELBO on all cells plus classification of the labeled ones.
@@ -268,7 +269,7 @@ class SCANVI(SCVI):
         ``max_epochs=None`` uses the SCVI heuristic h, or ``min(10, max(2, round(h / 3)))``
         after :meth:`from_scvi_model`. ``plan_kwargs`` may hold ``classification_ratio``
         (50). Early stopping goes through ``**trainer_kwargs`` (``early_stopping=True``).
-        Other arguments (``datamodule`` included) as in :meth:`SCVI.train`.
+        Other arguments (``datamodule`` and ``resume`` included) as in :meth:`SCVI.train`.
         """
         if datamodule is not None:
             check_datamodule(datamodule)
@@ -309,6 +310,7 @@ class SCANVI(SCVI):
             ckpt_path=ckpt_path,
             trainer_kwargs=trainer_kwargs,
             datamodule=datamodule,
+            resume=resume,
             splitter_cls=SemiSupervisedDataSplitter,
             splitter_kwargs={"n_samples_per_label": n_samples_per_label},
             make_plan=make_plan,

@@ -254,6 +254,7 @@ class SCVI(RNAOutputsMixin, BaseModel):
         callbacks: list | None = None,
         ckpt_path: str | None = None,
         datamodule=None,
+        resume: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Train the model (``training.md`` §1).
@@ -291,6 +292,13 @@ class SCVI(RNAOutputsMixin, BaseModel):
             :class:`~cellvi.train.SaveCheckpoint`.
         ckpt_path
             Resume an interrupted run from its ``last.ckpt`` (same ``max_epochs``).
+        resume
+            Continue this model's earlier training: Adam's moments and step counts go on and
+            the KL warm-up continues where it stopped (``max_epochs`` more epochs; the
+            learning rate and other plan settings are this call's). Needs the optimiser state
+            of an earlier ``train()`` in this session or of a model saved with
+            ``save(..., save_optimizer_state=True)``. Not with ``ckpt_path``. Without it, a
+            trained model restarts both (with a warning).
         datamodule
             Train on a data module (:class:`~cellvi.dataloaders.SomaDataModule`,
             :class:`~cellvi.dataloaders.AnnDataModule`) instead of the model's AnnData; its
@@ -332,4 +340,5 @@ class SCVI(RNAOutputsMixin, BaseModel):
             ckpt_path=ckpt_path,
             trainer_kwargs=trainer_kwargs,
             datamodule=datamodule,
+            resume=resume,
         )

@@ -194,12 +194,20 @@ def _fields_set_in(config: Any) -> set[str]:
 
 
 def _adapt_kl_warmup(
-    plan_values: dict, user_set: bool, max_epochs: int, n_steps_per_epoch: int
+    plan_values: dict,
+    user_set: bool,
+    max_epochs: int,
+    n_steps_per_epoch: int,
+    done: tuple[int, int] = (0, 0),
 ) -> None:
-    """Make sure the KL weight can reach its maximum within the run (or say it won't)."""
+    """Make sure the KL weight can reach its maximum within the run (or say it won't).
+
+    ``done``: the epochs and steps of earlier training a ``resume=True`` run continues (its
+    warm-up counts them)."""
     n_epochs = plan_values.get("n_epochs_kl_warmup", 400)
     n_steps = plan_values.get("n_steps_kl_warmup")
-    total_steps = max_epochs * n_steps_per_epoch
+    total_steps = max_epochs * n_steps_per_epoch + done[1]
+    max_epochs = max_epochs + done[0]
     if n_epochs:
         too_long, unit, total = n_epochs > max_epochs, "epochs", max_epochs
         length = n_epochs
@@ -288,8 +296,10 @@ def train_unsupervised(
     make_plan=None,
     extra_callbacks: list | None = None,
     datamodule=None,
+    resume: bool = False,
 ) -> None:
     """Train ``model`` (see ``SCVI.train`` for the arguments)."""
+    _check_resume(model, resume, ckpt_path)
     # (a list or other non-mapping is refused here, naming the argument)
     plan_kwargs = config_to_kwargs(plan_kwargs, "plan_kwargs")
     datasplitter_kwargs = config_to_kwargs(datasplitter_kwargs, "datasplitter_kwargs")
@@ -373,7 +383,8 @@ def train_unsupervised(
         )
     splitter.setup("fit")
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
-    _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch)
+    done = model._training_progress if resume else (0, 0)
+    _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch, done)
     plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
     likelihood = getattr(getattr(model.module, "config", None), "gene_likelihood", None)
     if plan_cfg.compile and likelihood != "normal":  # the Gaussian takes any real value
@@ -383,12 +394,15 @@ def train_unsupervised(
         plan = TrainingPlan(model.module, plan_cfg, batch_categories=batch_names)
     else:
         plan = make_plan(plan_cfg, batch_names)
-    if model.is_trained_ and ckpt_path is None:
+    if resume:
+        plan.continue_from(model._optimizer_state, *model._training_progress)
+    elif model.is_trained_ and ckpt_path is None:
         warnings.warn(
             f"This {type(model).__name__} is already trained: train() continues from its "
             "current weights with a fresh optimiser state and the KL warm-up restarting at "
-            "epoch 0 (new rows are appended to model.history). To continue an interrupted run "
-            "exactly instead, pass ckpt_path=<its run dir>/checkpoints/last.ckpt.",
+            "epoch 0 (new rows are appended to model.history). Pass resume=True to keep "
+            "Adam's state and the warm-up's position, or, to continue an interrupted run "
+            "exactly, ckpt_path=<its run dir>/checkpoints/last.ckpt.",
             TrainingWarning,
             stacklevel=3,
         )
@@ -408,6 +422,25 @@ def train_unsupervised(
         save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
     )
+
+
+def _check_resume(model, resume, ckpt_path) -> None:
+    """``resume=True`` needs the optimiser state of earlier training, and no checkpoint."""
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False; got {resume!r}.")
+    if not resume:
+        return
+    if ckpt_path is not None:
+        raise ValueError(
+            "resume=True continues this model's own training; ckpt_path= resumes an "
+            "interrupted run from its checkpoint. Pass one of them."
+        )
+    if model._optimizer_state is None:
+        raise ValueError(
+            f"resume=True needs the optimiser state of earlier training, and this "
+            f"{type(model).__name__} holds none: train it first, or load a model saved with "
+            "model.save(..., save_optimizer_state=True)."
+        )
 
 
 def _record(model, result, resumed: bool, log_save_dir) -> None:

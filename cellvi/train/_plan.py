@@ -75,6 +75,12 @@ class TrainingPlan(pl.LightningModule):
         self.lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
         self._lr_scheduler_state: dict | None = None  # from a resume checkpoint
         self.resumed_rows: tuple[int, int] | None = None  # history rows a checkpoint brought
+        # train(resume=True): the optimiser state and the epochs/steps of earlier training
+        self._continued_state: dict | None = None
+        self._offsets = (0, 0)
+        # at the last snapshot: the optimiser's state (CPU copy) and (epochs, steps) trained
+        self.last_good_optimizer_state: dict | None = None
+        self.progress: tuple[int, int] | None = None
         # the learning rate joins the history (``lr-<optimizer>``) when asked or scheduled
         self.log_learning_rate = bool(self.config.reduce_lr_on_plateau)
         self._compiled = bool(self.config.compile)
@@ -104,16 +110,45 @@ class TrainingPlan(pl.LightningModule):
         """A sentence on why ``metric`` is missing from :meth:`metric_names` (or "")."""
         return ""
 
+    def continue_from(self, optimizer_state: dict, epochs: int, steps: int) -> None:
+        """Start from an earlier training's optimiser state (moments, step counts), with the
+        KL warm-up ``epochs`` epochs / ``steps`` steps in (``train(resume=True)``).
+
+        Raises
+        ------
+        ValueError
+            When the state does not fit this module's trainable parameters.
+        """
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        groups = optimizer_state.get("param_groups", [])
+        n_saved = sum(len(g["params"]) for g in groups)
+        shapes = [
+            tuple(s["exp_avg"].shape)
+            for _, s in sorted(optimizer_state.get("state", {}).items())
+            if "exp_avg" in s
+        ]
+        if n_saved != len(params) or (
+            shapes and shapes != [tuple(p.shape) for p in params][: len(shapes)]
+        ):
+            raise ValueError(
+                f"resume=True: the kept optimiser state covers {n_saved} parameter tensors "
+                f"that do not match this model's {len(params)} trainable ones (the model was "
+                "changed since); train without resume=True."
+            )
+        self._continued_state = optimizer_state
+        self._offsets = (int(epochs), int(steps))
+
     # ----------------------------------------------------------------- warm-up
     @property
     def kl_weight(self) -> float:
-        """KL weight of the current epoch (or step), ``training.md`` §2."""
+        """KL weight of the current epoch (or step), ``training.md`` §2 (counted from the
+        first training when resumed with ``train(resume=True)``)."""
         cfg = self.config
         lo, hi = cfg.min_kl_weight, cfg.max_kl_weight
         if cfg.n_epochs_kl_warmup:
-            n, t = cfg.n_epochs_kl_warmup, self.current_epoch
+            n, t = cfg.n_epochs_kl_warmup, self.current_epoch + self._offsets[0]
         elif cfg.n_steps_kl_warmup:
-            n, t = cfg.n_steps_kl_warmup, self.global_step
+            n, t = cfg.n_steps_kl_warmup, self.global_step + self._offsets[1]
         else:
             return hi
         return lo + (hi - lo) * t / n if t < n else hi
@@ -195,7 +230,7 @@ class TrainingPlan(pl.LightningModule):
         self._stats.pop("train", None)
         self._counts.pop("train", None)
         if self._last_good_state is None:
-            self._snapshot()
+            self._snapshot(epochs_done=self.current_epoch)
 
     def on_validation_epoch_start(self) -> None:
         self._stats.pop("validation", None)
@@ -244,7 +279,7 @@ class TrainingPlan(pl.LightningModule):
         self._val_row = {}
         self.history_rows.append(row)
         self._step_lr_scheduler(row)  # after the row: it records the LR this epoch used
-        self._snapshot()
+        self._snapshot(epochs_done=self.current_epoch + 1)
         for callback in self.trainer.callbacks:
             hook = getattr(callback, "on_epoch_metrics", None)
             if hook is not None:
@@ -258,9 +293,27 @@ class TrainingPlan(pl.LightningModule):
                 buffer.copy_(self.trainer.strategy.broadcast(buffer, src=0))
 
     # --------------------------------------------------------------- guardrail
-    def _snapshot(self) -> None:
-        """Remember the current (finite) weights so a NaN can be rolled back."""
+    def _snapshot(self, epochs_done: int) -> None:
+        """Remember the current (finite) weights so a NaN can be rolled back, with the
+        optimiser state and training progress that go with them (for ``resume=True``)."""
         self._last_good_state = copy.deepcopy(self.module.state_dict())
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if optimizers:
+            state = optimizers[0].state_dict()
+            self.last_good_optimizer_state = {
+                "state": {
+                    k: {
+                        n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                        for n, v in s.items()
+                    }
+                    for k, s in state["state"].items()
+                },
+                "param_groups": copy.deepcopy(state["param_groups"]),
+            }
+            self.progress = (
+                epochs_done + self._offsets[0],
+                int(self.global_step) + self._offsets[1],
+            )
 
     def _check_weights(self) -> None:
         """Refuse to end an epoch on non-finite weights (possible with ``check_gradients=False``:
@@ -332,6 +385,8 @@ class TrainingPlan(pl.LightningModule):
             optimizer = cls(
                 params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
             )
+        if self._continued_state is not None:
+            _continue_optimizer(optimizer, self._continued_state, cfg)
         self.lr_scheduler = None
         if cfg.reduce_lr_on_plateau:
             self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -379,3 +434,12 @@ class TrainingPlan(pl.LightningModule):
         rng = checkpoint.get("cellvi_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
+
+
+def _continue_optimizer(optimizer, state: dict, cfg: TrainingPlanConfig) -> None:
+    """Load an earlier run's optimiser state: its moments and step counts go on, while the
+    learning rate, eps and weight decay are this run's (a custom optimiser keeps its own)."""
+    optimizer.load_state_dict(state)
+    if cfg.optimizer != "Custom":
+        for group in optimizer.param_groups:
+            group.update(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -53,6 +53,9 @@ class RunResult:
     extra: dict = field(default_factory=dict)
     # with ckpt_path: the (epoch, step) rows of history the checkpoint brought back
     resumed_rows: tuple[int, int] | None = None
+    # the optimiser state and (epochs, steps) trained that go with the kept weights
+    optimizer_state: dict | None = None
+    progress: tuple[int, int] | None = None
 
 
 def default_run_dir(model_name: str) -> Path:
@@ -347,6 +350,7 @@ def run_training(
         result.history_rows = list(plan.history_rows)
         result.step_rows = list(plan.step_rows)
         result.resumed_rows = plan.resumed_rows
+        result.optimizer_state, result.progress = plan.last_good_optimizer_state, plan.progress
         record(result)
         _annotate(exc, result, max_epochs)
         _load_best_after_failure(exc, supplied)
@@ -361,6 +365,7 @@ def run_training(
     result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
     result.step_rows = list(plan.step_rows)
     result.resumed_rows = plan.resumed_rows
+    result.optimizer_state, result.progress = plan.last_good_optimizer_state, plan.progress
     result.completed = True
     result.train_idx = datamodule.train_idx
     result.val_idx = datamodule.val_idx

@@ -1,0 +1,109 @@
+"""``train(resume=True)`` and ``save(save_optimizer_state=True)``: continued training keeps
+Adam's moments and the KL warm-up's position (training.md and persistence.md, "Where cellvi
+goes further")."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import cellvi
+from cellvi.errors import TrainingWarning
+from cellvi.model import SCANVI, SCVI
+
+PLAN = {"n_epochs_kl_warmup": 4}
+
+
+def _data(seed=0):
+    return cellvi.data.simulate(n_cells=150, n_genes=50, n_batches=2, n_cell_types=2, seed=seed)
+
+
+def _scvi(adata=None):
+    adata = _data() if adata is None else adata
+    SCVI.setup_anndata(adata, batch_key="batch")
+    return SCVI(adata, n_latent=3)
+
+
+def _train(model, epochs, **kwargs):
+    """Train quietly: a first 1-2 epoch run warns that the 4-epoch warm-up will not finish."""
+    with cellvi.settings.override(progress_bar_style="none"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The KL warm-up lasts", TrainingWarning)
+        model.train(max_epochs=epochs, plan_kwargs=PLAN, save_resume_checkpoint=False, **kwargs)
+
+
+def _steps(model) -> int:
+    return int(model._optimizer_state["state"][0]["step"])
+
+
+def test_resume_continues_the_kl_warmup_and_adam(recwarn):
+    model = _scvi()
+    _train(model, 2)
+    steps = _steps(model)
+    assert steps > 0
+    with cellvi.settings.override(progress_bar_style="none"):  # 2 + 2 epochs: no warning
+        model.train(max_epochs=2, plan_kwargs=PLAN, save_resume_checkpoint=False, resume=True)
+    assert not [w for w in recwarn if issubclass(w.category, TrainingWarning)]
+    kl = model.history["kl_weight"]["kl_weight"].tolist()
+    assert kl == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert _steps(model) == 2 * steps  # Adam's step count went on
+    assert model.history["elbo_train"].index.tolist() == [0, 1, 2, 3]
+
+
+def test_training_again_without_resume_restarts_and_says_so():
+    model = _scvi()
+    _train(model, 2)
+    with pytest.warns(TrainingWarning, match="resume=True"):
+        _train(model, 2)
+    kl = model.history["kl_weight"]["kl_weight"].tolist()
+    assert kl == pytest.approx([0.0, 0.25, 0.0, 0.25])
+
+
+def test_saved_optimizer_state_comes_back_and_resumes(tmp_path):
+    model = _scvi()
+    _train(model, 2)
+    model.save(tmp_path / "m", save_optimizer_state=True)
+    loaded = SCVI.load(tmp_path / "m", adata=model.adata)
+    for a, b in zip(
+        model._optimizer_state["state"].values(),
+        loaded._optimizer_state["state"].values(),
+        strict=True,
+    ):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    _train(loaded, 1, resume=True)
+    assert loaded.history["kl_weight"]["kl_weight"].tolist() == pytest.approx([0.0, 0.25, 0.5])
+    assert _steps(loaded) == 3 * _steps(model) // 2
+    # a plain save keeps the file as before: no optimizer state
+    model.save(tmp_path / "plain")
+    assert SCVI.load(tmp_path / "plain", adata=model.adata)._optimizer_state is None
+
+
+def test_resume_needs_a_state_and_no_checkpoint(tmp_path):
+    model = _scvi()
+    with pytest.raises(ValueError, match="resume=True"):
+        _train(model, 1, resume=True)  # never trained
+    _train(model, 1)
+    model.save(tmp_path / "m")
+    loaded = SCVI.load(tmp_path / "m", adata=model.adata)
+    with pytest.raises(ValueError, match="save_optimizer_state=True"):
+        _train(loaded, 1, resume=True)
+    with pytest.raises(ValueError, match="ckpt_path"):
+        _train(model, 1, resume=True, ckpt_path=str(tmp_path / "x.ckpt"))
+    with pytest.raises(ValueError, match="save_optimizer_state=True"):
+        loaded.save(tmp_path / "again", save_optimizer_state=True)
+    assert not (tmp_path / "again").exists()
+
+
+def test_scanvi_resumes_too():
+    adata = _data(seed=3)
+    SCANVI.setup_anndata(
+        adata, batch_key="batch", labels_key="cell_type", unlabeled_category="unknown"
+    )
+    model = SCANVI(adata, n_latent=3)
+    _train(model, 2)
+    steps = _steps(model)
+    _train(model, 1, resume=True)
+    assert _steps(model) == steps + steps // 2
+    assert np.isfinite(model.get_latent_representation()).all()
