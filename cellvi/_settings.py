@@ -16,7 +16,7 @@ from pathlib import Path
 __all__ = ["Settings", "settings"]
 
 _VERBOSITY = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_PROGRESS_STYLES = ("rich", "plain", "none")
+_PROGRESS_STYLES = ("rich", "tqdm", "plain", "none")
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Settings:
     logging_dir
         Where training runs write history, checkpoints and logs (``./cellvi_log``).
     progress_bar_style
-        ``"rich"`` (default; plain periodic lines when output is not a terminal),
-        ``"plain"`` or ``"none"``.
+        ``"rich"`` (default) or ``"tqdm"``: one bar per run on a terminal, plain periodic
+        lines when output is not a terminal; ``"plain"``: always the lines; ``"none"``.
 
     Examples
     --------

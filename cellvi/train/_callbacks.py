@@ -126,7 +126,7 @@ class LoudEarlyStopping(EarlyStopping):
             if settings.show_progress:
                 from rich.console import Console
 
-                Console().print(message)
+                Console().print(message, soft_wrap=True)
 
 
 # ModelCheckpoint arguments that make sense when every checkpoint is a model directory

@@ -123,3 +123,52 @@ def test_plain_progress_lines_give_elapsed_and_estimated_time_left(monkeypatch):
     # 4 of 12 done, 2 of them in this run at 45 s each: 8 epochs (6:00) left
     assert line.startswith("Epoch 4/12  1:30 (~6:00 left)"), line
     assert _progress._clock(3725) == "1:02:05" and _progress._clock(7.25) == "7.2s"
+
+
+class _TerminalTrainer:
+    is_global_zero, max_epochs, current_epoch = True, 4, 0
+
+
+def _terminal_console():
+    from rich.console import Console
+
+    return Console(force_terminal=True, force_jupyter=False, record=True, width=60)
+
+
+def test_plain_style_prints_lines_even_on_a_terminal():
+    from cellvi.train import EpochProgress
+
+    console = _terminal_console()
+    progress = EpochProgress(console=console, style="plain")
+    progress.on_train_start(_TerminalTrainer(), None)
+    assert progress._progress is None and progress._bar is None
+    long = {"epoch": 3, "train_loss": 3.0, "elbo_train": 1234.5, "elbo_validation": 1240.25}
+    progress.on_epoch_metrics(_TerminalTrainer(), None, long)
+    line = console.export_text().splitlines()[-1]
+    assert line.startswith("Epoch 4/4") and line.endswith("elbo_validation=1240")  # not wrapped
+    progress.on_train_end(_TerminalTrainer(), None)
+
+
+def test_tqdm_style_draws_a_tqdm_bar_on_a_terminal(capsys):
+    from cellvi.train import EpochProgress
+
+    progress = EpochProgress(console=_terminal_console(), style="tqdm")
+    progress.on_train_start(_TerminalTrainer(), None)
+    assert progress._bar is not None and progress._progress is None
+    progress.on_epoch_metrics(_TerminalTrainer(), None, {"epoch": 1, "train_loss": 2.5})
+    assert progress._bar.n == 2 and "train_loss=2.5" in str(progress._bar)
+    progress.on_train_end(_TerminalTrainer(), None)
+    assert progress._bar is None
+    assert "Epoch 2/4" in capsys.readouterr().err
+
+
+def test_the_tqdm_style_is_a_setting_and_unknown_styles_are_refused():
+    import cellvi
+    from cellvi.train import EpochProgress
+
+    with cellvi.settings.override(progress_bar_style="tqdm"):
+        assert EpochProgress().style == "tqdm"
+    with pytest.raises(ValueError, match="progress_bar_style='fancy'"):
+        cellvi.settings.progress_bar_style = "fancy"
+    with pytest.raises(ValueError, match="style='none'"):
+        EpochProgress(style="none")
