@@ -323,7 +323,8 @@ class TrainingPlan(pl.LightningModule):
             return
         bad = [name for name, p in params if not bool(torch.isfinite(p).all())]
         raise NonFiniteLossError(
-            f"The weights became NaN/inf during epoch {self.current_epoch} ({', '.join(bad[:3])}"
+            f"The weights became NaN/inf during epoch {self.current_epoch + 1} (history index "
+            f"{self.current_epoch}; {', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}) while every minibatch's loss was finite: a "
             "gradient was NaN/inf. The weights were rolled back to the last finite state (end "
             "of the previous epoch). Train with plan_kwargs={'check_gradients': True} (the "
@@ -362,7 +363,8 @@ class TrainingPlan(pl.LightningModule):
         if phase == "validation":
             where = f"validation minibatch {batch_idx}"
         raise NonFiniteLossError(
-            f"The {phase} {what} became NaN/inf at epoch {self.current_epoch}, "
+            f"The {phase} {what} became NaN/inf in epoch {self.current_epoch + 1} (history "
+            f"index {self.current_epoch}), "
             f"{where}.{batch_text}{cell_text}"
             f"{x_text} The weights were rolled back to the last finite state (end of the "
             "previous epoch). Likely causes: the matrix is not raw counts (check layer=), a "

@@ -69,7 +69,8 @@ def test_nan_loss_is_caught_at_its_step_and_weights_roll_back(sim_tiny):
     poison = PoisonAt(epoch=1, batch_idx=0)
     with pytest.raises(
         NonFiniteLossError,
-        match=r"epoch 1, step 2 .*Batch categories in it: \['batch_0', 'batch_1'\].*not raw counts",
+        match=r"in epoch 2 \(history index 1\), step 2 .*Batch categories in it: "
+        r"\['batch_0', 'batch_1'\].*not raw counts",
     ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison])
     poison.assert_rolled_back(model)
@@ -101,7 +102,8 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught_and_weights_roll_back(sim_
     model = _model(sim_tiny)
     poison = NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
-        NonFiniteLossError, match=r"training gradient became NaN/inf at epoch 1, step 3 "
+        NonFiniteLossError,
+        match=r"training gradient became NaN/inf in epoch 2 \(history index 1\), step 3 ",
     ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison])
     poison.assert_rolled_back(model)
@@ -115,7 +117,7 @@ def test_without_the_gradient_check_nan_weights_never_become_the_rollback_state(
     poison = NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
         NonFiniteLossError,
-        match=r"weights became NaN/inf during epoch 1 \(decoder.px_scale_decoder.weight",
+        match=r"weights became NaN/inf during epoch 2 \(history index 1; decoder.px_scale_",
     ):
         model.train(
             max_epochs=3,
