@@ -122,18 +122,17 @@ class TrainingPlan(pl.LightningModule):
         params = [p for p in self.module.parameters() if p.requires_grad]
         groups = optimizer_state.get("param_groups", [])
         n_saved = sum(len(g["params"]) for g in groups)
-        shapes = [
-            tuple(s["exp_avg"].shape)
-            for _, s in sorted(optimizer_state.get("state", {}).items())
+        misfits = [  # state is keyed by the parameter's position
+            k
+            for k, s in optimizer_state.get("state", {}).items()
             if "exp_avg" in s
+            and (k >= len(params) or tuple(s["exp_avg"].shape) != tuple(params[k].shape))
         ]
-        if n_saved != len(params) or (
-            shapes and shapes != [tuple(p.shape) for p in params][: len(shapes)]
-        ):
+        if n_saved != len(params) or misfits:
             raise ValueError(
-                f"resume=True: the kept optimiser state covers {n_saved} parameter tensors "
-                f"that do not match this model's {len(params)} trainable ones (the model was "
-                "changed since); train without resume=True."
+                f"resume=True: the kept optimiser state ({n_saved} parameter tensors) does not "
+                f"match this model's {len(params)} trainable ones (their number or shapes "
+                "differ: the model was changed since); train without resume=True."
             )
         self._continued_state = optimizer_state
         self._offsets = (int(epochs), int(steps))

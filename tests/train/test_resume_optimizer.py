@@ -107,3 +107,14 @@ def test_scanvi_resumes_too():
     _train(model, 1, resume=True)
     assert _steps(model) == steps + steps // 2
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_a_state_that_does_not_fit_the_model_is_refused_before_training():
+    model = _scvi()
+    _train(model, 1)
+    state = model._optimizer_state
+    key = next(iter(state["state"]))
+    state["state"][key]["exp_avg"] = torch.zeros(7, 3)  # another model's shape
+    with pytest.raises(ValueError, match="does not match this model's"):
+        _train(model, 1, resume=True)
+    assert len(model.history["elbo_train"]) == 1
