@@ -15,6 +15,7 @@ from ..data import AnnDataManager
 from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, SetupError
 from ._history import _without_last_rows, append_history, history_from_rows
+from ._query_api import QueryMixin
 from ._registry import ManagerStore, check_registry_compatible
 
 __all__ = ["BaseModel"]
@@ -22,7 +23,7 @@ __all__ = ["BaseModel"]
 logger = logging.getLogger("cellvi")
 
 
-class BaseModel:
+class BaseModel(QueryMixin):
     """Shared machinery of cellvi models; subclasses add ``setup_anndata`` and the module.
 
     Subclasses define ``_module_from_manager`` (or ``_module_from_summary``) and the
@@ -330,83 +331,6 @@ class BaseModel:
         from ._save_load import view_setup_args
 
         view_setup_args(dir_path, prefix)
-
-    @classmethod
-    def prepare_query_anndata(
-        cls,
-        adata,
-        reference_model,
-        return_reference_var_names: bool = False,
-        inplace: bool = True,
-    ):
-        """Reorder/pad/drop the query's genes to match a reference model.
-
-        See :func:`cellvi.model._query.prepare_query_anndata`.
-        """
-        from ._query import prepare_query_anndata
-
-        return prepare_query_anndata(adata, reference_model, return_reference_var_names, inplace)
-
-    @classmethod
-    def load_query_data(
-        cls,
-        adata,
-        reference_model,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        unfrozen: bool = False,
-        freeze_dropout: bool = False,
-        freeze_expression: bool = True,
-        freeze_decoder_first_layer: bool = True,
-        freeze_batchnorm_encoder: bool = True,
-        freeze_batchnorm_decoder: bool = False,
-        freeze_classifier: bool = True,
-        check_var_names: str = "error",
-    ):
-        """A model for query cells built from a reference (architecture surgery).
-
-        New batch (and covariate) categories of the query are appended to the reference's;
-        only covariate weights, batch embeddings, the library encoder, the switched-on layers
-        and the new slices of grown tensors train; all other weights stay bit-identical.
-        Train it with ``plan_kwargs={"weight_decay": 0.0}``.
-
-        Parameters
-        ----------
-        adata
-            Query AnnData with the reference genes (see :meth:`prepare_query_anndata`).
-        reference_model
-            Saved model directory or a trained model.
-        accelerator, device
-            Where the weights go.
-        unfrozen
-            Train everything.
-        freeze_dropout
-            Set dropout to 0.
-        freeze_expression, freeze_decoder_first_layer
-            Keep the first encoder / decoder layer's expression weights frozen.
-        freeze_batchnorm_encoder, freeze_batchnorm_decoder
-            Freeze BatchNorm parameters and running statistics.
-        freeze_classifier
-            Keep a label classifier (SCANVI) frozen.
-        check_var_names
-            ``"error"`` or ``"warn"`` when gene names differ.
-        """
-        from ._query import load_query_data
-
-        return load_query_data(
-            cls,
-            adata,
-            reference_model,
-            accelerator=accelerator,
-            device=device,
-            unfrozen=unfrozen,
-            freeze_dropout=freeze_dropout,
-            freeze_expression=freeze_expression,
-            freeze_decoder_first_layer=freeze_decoder_first_layer,
-            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-            check_var_names=check_var_names,
-        )
 
     def _load_weights_from(self, dir_path) -> None:
         """Load the weights of a saved model directory into this model's module."""

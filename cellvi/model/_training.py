@@ -31,6 +31,7 @@ from ..train import (
 from ..train._checks import check_callbacks, check_datamodule
 from ._base import seed_torch
 from ._history_log import check_log_save_dir, save_history_log
+from ._query import reference_block_callbacks
 
 __all__ = ["default_max_epochs", "resolve_trainer_config", "train_unsupervised"]
 
@@ -415,7 +416,7 @@ def train_unsupervised(
         accelerator=accelerator,
         devices=devices,
         config=cfg,
-        callbacks=callbacks + list(extra_callbacks or []),
+        callbacks=callbacks + list(extra_callbacks or []) + reference_block_callbacks(model.module),
         ckpt_path=ckpt_path,
         run_dir=_run_dir_for(model, ckpt_path),
         record=lambda result: _record(model, result, ckpt_path is not None, cfg.log_save_dir),
