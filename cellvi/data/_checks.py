@@ -7,6 +7,7 @@ in the last row is found as surely as one in the first.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -61,6 +62,9 @@ def _chunks(matrix, n_rows: int, n_cols: int):
     """Yield ``(start, values, indptr)`` for sparse chunks or ``(start, block, None)``."""
     if sparse.issparse(matrix) and matrix.format != "csr":
         matrix = matrix.tocsr()  # CSC/COO: one conversion, then views (a warning says CSR)
+    if sparse.issparse(matrix) and not matrix.has_canonical_format:
+        matrix = matrix.copy()  # repeated (row, gene) entries are summed: check the sums
+        matrix.sum_duplicates()
     if sparse.issparse(matrix):  # in memory: views of .data, no copies
         indptr = matrix.indptr
         for start in range(0, n_rows, CHUNK_ROWS):
@@ -189,10 +193,19 @@ def check_nonempty_rows(totals: np.ndarray, location: str) -> None:
 
 def _raise_empty(empty: np.ndarray, location: str) -> None:
     if empty.size:
+        # a matrix on disk is named with a note ("adata.X (f.h5ad [X])", "adata.X of f.h5ad
+        # [X]"): the code hint needs the bare expression, and row_totals to read it by blocks
+        expression = re.split(r" \(| of ", location, maxsplit=1)[0]
+        on_disk = expression != location
+        totals = (
+            f"cellvi.data.row_totals({expression})"
+            if on_disk
+            else f"np.asarray({expression}.sum(axis=1)).ravel()"
+        )
         raise InvalidDataError(
             f"{empty.size} cell(s) in {location} have zero total counts (first row positions: "
             f"{empty[:5].tolist()}); their library size is log(0). Remove them before setup, "
-            f"e.g. `adata = adata[np.asarray({location}.sum(axis=1)).ravel() > 0].copy()` or "
+            f"e.g. `adata = adata[{totals} > 0].copy()` or "
             "`scanpy.pp.filter_cells(adata, min_counts=1)`."
         )
 

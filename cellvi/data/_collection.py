@@ -101,6 +101,16 @@ def _join_genes(var_names: list[pd.Index], keys: list[str], join: str) -> pd.Ind
     return pd.Index(list(seen))
 
 
+def _joined_categorical(columns: list[pd.Series]) -> pd.Categorical:
+    """The files' categorical columns end to end, keeping their category order: the first
+    file's categories (unused ones too), then each later file's new ones."""
+    try:
+        return pd.api.types.union_categoricals(columns)
+    except TypeError:  # categories of different types, or ordered ones that differ
+        values = pd.concat([c.astype(object) for c in columns], ignore_index=True)
+        return pd.Categorical(values)
+
+
 def read_collection(
     paths,
     join: str = "inner",
@@ -180,7 +190,7 @@ def read_collection(
     obs = pd.concat([f[common] for f in obs_frames], axis=0)
     for col in common:  # categories differing per file become object; restore categorical
         if all(isinstance(f[col].dtype, pd.CategoricalDtype) for f in obs_frames):
-            obs[col] = pd.Categorical(obs[col].astype(object))
+            obs[col] = _joined_categorical([f[col] for f in obs_frames])
     names = obs.index.astype(str)
     if names.duplicated().any():
         file_keys = np.repeat(keys, [len(f) for f in obs_frames])

@@ -40,7 +40,7 @@ _STACK = 6  # warnings point past field -> manager -> setup_anndata to the user'
 
 
 def _missing_column(adata, key, what: str = "obs column") -> MissingKeyError:
-    cols = list(adata.obs.columns)
+    cols = [c for c in adata.obs.columns if not str(c).startswith(CELLVI_PREFIX)]  # user's own
     shown = cols[:15] + (["..."] if len(cols) > 15 else [])
     hint = missing_column_hint(adata, key)
     return MissingKeyError(
@@ -147,6 +147,11 @@ class LayerField(BaseField):
             )
         if self.get_field_data(adata) is None:
             raise InvalidDataError(f"{self.location} is empty; put the counts there first.")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise InvalidDataError(
+                f"{self.location} has shape {tuple(adata.shape)}: cellvi needs at least one cell "
+                "and one gene. Check the filtering or subsetting that produced this AnnData."
+            )
         check_var_names(adata.var_names)
         matrix = self.get_field_data(adata)
         if is_on_disk(matrix):
@@ -261,7 +266,16 @@ class CategoricalObsField(BaseField):
             raise InvalidDataError(
                 f"obs column {self.obs_key!r} has {n_missing} missing value(s) (NaN) out of "
                 f"{adata.n_obs} cells. Fill them (e.g. adata.obs[{self.obs_key!r}] = "
-                f"adata.obs[{self.obs_key!r}].astype(str).fillna('unknown')) or drop those cells."
+                f"adata.obs[{self.obs_key!r}].astype(object).fillna('unknown')) or drop those "
+                "cells."
+            )
+        values = column.cat.categories if hasattr(column, "cat") else column.unique()
+        odd = next((v for v in values if not isinstance(plain(v), str | int | float)), None)
+        if odd is not None:  # the categories are saved with the model as plain JSON-like data
+            raise InvalidDataError(
+                f"obs column {self.obs_key!r} holds {type(odd).__name__} values such as {odd!r}; "
+                "categories must be text or numbers. Convert the column, e.g. "
+                f"adata.obs[{self.obs_key!r}] = adata.obs[{self.obs_key!r}].astype(str)."
             )
         return column
 
@@ -449,7 +463,7 @@ class NumericalObsField(BaseField):
             raise InvalidDataError(
                 f"obs column {self.obs_key!r} must be numeric; it has dtype {values.dtype}."
             )
-        values = values.to_numpy(dtype=np.float64)
+        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = int((~np.isfinite(values)).sum())
         if bad:
             raise InvalidDataError(
@@ -459,4 +473,15 @@ class NumericalObsField(BaseField):
         if self.positive and (n := int((values <= 0).sum())):
             raise InvalidDataError(
                 f"obs column {self.obs_key!r} must be > 0 (size factors); {n} cell(s) are <= 0."
+            )
+        # minibatches carry float32: values beyond its range would become inf (or 0)
+        with np.errstate(over="ignore", under="ignore"):
+            single = values.astype(np.float32)
+        lost = ~np.isfinite(single) | ((single == 0) & (values != 0))
+        if n := int(lost.sum()):
+            raise InvalidDataError(
+                f"obs column {self.obs_key!r} has {n} value(s) outside the float32 range "
+                f"(|x| up to {np.finfo(np.float32).max:.3g}, non-zero |x| from "
+                f"{np.finfo(np.float32).tiny:.3g}), e.g. {values[lost][0]!r}; models read "
+                "float32. Rescale the column (e.g. take its log)."
             )

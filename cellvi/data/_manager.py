@@ -125,23 +125,14 @@ class AnnDataManager:
                 "copy: adata = adata[idx].copy()."
             )
         self._check_transfer_options(source_registry, transfer_kwargs)
-        field_registries = {}
-        for field in self.fields:
-            if source_registry is None:
-                state = field.register_field(adata)
-            else:
-                state = field.transfer_field(
-                    self._source_state(source_registry, field.registry_key),
-                    adata,
-                    **_transfer_options(field, transfer_kwargs),
-                )
-            state = plain(state)
-            field_registries[field.registry_key] = {
-                "data_registry": field.data_registry(),
-                "state_registry": state,
-                "summary_stats": plain(field.get_summary_stats(state)),
-            }
-        _merge_stats(field_registries)  # raises on duplicated statistic names
+        try:
+            field_registries = self._register_each(adata, source_registry, transfer_kwargs)
+        except BaseException:
+            # fields before the failing one may have overwritten another manager's columns:
+            # no manager owns the object now, so the last one re-registers it before use
+            if hasattr(adata, "uns"):
+                adata.uns.pop(MANAGER_UUID_KEY, None)
+            raise
         if UUID_KEY not in adata.uns:
             adata.uns[UUID_KEY] = str(uuid.uuid4())
         adata.uns[MANAGER_UUID_KEY] = self._manager_uuid
@@ -159,6 +150,27 @@ class AnnDataManager:
         self._source_registry = source_registry
         self._transfer_kwargs = dict(transfer_kwargs)
         return self
+
+    def _register_each(self, adata, source_registry, transfer_kwargs) -> dict:
+        """Register (or transfer) every field in order; the field registries."""
+        field_registries = {}
+        for field in self.fields:
+            if source_registry is None:
+                state = field.register_field(adata)
+            else:
+                state = field.transfer_field(
+                    self._source_state(source_registry, field.registry_key),
+                    adata,
+                    **_transfer_options(field, transfer_kwargs),
+                )
+            state = plain(state)
+            field_registries[field.registry_key] = {
+                "data_registry": field.data_registry(),
+                "state_registry": state,
+                "summary_stats": plain(field.get_summary_stats(state)),
+            }
+        _merge_stats(field_registries)  # raises on duplicated statistic names
+        return field_registries
 
     @staticmethod
     def _check_transfer_options(source_registry, options: dict) -> None:
@@ -291,6 +303,7 @@ class AnnDataManager:
             If ``key`` holds no data (unknown or an empty optional field).
         """
         self._lookup(self.data_registry, key, "registry key holding data")
+        self.validate()  # another setup of the same object may have rewritten the columns
         field = next(f for f in self.fields if f.registry_key == key)
         return field.get_field_data(self.adata)
 

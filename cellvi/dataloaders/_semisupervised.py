@@ -7,6 +7,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
+from ..errors import check_count
 from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._samplers import minibatch_bounds
 from ._splitter import DataSplitter, split_sizes
@@ -122,6 +123,8 @@ class SemiSupervisedDataSplitter(DataSplitter):
     """
 
     def __init__(self, manager, n_samples_per_label: int | None = None, **kwargs):
+        if n_samples_per_label is not None:
+            n_samples_per_label = check_count(n_samples_per_label, "n_samples_per_label")
         self.n_samples_per_label = n_samples_per_label
         labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
         state = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
@@ -132,13 +135,25 @@ class SemiSupervisedDataSplitter(DataSplitter):
         self.labeled_mask = labels != code
         super().__init__(manager, **kwargs)
 
+    def _groups(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.flatnonzero(self.labeled_mask), np.flatnonzero(~self.labeled_mask)
+
+    def _split_sizes(self) -> tuple[int, int]:
+        """Sums of the per-group sizes, so the last-batch rule sees the real training set."""
+        sizes = [
+            split_sizes(len(group), self.train_size, self.validation_size)
+            for group in self._groups()
+            if len(group)
+        ]
+        return sum(t for t, _ in sizes), sum(v for _, v in sizes)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_idx is not None or self.external_indexing is not None:
             super().setup(stage)  # restored split, or the user's own indices
             return
         rng = np.random.RandomState(self.split_seed)
         train, val, test = [], [], []
-        for group in (np.flatnonzero(self.labeled_mask), np.flatnonzero(~self.labeled_mask)):
+        for group in self._groups():
             if not len(group):
                 continue
             n_train, n_val = split_sizes(len(group), self.train_size, self.validation_size)
@@ -146,6 +161,10 @@ class SemiSupervisedDataSplitter(DataSplitter):
             val.append(order[:n_val])
             train.append(order[n_val : n_val + n_train])
             test.append(order[n_val + n_train :])
+        moved = sum(len(t) for t in train) - self.n_train  # the last-batch rule's cells
+        if moved > 0:  # taken from the end: unlabeled training cells when there are any
+            cells = np.concatenate(train)
+            train, val = [cells[:-moved]], [*val, cells[-moved:]]
         self.train_idx, self.val_idx, self.test_idx = (
             np.concatenate(parts).astype(np.int64) if parts else np.array([], dtype=np.int64)
             for parts in (train, val, test)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .._settings import settings
-from ..errors import InvalidDataError, TrainingWarning
+from ..errors import InvalidDataError, TrainingWarning, check_count
 from ._loader import make_dataloader
 from ._tensors import TensorStore
 
@@ -29,7 +29,8 @@ def split_sizes(n_obs: int, train_size: float, validation_size: float | None) ->
             raise ValueError(f"validation_size={validation_size} must be in [0, 1).")
         if train_size + validation_size > 1:
             raise ValueError(
-                f"train_size + validation_size = {train_size + validation_size:.3g} exceeds 1."
+                f"train_size + validation_size = {train_size} + {validation_size} exceeds 1 "
+                "(train_size defaults to 0.9); lower one of them."
             )
         n_val = math.floor(validation_size * n_obs)
     return n_train, n_val
@@ -94,7 +95,9 @@ class DataSplitter(pl.LightningDataModule):
         self.train_size = 0.9 if self.train_size_is_default else float(train_size)
         self.validation_size = validation_size
         self.shuffle_set_split = shuffle_set_split
-        self.batch_size = batch_size or settings.batch_size
+        self.batch_size = check_count(
+            settings.batch_size if batch_size is None else batch_size, "batch_size"
+        )
         self.drop_last = drop_last
         self.split_seed = settings.seed if seed is None else seed
         if self.split_seed is None:
@@ -107,8 +110,12 @@ class DataSplitter(pl.LightningDataModule):
         self.n_obs = int(manager.summary_stats["n_cells"])
         self.train_idx = self.val_idx = self.test_idx = None
         if external_indexing is None:
-            self.n_train, self.n_val = split_sizes(self.n_obs, self.train_size, validation_size)
+            self.n_train, self.n_val = self._split_sizes()
             self._apply_last_batch_rule()
+
+    def _split_sizes(self) -> tuple[int, int]:
+        """``(n_train, n_val)`` before the last-batch rule."""
+        return split_sizes(self.n_obs, self.train_size, self.validation_size)
 
     def _apply_last_batch_rule(self) -> None:
         if self.n_train < 2:
@@ -156,8 +163,8 @@ class DataSplitter(pl.LightningDataModule):
         if not isinstance(self.external_indexing, list | tuple) or not 1 <= len(sets) <= 3:
             raise ValueError("external_indexing must be a list [train, validation, test].")
         sets += [np.array([], dtype=np.int64)] * (3 - len(sets))
-        arrays = [np.asarray(s if s is not None else [], dtype=np.int64).ravel() for s in sets]
         names = ("train", "validation", "test")
+        arrays = [self._positions(s, name) for s, name in zip(sets, names, strict=True)]
         for name, arr in zip(names, arrays, strict=True):
             if len(np.unique(arr)) != len(arr):
                 raise ValueError(f"external_indexing: the {name} set has duplicated indices.")
@@ -185,6 +192,28 @@ class DataSplitter(pl.LightningDataModule):
                 stacklevel=4,
             )
         return arrays
+
+    def _positions(self, values, name: str) -> np.ndarray:
+        """One set of ``external_indexing`` as int64 positions (a boolean mask is converted)."""
+        arr = np.asarray(values if values is not None else [])
+        if arr.dtype == bool:
+            if arr.ndim != 1 or len(arr) != self.n_obs:
+                raise ValueError(
+                    f"external_indexing: the {name} set is a boolean mask of shape {arr.shape}; "
+                    f"a mask needs one entry per cell ({self.n_obs})."
+                )
+            return np.flatnonzero(arr).astype(np.int64)
+        arr = arr.ravel()
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            whole = np.issubdtype(arr.dtype, np.floating) and bool(
+                np.all(np.isfinite(arr) & (arr == np.round(arr)))
+            )
+            if not whole:
+                raise ValueError(
+                    f"external_indexing: the {name} set must hold integer cell positions; got "
+                    f"dtype {arr.dtype} (e.g. {arr[:3].tolist()})."
+                )
+        return arr.astype(np.int64)
 
     # --------------------------------------------------------------- loaders
     @property

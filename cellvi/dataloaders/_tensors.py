@@ -92,8 +92,9 @@ class CSRTensor:
 
     def __init__(self, matrix: sparse.spmatrix):
         csr = matrix.tocsr() if matrix.format != "csr" else matrix
-        if not csr.has_sorted_indices:
-            csr = csr.sorted_indices()
+        if not csr.has_canonical_format:  # unsorted or repeated (row, gene) entries
+            csr = csr.copy()  # the caller's matrix is left as it is
+            csr.sum_duplicates()  # sums repeats (the device gather would keep one) and sorts
         self.shape = csr.shape
         # int32 while it fits (faster gathers), int64 beyond 2^31 stored values
         index_dtype = np.int32 if csr.nnz < np.iinfo(np.int32).max else np.int64
