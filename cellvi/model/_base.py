@@ -116,8 +116,20 @@ class BaseModel(QueryMixin):
         return manager.get_from_registry(registry_key)
 
     def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
-        """Print how ``adata`` (default: the model's AnnData) is registered."""
-        manager = self.adata_manager if adata is None else self._manager_for(adata)
+        """Print how ``adata`` (default: the model's AnnData) is registered.
+
+        Raises
+        ------
+        ValueError
+            For data this model has not registered (viewing never registers it).
+        """
+        manager = self.adata_manager if adata is None else self.get_anndata_manager(adata)
+        if manager is None and adata is not None:
+            raise ValueError(
+                f"This AnnData is not registered with this {type(self).__name__}; run an output "
+                "on it (e.g. model.get_latent_representation(adata)) or "
+                f"{type(self).__name__}.setup_anndata(adata, ...) first."
+            )
         if manager is None:
             raise SetupError("This model has no AnnData; pass adata= to view its setup.")
         manager.view_registry(hide_state_registries=hide_state_registries)

@@ -65,3 +65,14 @@ def test_view_setup_args_prints_the_saved_setup(model, tmp_path, capsys):
     assert out.startswith("SCVI.setup_anndata(")
     assert "batch_key='batch'," in out
     assert "layer=None," in out
+
+
+def test_viewing_the_setup_of_unregistered_data_is_an_error_and_registers_nothing(model):
+    other = model.adata.copy()
+    for key in [k for k in other.uns if k.startswith("_cellvi")]:
+        del other.uns[key]
+    other.obs = other.obs[[c for c in other.obs if not c.startswith("_cellvi")]]
+    with pytest.raises(ValueError, match="not registered with this SCVI"):
+        model.view_anndata_setup(other)
+    assert not any(c.startswith("_cellvi") for c in other.obs)
+    model.view_anndata_setup()  # its own data still prints
