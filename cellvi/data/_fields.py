@@ -459,9 +459,12 @@ class NumericalObsField(BaseField):
         if self.obs_key not in adata.obs:
             raise _missing_column(adata, self.obs_key)
         values = adata.obs[self.obs_key]
-        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        # True/False flags are covariates of 1/0 (as scvi-tools reads them); never size factors
+        flags = pd.api.types.is_bool_dtype(values)
+        if not pd.api.types.is_numeric_dtype(values) or (flags and self.positive):
+            what = "hold positive numbers (size factors)" if flags else "be numeric"
             raise InvalidDataError(
-                f"obs column {self.obs_key!r} must be numeric; it has dtype {values.dtype}."
+                f"obs column {self.obs_key!r} must {what}; it has dtype {values.dtype}."
             )
         values = values.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = int((~np.isfinite(values)).sum())

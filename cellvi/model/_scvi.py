@@ -214,7 +214,8 @@ class SCVI(RNAOutputsMixin, BaseModel):
         size_factor_key
             ``obs`` column with positive size factors replacing the observed library size.
         categorical_covariate_keys, continuous_covariate_keys
-            Further ``obs`` columns injected as nuisance covariates.
+            Further ``obs`` columns injected as nuisance covariates (continuous ones numeric;
+            True/False columns are read as 1/0).
 
         Raises
         ------
