@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from ..errors import check_count
-from ._batches import eval_mode, inference_batches
+from ._batches import eval_mode, inference_batches, resolve_indices
 from ._expression import transform_batch_codes
 
 __all__ = ["get_feature_correlation_matrix"]
@@ -41,6 +41,12 @@ def get_feature_correlation_matrix(
     if correlation_type not in ("spearman", "pearson"):
         raise ValueError(f"correlation_type={correlation_type!r}: use 'spearman' or 'pearson'.")
     n_samples = check_count(n_samples, "n_samples")
+    n_cells = len(resolve_indices(indices, model._manager_for(adata).summary_stats["n_cells"]))
+    if n_cells * n_samples < 2:
+        raise ValueError(
+            f"indices selects {n_cells} cell(s) and n_samples={n_samples}: a correlation needs "
+            "at least 2 draws; select more cells or raise n_samples."
+        )
     if not rna_size_factor > 0:
         raise ValueError(f"rna_size_factor={rna_size_factor!r} must be positive.")
     module = model.module

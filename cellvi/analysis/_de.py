@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class _Options:
     fdr_target: float
     n_samples: int
     pseudocounts: float | None
+    threshold_counts: float
     test_mode: str
     all_stats: bool
     seed: int
@@ -60,11 +62,31 @@ class _Options:
 
 def _resolve_group(adata, idx, arg: str) -> np.ndarray:
     """The sorted, distinct positions of a group's cells: a group is a set of cells, so a
-    position given twice counts once."""
+    position given twice counts once. A string is a boolean condition on ``obs`` columns
+    (``DataFrame.query`` syntax); cells where it is missing are left out."""
     if isinstance(idx, str):
-        return np.flatnonzero(adata.obs.eval(idx).to_numpy())
+        return np.flatnonzero(_query_mask(adata.obs, idx, arg))
     positions = resolve_indices(idx, adata.n_obs, arg, also=" (or an obs.query string)")
     return np.unique(positions)
+
+
+def _query_mask(obs: pd.DataFrame, query: str, arg: str) -> np.ndarray:
+    """The boolean mask of the cells where the ``obs`` condition ``query`` holds."""
+    columns = [c for c in obs.columns if not str(c).startswith("_cellvi_")]
+    try:
+        mask = obs.eval(query)
+    except Exception as err:  # pandas raises many types (NameError, SyntaxError, ...)
+        raise ValueError(
+            f"{arg}={query!r} is not a valid obs query ({type(err).__name__}: {err}); write a "
+            f"condition on obs columns, e.g. \"cell_type == 'B'\"; obs columns: {columns}."
+        ) from err
+    if not (isinstance(mask, pd.Series) and pd.api.types.is_bool_dtype(mask.dtype)):
+        what = f"a {mask.dtype} column" if isinstance(mask, pd.Series) else type(mask).__name__
+        raise ValueError(
+            f"{arg}={query!r} evaluates to {what}, not a True/False value per cell; write a "
+            f"condition on obs columns, e.g. \"cell_type == 'B'\"; obs columns: {columns}."
+        )
+    return mask.fillna(False).to_numpy(dtype=bool)
 
 
 def _check_choices(mode, test_mode, delta, fdr_target, weights) -> None:
@@ -72,6 +94,9 @@ def _check_choices(mode, test_mode, delta, fdr_target, weights) -> None:
         raise ValueError(f"mode={mode!r}: use 'vanilla' or 'change'.")
     if test_mode not in ("two", "three"):
         raise ValueError(f"test_mode={test_mode!r}: use 'two' or 'three'.")
+    for value, name in ((delta, "delta"), (fdr_target, "fdr_target")):
+        if (value is not None or name != "delta") and not _is_real(value):
+            raise TypeError(f"{name}={value!r} must be a number.")
     if delta is not None and not delta >= 0:
         raise ValueError(f"delta={delta!r} must be >= 0 (or None to estimate it).")
     if not 0 < fdr_target <= 1:
@@ -80,12 +105,52 @@ def _check_choices(mode, test_mode, delta, fdr_target, weights) -> None:
         raise ValueError(f"weights={weights!r}: use 'uniform' or 'importance'.")
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _threshold(value) -> float:
+    """``threshold_counts``: a gene is unexpressed in a group below this mean raw count."""
+    if not _is_real(value):
+        raise TypeError(f"threshold_counts={value!r} must be a number, e.g. 0.01.")
+    if not value >= 0:
+        raise ValueError(f"threshold_counts={value!r} must be >= 0, e.g. 0.01.")
+    return float(value)
+
+
+def _check_idx2(idx1, idx2) -> None:
+    if idx1 is None and idx2 is not None:
+        raise ValueError(
+            "idx2 is given without idx1: idx1/idx2 replace groupby/group1/group2 together. "
+            "Pass idx1= for the first group too (idx2=None compares it with all other cells)."
+        )
+
+
 def _index_groups(adata, idx1, idx2) -> tuple[np.ndarray, np.ndarray]:
-    """Cells of ``idx1`` and of ``idx2`` (None: all other cells)."""
+    """Cells of ``idx1`` and of ``idx2`` (None: all other cells); neither may be empty."""
     i1 = _resolve_group(adata, idx1, "idx1")
+    if len(i1) == 0:
+        raise ValueError(f"idx1={_shown(idx1)} selects no cells; group 1 needs at least one.")
     if idx2 is None:
-        return i1, np.setdiff1d(np.arange(adata.n_obs), i1)
-    return i1, _resolve_group(adata, idx2, "idx2")
+        i2 = np.setdiff1d(np.arange(adata.n_obs), i1)
+        if len(i2) == 0:
+            raise ValueError(
+                f"idx1={_shown(idx1)} selects all {adata.n_obs} cells, so idx2=None (the "
+                "other cells) is empty; pass idx2= for the second group."
+            )
+        return i1, i2
+    i2 = _resolve_group(adata, idx2, "idx2")
+    if len(i2) == 0:
+        raise ValueError(f"idx2={_shown(idx2)} selects no cells; group 2 needs at least one.")
+    return i1, i2
+
+
+def _shown(idx) -> str:
+    """A short text of a group argument for error messages."""
+    if isinstance(idx, str):
+        return repr(idx)
+    text = np.array2string(np.asarray(idx).ravel(), threshold=6, edgeitems=3)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple | None]:
@@ -120,7 +185,19 @@ def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple
             )
         firsts = present
     else:
-        firsts = [_find_group(present, g, groupby) for g in as_name_list(group1)]
+        names = as_name_list(group1)
+        if not names:
+            raise ValueError(
+                f"group1={group1!r} names no category; pass one or more values of "
+                f"obs[{groupby!r}], or group1=None to compare every category with the rest."
+            )
+        firsts = [_find_group(present, g, groupby) for g in names]
+    if group2 is not None and not pd.api.types.is_scalar(group2):
+        raise ValueError(
+            f"group2={group2!r}: give one value of obs[{groupby!r}] (or None for all other "
+            f"cells); for several categories together use idx2, e.g. "
+            f"idx2=\"{groupby} in ['a', 'b']\"."
+        )
     second = None if group2 is None else _find_group(present, group2, groupby)
     return codes, firsts, second
 
@@ -161,6 +238,8 @@ def check_de_request(adata, **kwargs) -> None:
     args.update(kwargs)
     _check_choices(*(args[k] for k in ("mode", "test_mode", "delta", "fdr_target", "weights")))
     check_count(args["n_samples_overall"], "n_samples_overall")
+    _threshold(args["threshold_counts"])
+    _check_idx2(args["idx1"], args["idx2"])
     if args["idx1"] is not None:
         _index_groups(adata, args["idx1"], args["idx2"])
     else:
@@ -256,7 +335,8 @@ def _compare(model, adata, x, idx1, idx2, opts: _Options):
     else:
         pc = opts.pseudocounts
         if pc is None:
-            pc = estimate_pseudocount(p1, p2, stats1["raw_mean"], stats2["raw_mean"])
+            raw1, raw2 = stats1["raw_mean"], stats2["raw_mean"]
+            pc = estimate_pseudocount(p1, p2, raw1, raw2, opts.threshold_counts)
         args = (p1, p2, pc, opts.delta, opts.test_mode)
         if opts.change_fn is None and opts.m1_domain_fn is None:
             out = change_statistics(*args, levels=opts.levels)
@@ -298,6 +378,7 @@ def differential_expression(
     importance_weighting_kwargs: dict | None = None,
     n_samples_overall: int = 5000,
     pseudocounts: float | None = None,
+    threshold_counts: float = 0.01,
     test_mode: str = "three",
     use_permutation: bool = False,
     m_permutation: int = 10000,
@@ -318,10 +399,13 @@ def differential_expression(
     of each group's cells farthest from a robust fit of its latent means;
     ``use_permutation`` pairs ``m_permutation`` random draws instead of element-wise ones;
     ``change_fn(x, y, pc)`` and ``m1_domain_fn(r) -> (up, down)`` replace the LFC and the
-    DE region. The default computation is vectorised over genes and samples.
+    DE region. Without ``pseudocounts``, the pseudocount is estimated from the genes whose
+    mean raw count in a group is below ``threshold_counts``. The default computation is
+    vectorised over genes and samples.
     """
     _check_choices(mode, test_mode, delta, fdr_target, weights)
     check_custom_functions(change_fn, m1_domain_fn)
+    _check_idx2(idx1, idx2)
     opts = _Options(
         mode=mode,
         delta=delta,
@@ -331,6 +415,7 @@ def differential_expression(
         fdr_target=fdr_target,
         n_samples=check_count(n_samples_overall, "n_samples_overall"),
         pseudocounts=pseudocounts,
+        threshold_counts=_threshold(threshold_counts),
         test_mode=test_mode,
         all_stats=all_stats,
         seed=seed,

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from .._constants import REGISTRY_KEYS
-from ..errors import CellviWarning
+from ..errors import CellviWarning, check_count
 from ._batches import eval_mode, inference_batches, private_rng
 from ._diagnostics import get_marginal_ll, latent_draws
 
@@ -115,6 +115,7 @@ def get_importance_weights(
     the group; ``truncation`` raises log-weights below their log-mean to it (Ionides 2008).
     """
     _check_model(model)
+    max_cells = check_count(max_cells, "max_cells")
     rng = np.random.default_rng(seed)
     n = len(cell_idx)
     anchors = (
@@ -171,6 +172,9 @@ def importance_resample(
     """``n_overall`` ρ rows resampled by importance weight from ``n_overall // n + 1`` draws
     per cell of ``cell_idx`` decoded under the batch ``code`` (None: each cell's own)."""
     _check_model(model)
+    for name in ("max_cells", "n_mc_samples", "n_mc_samples_per_pass"):
+        if name in kwargs:  # refused before any sampling
+            check_count(kwargs[name], name)
     module = model.module
     k = n_overall // len(cell_idx) + 1
     parts: dict[str, list] = {

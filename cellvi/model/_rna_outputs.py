@@ -142,14 +142,14 @@ class RNAOutputsMixin:
         )
 
     def get_elbo(
-        self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
+        self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True
     ):
         """ELBO (KL weight 1); higher is better."""
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_elbo(self, adata, indices, batch_size, return_mean)
 
     def get_reconstruction_error(
-        self, adata=None, indices=None, batch_size=None, return_mean: bool = True, dataloader=None
+        self, adata=None, indices=None, batch_size=None, dataloader=None, return_mean: bool = True
     ) -> dict:
         """Negative log-likelihood of the counts; lower is better."""
         adata, indices = self._data_source(adata, indices, dataloader)
@@ -162,8 +162,8 @@ class RNAOutputsMixin:
         n_mc_samples: int = 1000,
         batch_size=None,
         return_mean: bool = True,
-        n_mc_samples_per_pass: int = 1,
         dataloader=None,
+        n_mc_samples_per_pass: int = 1,
     ):
         """Importance-sampled log-likelihood of the data under the model."""
         adata, indices = self._data_source(adata, indices, dataloader)
@@ -195,6 +195,7 @@ class RNAOutputsMixin:
         *,
         n_samples_overall: int = 5000,
         pseudocounts: float | None = None,
+        threshold_counts: float = 0.01,
         test_mode: str = "three",
         use_permutation: bool = False,
         m_permutation: int = 10000,
@@ -231,6 +232,7 @@ class RNAOutputsMixin:
             importance_weighting_kwargs=importance_weighting_kwargs,
             n_samples_overall=n_samples_overall,
             pseudocounts=pseudocounts,
+            threshold_counts=threshold_counts,
             test_mode=test_mode,
             use_permutation=use_permutation,
             m_permutation=m_permutation,
