@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from ..errors import ModelFileError
@@ -22,31 +22,73 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(dir_path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``dir_path`` in one rename.
+def atomic_directory(
+    dir_path: str | os.PathLike, overwrite: bool, owned: Collection[str] = ()
+) -> Iterator[Path]:
+    """Yield a temporary directory whose files then go to ``dir_path``.
 
-    An exception (or a kill) at any point leaves either the previous complete directory or
-    the new complete one, never a half-written one; the temporary directory is removed.
+    ``owned`` names the files this kind of write produces (e.g. ``model.pt`` and
+    ``adata.h5ad``): those of an earlier write that this one does not produce are stale and
+    removed. A new directory, or one holding only such files, is replaced in one rename: an
+    exception (or a kill) at any point leaves either the previous complete directory or the
+    new complete one, never a half-written one. A directory that also holds other files
+    (another ``prefix``'s model, the user's own files), or that is the working directory or
+    above it, keeps them: each new file replaces its namesake in one rename. The temporary
+    directory is removed either way.
     """
-    target = Path(dir_path)
+    # absolute without resolving links: "." has a name and a parent to write next to
+    target = Path(os.path.abspath(dir_path))
     if target.exists() and not overwrite:
         raise ModelFileError(f"{target} exists; pass overwrite=True or choose another dir_path.")
+    if target.exists() and not target.is_dir():
+        raise ModelFileError(
+            f"{target} is a file, not a model directory; overwrite=True replaces a directory "
+            "only. Choose another dir_path."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old = None
     try:
         yield tmp
         _fsync_tree(tmp)
-        old = None
+        written = {p.name for p in tmp.iterdir()}
+        ours = written | set(owned)
+        if target.exists() and (
+            _holds_cwd(target) or any(p.name not in ours for p in target.iterdir())
+        ):
+            for name in sorted(written):  # the other files stay
+                _replace(tmp / name, target / name)
+            for name in ours - written:  # a stale file of an earlier write (its adata.h5ad)
+                if (target / name).is_file():
+                    (target / name).unlink()
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
         os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        # failed (or interrupted) between the two renames: the previous directory goes back
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds_cwd(folder: Path) -> bool:
+    """Whether ``folder`` is the working directory or one above it (never swapped away)."""
+    cwd = Path(os.path.abspath(os.getcwd()))
+    return folder == cwd or folder in cwd.parents
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Move ``source`` over ``target`` (a file in one rename; a folder replaces a folder)."""
+    if source.is_dir() and target.is_dir():
+        shutil.rmtree(target)
+    os.replace(source, target)
 
 
 @contextlib.contextmanager

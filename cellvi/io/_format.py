@@ -44,7 +44,9 @@ def write_model_dir(
     prefix
         Prepended to file names.
     overwrite
-        Replace an existing directory (all its old files go).
+        Write into an existing directory: this prefix's ``model.pt`` and ``adata.h5ad`` are
+        replaced (or removed when not written again); other files (e.g. another prefix's
+        model) stay.
     extra_files
         ``{file name: writer(path)}`` for further files (e.g. ``adata.h5ad``).
     save_kwargs
@@ -63,7 +65,8 @@ def write_model_dir(
     }
     if optimizer_state is not None:
         content["optimizer_state"] = optimizer_state
-    with atomic_directory(dir_path, overwrite) as tmp:
+    owned = {f"{prefix or ''}{name}" for name in ("model.pt", "adata.h5ad")}
+    with atomic_directory(dir_path, overwrite, owned | set(extra_files or ())) as tmp:
         torch.save(content, tmp / f"{prefix or ''}model.pt", **(save_kwargs or {}))
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
@@ -89,6 +92,11 @@ def read_model_file(
             f"the directory contains {contents}" if contents is not None else "no such directory"
         )
         raise ModelFileError(f"No model file at {path} ({where}). Is prefix= right?")
+    if path.stat().st_size == 0:
+        raise ModelFileError(
+            f"{path} is empty (0 bytes): the save that wrote it did not finish, or the file was "
+            "truncated by a copy."
+        )
     if allow_pickle:
         warnings.warn(
             f"Reading {path} with allow_pickle=True: a pickled file can run arbitrary code. Do "

@@ -259,7 +259,9 @@ class BaseModel(QueryMixin):
         prefix
             Prepended to file names (``"ref_"`` → ``ref_model.pt``).
         overwrite
-            Replace an existing directory (its stale files do not survive).
+            Write into an existing directory: this prefix's earlier ``model.pt`` and
+            ``adata.h5ad`` are replaced or removed (no stale data survives); other files,
+            such as another prefix's model, stay.
         save_anndata
             Also write the model's AnnData.
         save_kwargs

@@ -11,8 +11,11 @@ import numpy as np
 import torch
 
 from ..data import is_on_disk
+from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, ModelFileError, SetupError
 from ..io import from_plain, read_model_file, to_plain, write_model_dir
+from ..train._callbacks import current_checkpoint_run
+from ._history import _without_last_rows, append_history, history_from_rows
 
 __all__ = ["save_model", "load_model", "load_registry", "resolve_device"]
 
@@ -83,9 +86,11 @@ def save_model(
             f"This {type(model).__name__} has no module yet (created without data); train it "
             "with model.train(datamodule=dm) before saving."
         )
-    names = _SAVED_ATTRS + tuple(getattr(type(model), "_EXTRA_SAVED_ATTRS", ()))
-    attrs = {name: getattr(model, name, None) for name in names}
+    attrs = _saved_attributes(model)
     attrs["model_class"] = type(model).__name__
+    run = current_checkpoint_run()
+    if run is not None:  # a best-model checkpoint: the history and split of this run so far
+        attrs.update(_checkpoint_attributes(model, run))
     extra = {}
     if save_anndata:
         if model.adata is None:
@@ -119,6 +124,47 @@ def save_model(
         save_kwargs=save_kwargs,
         optimizer_state=optimizer,
     )
+
+
+def _saved_attributes(model) -> dict:
+    """Every public attribute ending in ``_`` (persistence.md §1), so flags such as SCANVI's
+    ``was_pretrained_`` survive; values the plain codec cannot store (e.g. ``config_``, which
+    the stored init params rebuild) are left out."""
+    names = _SAVED_ATTRS + tuple(getattr(type(model), "_EXTRA_SAVED_ATTRS", ()))
+    attrs = {name: getattr(model, name, None) for name in names}
+    for name, value in vars(model).items():
+        if name.endswith("_") and not name.startswith("_") and name not in attrs:
+            try:
+                to_plain(value)
+            except TypeError:
+                continue
+            attrs[name] = value
+    return attrs
+
+
+def _checkpoint_attributes(model, run) -> dict:
+    """History and split that go with a checkpoint's weights, as ``_record_run`` would set
+    them had training ended at that epoch."""
+    base = model.history_ or {}
+    if run.resumed_rows is not None and str(run.run_dir) == model.run_dir_:
+        base = _without_last_rows(base, *run.resumed_rows)
+    new = history_from_rows(run.history_rows)
+    if run.step_rows:
+        import pandas as pd
+
+        steps = [r["step"] for r in run.step_rows]
+        losses = [r["train_loss_step"] for r in run.step_rows]
+        new["train_loss_step"] = pd.DataFrame(
+            {"train_loss_step": losses}, index=pd.Index(steps, name="step")
+        )
+    attrs = {"history_": append_history(base, new), "run_dir_": str(run.run_dir)}
+    for name, value in (
+        ("train_indices_", run.train_idx),
+        ("validation_indices_", run.val_idx),
+        ("test_indices_", run.test_idx),
+    ):
+        attrs[name] = None if value is None else np.asarray(value, dtype=np.int64)
+    return attrs
 
 
 _TORCH_SAVE_ARGS = (
@@ -167,7 +213,49 @@ def view_setup_args(dir_path, prefix: str | None = None) -> None:
 def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
     """The data registry of a saved model, without building the model."""
     content = read_model_file(dir_path, prefix=prefix)
-    return from_plain(content["attr_dict"])["registry_"]
+    return _checked_attributes(content, dir_path)["registry_"]
+
+
+# set from the registry and init params when the model is rebuilt, not copied from the file
+_REBUILT = ("registry_", "init_params_", "config_")
+
+
+def _checked_attributes(content: dict, dir_path) -> dict:
+    """The decoded ``attr_dict`` of a model file, refused with a clear error when parts that
+    loading needs are missing or of the wrong kind (a damaged or hand-edited file)."""
+
+    def broken(what: str) -> ModelFileError:
+        return ModelFileError(
+            f"The model file in {dir_path} is damaged or was edited: {what}. Save the model "
+            "again from a working copy."
+        )
+
+    if not isinstance(content.get("model_state_dict"), Mapping):
+        raise broken("model_state_dict is not a dictionary of tensors")
+    if not isinstance(content.get("attr_dict"), Mapping):
+        raise broken("it has no attr_dict")
+    try:
+        attrs = from_plain(content["attr_dict"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise broken(f"attr_dict cannot be decoded ({err})") from None
+    registry = attrs.get("registry_")
+    if not isinstance(registry, Mapping) or not isinstance(
+        registry.get("field_registries"), Mapping
+    ):
+        raise broken("attr_dict has no data registry (registry_ with field_registries)")
+    if not isinstance(registry.get("setup_args"), Mapping):
+        raise broken("the data registry has no setup_args")
+    init = attrs.get("init_params_")
+    if not isinstance(init, Mapping) or not isinstance(init.get("non_kwargs"), Mapping):
+        raise broken("attr_dict has no init_params_ with non_kwargs")
+    if not isinstance(init.get("kwargs", {}), Mapping):
+        raise broken("init_params_['kwargs'] is not a dictionary")
+    history = attrs.get("history_")
+    if history is not None and not (
+        isinstance(history, Mapping) and all(hasattr(v, "index") for v in history.values())
+    ):
+        raise broken("history_ is not a dictionary of tables")
+    return attrs
 
 
 def load_model(
@@ -184,7 +272,7 @@ def load_model(
     """Rebuild a model of class ``cls`` from ``dir_path`` (see :meth:`BaseModel.load`)."""
     torch_device = resolve_device(accelerator, device)
     content = read_model_file(dir_path, prefix=prefix, allow_pickle=allow_pickle)
-    attrs = from_plain(content["attr_dict"])
+    attrs = _checked_attributes(content, dir_path)
     registry = attrs["registry_"]
     # the class that saved it (a registry from a data module names the module instead)
     saved_class = attrs.get("model_class") or registry.get("model_name")
@@ -210,18 +298,28 @@ def load_model(
             )
             adata = False
     if adata is not False:
+        if cls._store.holds_another(adata):  # a copy of set-up data: the original keeps its id
+            adata.uns.pop(UUID_KEY, None)
         manager = cls._build_manager(registry["setup_args"])
         manager.register_fields(adata, source_registry=registry, check_var_names=check_var_names)
         cls._register_manager(manager)
     init = attrs["init_params_"]
-    model = cls(
-        adata if adata is not False else None,
-        registry=None if adata is not False else registry,
-        **init["non_kwargs"],
-        **init.get("kwargs", {}),
-    )
-    for name in _SAVED_ATTRS + tuple(getattr(cls, "_EXTRA_SAVED_ATTRS", ())):
-        if name in attrs and name not in ("registry_", "init_params_"):
+    try:
+        model = cls(
+            adata if adata is not False else None,
+            registry=None if adata is not False else registry,
+            **init["non_kwargs"],
+            **init.get("kwargs", {}),
+        )
+    except TypeError as err:  # init params of another version or a hand-edited file
+        raise ModelFileError(
+            f"The init params stored in {dir_path} do not fit {cls.__name__}: {err}"
+        ) from err
+    # the known attributes and those the rebuilt model has (e.g. SCANVI's was_pretrained_);
+    # other names in a hand-edited file are not set
+    known = set(_SAVED_ATTRS) | set(getattr(cls, "_EXTRA_SAVED_ATTRS", ())) | set(vars(model))
+    for name in attrs:
+        if name in known and name.endswith("_") and name not in _REBUILT:
             value = attrs[name]
             if name.endswith("indices_") and value is not None:
                 value = np.asarray(value, dtype=np.int64)

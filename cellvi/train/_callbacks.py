@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import json
 import logging
@@ -24,6 +25,31 @@ __all__ = [
 ]
 
 logger = logging.getLogger("cellvi")
+
+# what a best-model checkpoint being written goes with: the run's history rows and split so
+# far (read by the model's save, persistence.md "Where cellvi goes further")
+_CHECKPOINT_RUN: contextvars.ContextVar = contextvars.ContextVar("cellvi_checkpoint_run")
+
+
+def current_checkpoint_run():
+    """The run state of the best-model checkpoint being written, or None outside one."""
+    return _CHECKPOINT_RUN.get(None)
+
+
+def _run_so_far(trainer: pl.Trainer):
+    from types import SimpleNamespace
+
+    plan = trainer.lightning_module
+    data = getattr(trainer, "datamodule", None)
+    return SimpleNamespace(
+        history_rows=[dict(r) for r in getattr(plan, "history_rows", [])],
+        step_rows=[dict(r) for r in getattr(plan, "step_rows", [])],
+        resumed_rows=getattr(plan, "resumed_rows", None),
+        run_dir=trainer.default_root_dir,
+        train_idx=getattr(data, "train_idx", None),
+        val_idx=getattr(data, "val_idx", None),
+        test_idx=getattr(data, "test_idx", None),
+    )
 
 
 class HistoryWriter(pl.Callback):
@@ -182,7 +208,8 @@ class BestModelCheckpoint(ModelCheckpoint):
 
     Each saved checkpoint is a directory written by ``save_fn(path)`` (the model's own safe
     ``save``), so it loads back with ``Model.load`` into a usable model. ``best_model_path``
-    points at that directory, ``best_model_score`` holds its value.
+    points at that directory, ``best_model_score`` holds its value. A checkpoint is written at
+    the end of its epoch and carries the history up to that epoch and the run's split.
 
     Parameters
     ----------
@@ -236,6 +263,9 @@ class BestModelCheckpoint(ModelCheckpoint):
             monitor=monitor,
             save_last=False,
             save_weights_only=False,
+            # after the plan's on_train_epoch_end (monitoring callbacks run after the module):
+            # the epoch's history row exists and goes into the checkpoint with its weights
+            save_on_train_epoch_end=True,
             **options,
         )
         self.save_fn = save_fn
@@ -253,7 +283,11 @@ class BestModelCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if trainer.is_global_zero:
-            self.save_fn(filepath)
+            token = _CHECKPOINT_RUN.set(_run_so_far(trainer))
+            try:
+                self.save_fn(filepath)
+            finally:
+                _CHECKPOINT_RUN.reset(token)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
