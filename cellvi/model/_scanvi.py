@@ -11,16 +11,17 @@ import pandas as pd
 import torch
 
 from .._constants import REGISTRY_KEYS
-from ..analysis import eval_mode, inference_batches
+from ..analysis import eval_mode, inference_batches, resolve_indices
 from ..data import AnnDataManager, standard_fields
 from ..dataloaders import SemiSupervisedDataSplitter
 from ..errors import CellviWarning, SetupError
 from ..module import SCANVAE, VAEConfig
-from ..train import UNSET, SemiSupervisedTrainingPlan
+from ..train import UNSET, SemiSupervisedTrainingPlan, config_to_kwargs
 from ..train._checks import check_datamodule
+from ..train._config import check_classification_ratio
 from ._base import seed_torch
 from ._scvi import SCVI
-from ._training import default_max_epochs, train_unsupervised
+from ._training import _fields_set_in, default_max_epochs, train_unsupervised
 
 __all__ = ["SCANVI"]
 
@@ -262,15 +263,25 @@ class SCANVI(SCVI):
         ckpt_path: str | None = None,
         datamodule=None,
         resume: bool = False,
+        adversarial_classifier: bool | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train with the ELBO on all cells plus classification of the labeled ones.
 
         ``max_epochs=None`` uses the SCVI heuristic h, or ``min(10, max(2, round(h / 3)))``
-        after :meth:`from_scvi_model`. ``plan_kwargs`` may hold ``classification_ratio``
-        (50). Early stopping goes through ``**trainer_kwargs`` (``early_stopping=True``).
+        after :meth:`from_scvi_model`. ``plan_config`` (e.g. a
+        ``SemiSupervisedTrainingPlanConfig``) and ``plan_kwargs`` may hold
+        ``classification_ratio`` (50; ``plan_kwargs`` wins). Early stopping goes through
+        ``**trainer_kwargs`` (``early_stopping=True``). ``adversarial_classifier``: scvi-tools'
+        argument; None or False (cellvi's SCANVI has no adversarial batch classifier).
         Other arguments (``datamodule`` and ``resume`` included) as in :meth:`SCVI.train`.
         """
+        if adversarial_classifier not in (None, False):
+            raise ValueError(
+                f"adversarial_classifier={adversarial_classifier!r}: cellvi's SCANVI has no "
+                "adversarial batch classifier (scvi-tools enables it only for missing proteins "
+                "in TOTALVI-like data); pass None or False."
+            )
         if datamodule is not None:
             check_datamodule(datamodule)
         if self.registry_ is None and datamodule is not None:  # SCANVI(): build it now
@@ -278,8 +289,7 @@ class SCANVI(SCVI):
         if max_epochs is None:
             h = default_max_epochs(self.summary_stats["n_cells"])
             max_epochs = min(10, max(2, round(h / 3))) if self.was_pretrained_ else h
-        plan_kwargs = dict(plan_kwargs or {})
-        ratio = plan_kwargs.pop("classification_ratio", 50.0)
+        plan_config, plan_kwargs, ratio = _split_classification_ratio(plan_config, plan_kwargs)
         early = trainer_kwargs.pop("early_stopping", UNSET)
 
         def make_plan(cfg, batch_names):
@@ -332,12 +342,28 @@ class SCANVI(SCVI):
             for batch in inference_batches(self, adata, indices, batch_size, sparse_x=True):
                 logits = self.module.classify(batch, use_posterior_mean=use_posterior_mean)
                 probs.append(logits.softmax(-1).cpu())
-        p = torch.cat(probs).numpy()
+        n_labels = len(self.labels_)
+        p = torch.cat(probs).numpy() if probs else np.empty((0, n_labels), np.float32)
         if soft:
             manager = self._manager_for(adata)
-            idx = np.arange(p.shape[0]) if indices is None else np.asarray(indices)
+            idx = resolve_indices(indices, manager.adata.n_obs)
             return pd.DataFrame(p, index=manager.adata.obs_names[idx], columns=self.labels_)
         return np.asarray(self.labels_, dtype=object)[p.argmax(1)]
+
+
+def _split_classification_ratio(plan_config, plan_kwargs) -> tuple[dict | None, dict, float]:
+    """Take ``classification_ratio`` out of the plan config and kwargs (kwargs win, as for
+    every plan setting); the rest goes to the shared :class:`TrainingPlanConfig`. A dataclass
+    config is passed on as the fields it sets, so a default warm-up is still adapted."""
+    ratio = 50.0
+    if plan_config is not None:
+        values = config_to_kwargs(plan_config, "plan_config")
+        ratio = values.pop("classification_ratio", ratio)
+        explicit = _fields_set_in(plan_config)
+        plan_config = {k: v for k, v in values.items() if k in explicit}
+    plan_kwargs = config_to_kwargs(plan_kwargs, "plan_kwargs")
+    ratio = plan_kwargs.pop("classification_ratio", ratio)
+    return plan_config, plan_kwargs, check_classification_ratio(ratio)
 
 
 def _architecture_of(scvi_model: SCVI) -> dict:

@@ -175,7 +175,7 @@ def _save_checkpoint_model(model, path) -> None:
         model.is_trained_ = was_trained
 
 
-def _fields_set_in(config: Any) -> set[str]:
+def _fields_set_in(config: Any, name: str = "plan_config") -> set[str]:
     """Keys a plan config really sets: a dataclass's fields that differ from their defaults."""
     if config is None:
         return set()
@@ -191,7 +191,7 @@ def _fields_set_in(config: Any) -> set[str]:
             if getattr(config, f.name) != default:
                 out.add(f.name)
         return out
-    return set(config_to_kwargs(config, "plan_config"))
+    return set(config_to_kwargs(config, name))
 
 
 def _adapt_kl_warmup(
@@ -301,6 +301,9 @@ def train_unsupervised(
 ) -> None:
     """Train ``model`` (see ``SCVI.train`` for the arguments)."""
     _check_resume(model, resume, ckpt_path)
+    # the plan settings the user chose (a config object given as plan_kwargs sets only the
+    # fields that differ from their defaults, as plan_config does)
+    explicit = _fields_set_in(plan_kwargs, "plan_kwargs") | _fields_set_in(plan_config)
     # (a list or other non-mapping is refused here, naming the argument)
     plan_kwargs = config_to_kwargs(plan_kwargs, "plan_kwargs")
     datasplitter_kwargs = config_to_kwargs(datasplitter_kwargs, "datasplitter_kwargs")
@@ -350,7 +353,6 @@ def train_unsupervised(
     plan_values = config_to_kwargs(plan_config, "plan_config")
     plan_values.update(plan_kwargs or {})
     build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")  # names and types, first
-    explicit = set(plan_kwargs or {}) | _fields_set_in(plan_config)
     user_set_warmup = bool({"n_epochs_kl_warmup", "n_steps_kl_warmup"} & explicit)
 
     taken = _SPLIT_ARGUMENTS & set(datasplitter_kwargs or {})

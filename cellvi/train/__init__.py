@@ -7,7 +7,14 @@ from ._callbacks import (
     ResumeCheckpoint,
     SaveCheckpoint,
 )
-from ._config import UNSET, TrainerConfig, TrainingPlanConfig, build_dataclass, config_to_kwargs
+from ._config import (
+    UNSET,
+    SemiSupervisedTrainingPlanConfig,
+    TrainerConfig,
+    TrainingPlanConfig,
+    build_dataclass,
+    config_to_kwargs,
+)
 from ._plan import TrainingPlan
 from ._progress import EpochProgress
 from ._runner import RunResult, TrainingInterrupted, default_run_dir, run_training
@@ -22,6 +29,7 @@ __all__ = [
     "RunResult",
     "SaveCheckpoint",
     "SemiSupervisedTrainingPlan",
+    "SemiSupervisedTrainingPlanConfig",
     "TrainerConfig",
     "TrainingInterrupted",
     "TrainingPlan",

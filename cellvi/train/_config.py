@@ -11,7 +11,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainingPlanConfig", "TrainerConfig", "UNSET", "config_to_kwargs"]
+__all__ = [
+    "SemiSupervisedTrainingPlanConfig",
+    "TrainingPlanConfig",
+    "TrainerConfig",
+    "UNSET",
+    "config_to_kwargs",
+]
 
 
 def _cpp_compiler() -> str | None:
@@ -140,6 +146,40 @@ class TrainingPlanConfig:
     def to_kwargs(self) -> dict:
         """Field values as a dict (``loss_kwargs`` kept as one entry)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class SemiSupervisedTrainingPlanConfig(TrainingPlanConfig):
+    """:class:`TrainingPlanConfig` of SCANVI's semi-supervised plan (``training.md`` §8).
+
+    Parameters
+    ----------
+    classification_ratio
+        Weight of the labeled cells' cross-entropy in the loss (50; a finite number >= 0).
+    **kwargs
+        The :class:`TrainingPlanConfig` fields.
+    """
+
+    classification_ratio: float = 50.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_classification_ratio(self.classification_ratio)
+
+
+def check_classification_ratio(value) -> float:
+    """``classification_ratio`` as a float: a finite real number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"classification_ratio={value!r} must be a finite number >= 0 (the weight of the "
+            "labeled cells' classification loss; the default is 50)."
+        )
+    return float(value)
 
 
 def _check_optimiser_numbers(cfg: TrainingPlanConfig) -> None:

@@ -325,11 +325,19 @@ class TrainingPlan(pl.LightningModule):
             f"The weights became NaN/inf during epoch {self.current_epoch + 1} (history index "
             f"{self.current_epoch}; {', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}) while every minibatch's loss was finite: a "
-            "gradient was NaN/inf. The weights were rolled back to the last finite state (end "
-            "of the previous epoch). Train with plan_kwargs={'check_gradients': True} (the "
+            f"gradient was NaN/inf. {self._rollback_text()} Train with "
+            "plan_kwargs={'check_gradients': True} (the "
             "default) to stop at the step and minibatch where it happens; a learning rate that "
             "is too high or no gradient clipping (gradient_clip_val=1.0) are likely causes."
         )
+
+    def _rollback_text(self) -> str:
+        if self.current_epoch == 0:  # no epoch of this run finished
+            return (
+                "The weights were rolled back to those this run started from (no epoch had "
+                "finished)."
+            )
+        return "The weights were rolled back to the last finite state (end of the previous epoch)."
 
     def restore_last_good_state(self) -> bool:
         """Load the last finite weights into the module; True if there were any."""
@@ -365,8 +373,8 @@ class TrainingPlan(pl.LightningModule):
             f"The {phase} {what} became NaN/inf in epoch {self.current_epoch + 1} (history "
             f"index {self.current_epoch}), "
             f"{where}.{batch_text}{cell_text}"
-            f"{x_text} The weights were rolled back to the last finite state (end of the "
-            "previous epoch). Likely causes: the matrix is not raw counts (check layer=), a "
+            f"{x_text} {self._rollback_text()} Likely causes: the matrix is not raw counts "
+            "(check layer=), a "
             "learning rate that is too high (lower plan_kwargs={'lr': ...}), a very small "
             "batch_size, or no gradient clipping (try gradient_clip_val=1.0)."
         )

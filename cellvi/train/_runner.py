@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from .._settings import settings
+from ..errors import NonFiniteLossError
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
 from ._checks import check_callbacks
 from ._config import TrainerConfig
@@ -163,6 +164,14 @@ def _check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
     path = Path(ckpt_path)
     if "://" in str(ckpt_path) or (str(ckpt_path) in _LIGHTNING_CKPT_NAMES and not path.exists()):
         return
+    saved_model = (
+        f"ckpt_path={str(path)!r} is a saved model, not a training checkpoint: load it with "
+        "Model.load and continue with train(resume=True) (after save(..., "
+        "save_optimizer_state=True)); a resumable checkpoint is "
+        "<run_dir>/checkpoints/last.ckpt."
+    )
+    if path.is_dir():
+        raise ValueError(saved_model)
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={str(path)!r} does not exist; a run's resumable checkpoint is "
@@ -175,6 +184,8 @@ def _check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
             f"ckpt_path={str(path)!r} is not a readable checkpoint ({err}); pass the "
             "<run_dir>/checkpoints/last.ckpt that a cellvi run wrote."
         ) from None
+    if isinstance(state, dict) and "model_state_dict" in state and "state_dict" not in state:
+        raise ValueError(saved_model)
     theirs, ours = without_aliases(state.get("state_dict", {})), plan.state_dict()
     problems = []
     for key in sorted(set(theirs) | set(ours)):
@@ -246,6 +257,8 @@ def run_training(
     _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
     if ckpt_path is not None:
         _check_resume_checkpoint(ckpt_path, plan, datamodule)
+    else:
+        _check_finite_weights(plan)
     _tune_allocator()
     plan.module.train()
     plan.trained_on = None  # set by the process that trains (see _stay_on_training_device)
@@ -376,6 +389,19 @@ def run_training(
     result.best_checkpoint = best.best_model_path if best is not None else None
     record(result)
     return result
+
+
+def _check_finite_weights(plan: TrainingPlan) -> None:
+    """Refuse to start from NaN/inf weights: the first step's loss would be NaN, and the
+    guardrail's rollback would restore the same non-finite weights."""
+    with torch.no_grad():
+        bad = [n for n, p in plan.module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLossError(
+            f"The model's weights are already NaN/inf before training ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}), so training cannot start from them. Build a "
+            "new model, or load a saved one whose weights are finite."
+        )
 
 
 def _stay_on_training_device(plan: TrainingPlan) -> None:

@@ -18,7 +18,9 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
     """:class:`TrainingPlan` for SCANVI: adds ``classification_ratio`` × cross-entropy.
 
     Training steps receive ``{"full": batch, "labeled": batch}`` (or a plain batch when no
-    cell is labeled). Logged per epoch, besides the ELBO metrics:
+    cell is labeled). ``train_loss`` is the optimised loss, ELBO plus
+    ``classification_ratio`` × cross-entropy (``validation_loss`` and the ELBO metrics have
+    no classification term). Logged per epoch, besides the ELBO metrics:
     ``train_classification_loss``, ``train_accuracy``, ``train_f1_score`` (micro-averaged,
     equal to accuracy for single-label classes), ``train_calibration_error`` (expected
     calibration error over 10 confidence bins) and their ``validation_`` twins (computed on
@@ -120,7 +122,13 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
         if "labeled" in batch:
             ce = self._classification("train", batch["labeled"])
             if ce is not None:
-                loss = loss + self.classification_ratio * ce
+                term = self.classification_ratio * ce
+                loss = loss + term
+                # ``train_loss`` is the minibatch loss that is optimised (as in scvi-tools,
+                # whose SCANVAE loss includes the classification term); the ELBO metrics
+                # stay without it
+                n_cells = len(full[REGISTRY_KEYS.X_KEY])
+                self._stats["train"][0] += term.detach().to(self._stats["train"].dtype) * n_cells
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
