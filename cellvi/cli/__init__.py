@@ -32,8 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-genes", type=int, default=500)
     sim.add_argument("--n-batches", type=int, default=2)
     sim.add_argument("--n-cell-types", type=int, default=3)
+    sim.add_argument(
+        "--n-de-genes-per-type",
+        type=int,
+        default=None,
+        help="marker genes per cell type (default: 20, fewer when the genes do not fit)",
+    )
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
+
+
+def _n_markers(n_genes: int, n_cell_types: int) -> int:
+    """20 marker genes per type (``simulate``'s default), fewer when they would not fit."""
+    return max(1, min(20, n_genes // max(n_cell_types, 1)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,13 +77,21 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2))
             return 0 if report["healthy"] else 1
         elif args.command == "simulate":
+            from pathlib import Path
+
             from ..simulate import simulate
 
+            if Path(args.output).exists() and not args.overwrite:
+                raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it.")
+            n_markers = args.n_de_genes_per_type
             adata = simulate(
                 n_cells=args.n_cells,
                 n_genes=args.n_genes,
                 n_batches=args.n_batches,
                 n_cell_types=args.n_cell_types,
+                n_de_genes_per_type=(
+                    _n_markers(args.n_genes, args.n_cell_types) if n_markers is None else n_markers
+                ),
                 seed=args.seed,
             )
             adata.write_h5ad(args.output)

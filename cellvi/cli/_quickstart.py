@@ -39,7 +39,12 @@ def run_quickstart(
     start = time.perf_counter()
     with cellvi.settings.override(seed=seed, logging_dir=out / "runs"):
         adata = cellvi.data.simulate(
-            n_cells=n_cells, n_genes=n_genes, n_batches=3, n_cell_types=6, seed=seed
+            n_cells=n_cells,
+            n_genes=n_genes,
+            n_batches=3,
+            n_cell_types=6,
+            n_de_genes_per_type=max(1, min(20, n_genes // 6)),  # 20 unless they do not fit
+            seed=seed,
         )
         console.print(f"Simulated {adata.n_obs} cells x {adata.n_vars} genes (6 types, 3 batches).")
         SCVI.setup_anndata(adata, batch_key="batch")

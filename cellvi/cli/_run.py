@@ -64,9 +64,17 @@ def _load_input(config: dict):
             label=inp.get("label", "dataset"),
             layer=inp.get("layer"),
         )
-    if inp.get("backed"):
-        return cellvi.data.read_backed(inp["path"], layer=inp.get("layer"))
-    return anndata.read_h5ad(inp["path"])
+    path = Path(inp["path"])
+    try:
+        if inp.get("backed"):
+            return cellvi.data.read_backed(path, layer=inp.get("layer"))
+        if path.is_dir():  # a .zarr store
+            return anndata.read_zarr(path)
+        return anndata.read_h5ad(path)
+    except OSError as err:  # not an AnnData file: one line, not h5py's traceback
+        raise ValueError(
+            f"[input].path = {str(path)!r} could not be read as an .h5ad file or .zarr store: {err}"
+        ) from err
 
 
 def _write_outputs(adata, path: Path) -> None:
@@ -78,8 +86,41 @@ def _write_outputs(adata, path: Path) -> None:
     if cellvi.data.is_on_disk(adata.X) or any(
         cellvi.data.is_on_disk(m) for m in adata.layers.values()
     ):
-        adata = anndata.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm))
+        adata = anndata.AnnData(  # annotations and results (simulated truth included)
+            obs=adata.obs,
+            var=adata.var,
+            obsm=dict(adata.obsm),
+            varm=dict(adata.varm),
+            uns=dict(adata.uns),
+        )
     _write_atomically(path, adata.write_h5ad)
+
+
+_OWN_FILES = {"config.resolved.json", "state.json", "runs"}
+
+
+def _check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse a folder holding anything worth keeping, unless resuming.
+
+    The folder of a run that failed before finishing any step or epoch (only the resolved
+    config, an empty state and runs without a checkpoint) is reused: after fixing the
+    workflow the user reruns the same command.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"[outputs].dir = {str(out)!r} is a file; name a folder.")
+    if resume or not out.exists():
+        return
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    state = out / "state.json"
+    progress = (
+        not names <= _OWN_FILES
+        or (state.exists() and json.loads(state.read_text()))
+        or _last_checkpoint(out / "runs") is not None
+    )
+    if progress:
+        raise FileExistsError(f"{out} is not empty; use --resume to continue that run.")
 
 
 def _last_checkpoint(runs: Path) -> Path | None:
@@ -99,19 +140,14 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
     from cellvi.model import SCANVI, SCVI
 
     out = Path(config["outputs"]["dir"])
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise FileExistsError(f"{out} is not empty; use --resume to continue that run.")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output_dir(out, resume)
     state = _State(out / "state.json")
-    _write_text(
-        out / "config.resolved.json",
-        json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2),
-    )
     train_cfg = dict(config["train"])
     seed = train_cfg.pop("seed", 0)
     model_cls = SCANVI if config["model"].get("name") == "SCANVI" else SCVI
     model_kwargs = {k: v for k, v in config["model"].items() if k != "name"}
     with cellvi.settings.override(seed=seed, logging_dir=out / "runs"):
+        # data, setup, DE request and model are checked before the folder is created
         adata = _load_input(config)
         setup = dict(config["setup"])
         if config["input"].get("layer"):
@@ -119,13 +155,21 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
         model_cls.setup_anndata(adata, **setup)
         if config["outputs"].get("de") and not state.done.get("de"):
             check_de_request(adata, **config["outputs"]["de"])  # before training, not after
-        if state.done.get("train") and (out / "model").exists():
+        trained = state.done.get("train") and (out / "model").exists()
+        if trained:
             model = model_cls.load(out / "model", adata=adata)
         else:
             model = model_cls(adata, **model_kwargs)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(
+            out / "config.resolved.json",
+            json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2),
+        )
+        if not trained:
             ckpt = _last_checkpoint(out / "runs") if resume else None
             model.train(**train_cfg, ckpt_path=str(ckpt) if ckpt else None)
-            model.save(out / "model", overwrite=True)
+            if config["outputs"].get("save_model", True):
+                model.save(out / "model", overwrite=True)
             state.mark("train")
         outputs = config["outputs"]
         if outputs.get("latent"):

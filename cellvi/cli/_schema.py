@@ -17,13 +17,14 @@ class ConfigError(ValueError):
 _ANY = object
 
 
-def _model_keys() -> dict[str, type]:
-    from ..model import SCVI
+def _model_keys(name: str = "SCVI") -> dict[str, type]:
+    """The ``[model]`` keys of ``name``: its constructor's arguments (SCANVI has more)."""
+    from ..model import SCANVI, SCVI
 
-    params = inspect.signature(SCVI.__init__).parameters
+    params = inspect.signature((SCANVI if name == "SCANVI" else SCVI).__init__).parameters
     out = {"name": str}
     for name, p in params.items():
-        if name in ("self", "adata", "registry"):
+        if name in ("self", "adata", "registry") or p.kind is p.VAR_KEYWORD:
             continue
         out[name] = type(p.default) if p.default is not None else _ANY
     return out
@@ -102,9 +103,20 @@ def load_workflow(path: str | Path) -> dict:
         config = tomllib.loads(path.read_text())
     except FileNotFoundError as err:
         raise ConfigError(f"No workflow file at {path}.") from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"{path} is a folder; pass the workflow .toml file.") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Cannot read the workflow file {path}: {err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
-    schema = dict(SCHEMA, model=_model_keys())
+    name = (
+        config.get("model", {}).get("name", "SCVI")
+        if isinstance(config.get("model"), dict)
+        else None
+    )
+    schema = dict(SCHEMA, model=_model_keys(name))
+    if name == "SCANVI":  # SCANVI.train also takes n_samples_per_label (labelled cells per class)
+        schema["train"] = dict(SCHEMA["train"], n_samples_per_label=int)
     for section, values in config.items():
         if section not in schema:
             close = difflib.get_close_matches(section, list(schema), n=1)
@@ -150,14 +162,19 @@ def load_workflow(path: str | Path) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{path}: [train].{key} must be a positive integer (got {value!r}).")
     if "plan_kwargs" in train:  # checked here, before the run folder is created
-        from ..train._config import TrainingPlanConfig, build_dataclass
+        from ..train._config import (
+            SemiSupervisedTrainingPlanConfig,
+            TrainingPlanConfig,
+            build_dataclass,
+        )
 
-        plan = dict(train["plan_kwargs"])
-        ratio = plan.pop("classification_ratio", 1.0) if model.get("name") == "SCANVI" else 1.0
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float):
-            raise ConfigError(f"{path}: [train].plan_kwargs.classification_ratio must be a number.")
+        plan_cls = (
+            SemiSupervisedTrainingPlanConfig
+            if model.get("name") == "SCANVI"
+            else TrainingPlanConfig
+        )
         try:
-            build_dataclass(TrainingPlanConfig, plan, "[train].plan_kwargs")
+            build_dataclass(plan_cls, dict(train["plan_kwargs"]), "[train].plan_kwargs")
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{path}: {err}") from err
     outputs = config.setdefault("outputs", {})
@@ -172,6 +189,14 @@ def load_workflow(path: str | Path) -> dict:
     outputs.setdefault("dir", "cellvi_run")
     outputs.setdefault("latent", True)
     outputs.setdefault("save_model", True)
+    # the resolved config names input files by absolute path, so `cellvi validate` (which
+    # reopens them) and `--rerun` work from any working folder
+    if "path" in inp:
+        inp["path"] = str(Path(inp["path"]).resolve())
+    if "paths" in inp:
+        inp["paths"] = [str(Path(f).resolve()) for f in inp["paths"]]
+    if mapping is not None:
+        mapping["query"] = str(Path(mapping["query"]).resolve())
     return config
 
 

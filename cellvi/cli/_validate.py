@@ -97,12 +97,19 @@ def _rerun(out: Path, latent: np.ndarray) -> dict:
 
     from ._run import run_config
 
+    if not (out / "config.resolved.json").exists():
+        raise ValueError(
+            f"--rerun needs {out / 'config.resolved.json'}, which `cellvi run` writes (this "
+            "folder was not written by `cellvi run`, e.g. by `cellvi quickstart`)."
+        )
     resolved = json.loads((out / "config.resolved.json").read_text())
     config = copy.deepcopy(resolved["config"])
     with tempfile.TemporaryDirectory() as tmp:
         config["outputs"] = {**config["outputs"], "dir": tmp, "de": None, "reference_mapping": None}
         run_config(config, source="validate --rerun")
         again = anndata.read_h5ad(Path(tmp) / "adata.h5ad").obsm["X_scVI"]
+    if again.shape != latent.shape:  # the input file changed since the run
+        return {"ok": False, "shape": list(again.shape), "stored_shape": list(latent.shape)}
     diff = float(np.abs(again - latent).max())
     return {"max_abs_diff": diff, "ok": diff < 1e-5}
 
@@ -114,6 +121,14 @@ def _check_finished(out: Path) -> None:
     state_file = out / "state.json"  # written by `cellvi run` (not by `cellvi quickstart`)
     done = json.loads(state_file.read_text()) if state_file.exists() else {}
     missing = [name for name in ("adata.h5ad", "model") if not (out / name).exists()]
+    if missing == ["model"] and done.get("outputs"):
+        resolved = out / "config.resolved.json"
+        config = json.loads(resolved.read_text())["config"] if resolved.exists() else {}
+        if config.get("outputs", {}).get("save_model") is False:
+            raise ValueError(
+                f"{out} was run with [outputs].save_model = false, so there is no model to "
+                "check; run it again with save_model = true to validate it."
+            )
     if missing or (state_file.exists() and not done.get("outputs")):
         finished = ", ".join(sorted(done)) or "none"
         raise ValueError(
