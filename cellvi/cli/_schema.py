@@ -60,9 +60,20 @@ SCHEMA: dict[str, dict[str, type]] = {
         "early_stopping_patience": int,
         "early_stopping_monitor": str,
         "check_val_every_n_epoch": int,
+        "early_stopping_min_delta": float,
+        "early_stopping_mode": str,
+        "early_stopping_warmup_epochs": int,
         "enable_checkpointing": bool,
+        "checkpointing_monitor": str,
+        "load_best_on_end": bool,
+        "learning_rate_monitor": bool,
+        "gradient_clip_val": float,
+        "precision": _ANY,
+        "deterministic": bool,
+        "shuffle_set_split": bool,
         "seed": int,
         "plan_kwargs": dict,
+        "datasplitter_kwargs": dict,
     },
     "outputs": {
         "dir": str,
@@ -73,6 +84,25 @@ SCHEMA: dict[str, dict[str, type]] = {
         "reference_mapping": dict,
     },
 }
+
+
+# [train] keys that are TrainerConfig fields (checked together before anything runs)
+_TRAINER_KEYS = (
+    "early_stopping",
+    "early_stopping_patience",
+    "early_stopping_monitor",
+    "early_stopping_min_delta",
+    "early_stopping_mode",
+    "early_stopping_warmup_epochs",
+    "check_val_every_n_epoch",
+    "enable_checkpointing",
+    "checkpointing_monitor",
+    "load_best_on_end",
+    "learning_rate_monitor",
+    "gradient_clip_val",
+    "precision",
+    "deterministic",
+)
 
 
 def _check_section(name: str, values: dict, allowed: dict[str, type], where: str) -> None:
@@ -161,6 +191,14 @@ def load_workflow(path: str | Path) -> dict:
         value = train.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{path}: [train].{key} must be a positive integer (got {value!r}).")
+    trainer_keys = {k: v for k, v in train.items() if k in _TRAINER_KEYS}
+    if trainer_keys:  # values Lightning or the plan would refuse only once training starts
+        from ..train._config import TrainerConfig, build_dataclass
+
+        try:
+            build_dataclass(TrainerConfig, trainer_keys, "[train]")
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {err}") from err
     if "plan_kwargs" in train:  # checked here, before the run folder is created
         from ..train._config import (
             SemiSupervisedTrainingPlanConfig,

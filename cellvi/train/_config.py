@@ -323,6 +323,17 @@ class TrainerConfig:
                 f"early_stopping_warmup_epochs={self.early_stopping_warmup_epochs} must be >= 0 "
                 "(the number of first validation checks that never stop training)."
             )
+        clip = self.gradient_clip_val
+        if clip is not None and not (math.isfinite(clip) and clip >= 0):
+            raise ValueError(
+                f"gradient_clip_val={clip!r} must be a finite number >= 0 (the largest gradient "
+                "norm; 0 or None: no clipping), e.g. 1.0."
+            )
+        if not math.isfinite(self.early_stopping_min_delta):
+            raise ValueError(
+                f"early_stopping_min_delta={self.early_stopping_min_delta!r} must be a finite "
+                "number (the least change that counts as an improvement), e.g. 0.0."
+            )
         cv = self.check_val_every_n_epoch
         if cv is not None and (not isinstance(cv, int) or cv < 1):
             raise ValueError(f"check_val_every_n_epoch={cv!r} must be a positive integer or None.")

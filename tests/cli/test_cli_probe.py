@@ -171,3 +171,30 @@ def test_python_dash_m_cellvi_is_the_command_line():
     )
     assert done.returncode == 0, done.stderr
     assert "quickstart" in done.stdout and "simulate" in done.stdout
+
+
+def test_train_settings_of_the_python_api_are_accepted_and_checked(tmp_path):
+    train = (
+        "gradient_clip_val = 1\nearly_stopping = true\nearly_stopping_min_delta = 0.5\n"
+        'early_stopping_mode = "min"\nload_best_on_end = true\nenable_checkpointing = true\n'
+        'checkpointing_monitor = "elbo_validation"\nshuffle_set_split = false\n'
+        "deterministic = true"
+    )
+    config = load_workflow(_workflow(tmp_path, train=train))
+    assert config["train"]["gradient_clip_val"] == 1
+    for bad, message in (
+        ("gradient_clip_val = -1.0", "gradient_clip_val=-1.0 must be a finite number >= 0"),
+        ('early_stopping_mode = "up"', "early_stopping_mode='up': use 'min' or 'max'"),
+        ("early_stopping_min_delta = nan", "early_stopping_min_delta=nan must be a finite"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_workflow(_workflow(tmp_path, train=bad))
+
+
+def test_train_settings_from_the_workflow_reach_training(tmp_path):
+    path = _workflow(tmp_path, train="gradient_clip_val = 0.5\nshuffle_set_split = false")
+    assert main(["run", str(path)]) == 0
+    adata = anndata.read_h5ad(tmp_path / "data.h5ad")
+    model = cellvi.model.SCVI.load(tmp_path / "out" / "model", adata=adata)
+    # not shuffled: validation cells first, then training cells (as in scvi-tools)
+    assert model.validation_indices.max() < model.train_indices.min()

@@ -136,3 +136,11 @@ def test_scanvi_predict_of_no_cells_and_of_a_mask(sim):
     by_mask = model.predict(indices=mask, soft=True)
     assert list(by_mask.index) == list(sim.obs_names[mask])
     np.testing.assert_allclose(by_mask.to_numpy(), model.predict(soft=True).to_numpy()[mask])
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_an_impossible_gradient_clip_value_is_refused_before_training(sim, value):
+    model = _scvi(sim)
+    with pytest.raises(ValueError, match="gradient_clip_val=.* must be a finite number >= 0"):
+        model.train(max_epochs=1, gradient_clip_val=value)
+    assert not model.is_trained
