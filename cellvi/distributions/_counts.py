@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.distributions import Distribution, constraints
 
@@ -18,6 +20,21 @@ def _gamma_poisson(mu: torch.Tensor, theta: torch.Tensor, shape: torch.Size) -> 
     rate = concentration / mu.expand(shape)
     gamma = torch.distributions.Gamma(concentration, rate).sample()
     return torch.poisson(torch.clamp(gamma, max=_GAMMA_CLAMP))
+
+
+def _check_value(dist: Distribution, value: torch.Tensor) -> None:
+    """With ``validate_args``, warn (as scvi-tools does) on values outside the support
+    (negative or non-integer counts): the densities are still evaluated there."""
+    if dist._validate_args:
+        try:
+            dist._validate_sample(value)
+        except ValueError:
+            warnings.warn(
+                "The value argument must be within the support of the distribution "
+                "(non-negative integers).",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 class NegativeBinomial(Distribution):
@@ -44,6 +61,7 @@ class NegativeBinomial(Distribution):
         return self.mu + self.mu.pow(2) / self.theta
 
     def log_prob(self, value):
+        _check_value(self, value)
         return log_nb_positive(value, self.mu, self.theta)
 
     @torch.inference_mode()
@@ -65,10 +83,9 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
     }
 
     def __init__(self, mu, theta, zi_logits, scale=None, validate_args: bool = False):
+        # all three broadcast together, and zi_logits is set before the argument check reads it
+        mu, theta, self.zi_logits = torch.broadcast_tensors(mu, theta, zi_logits)
         super().__init__(mu, theta, scale=scale, validate_args=validate_args)
-        self.zi_logits = (
-            zi_logits.expand(self.mu.shape) if zi_logits.shape != self.mu.shape else zi_logits
-        )
 
     @property
     def zi_probs(self):
@@ -84,6 +101,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return (1 - pi) * self.mu * (self.mu + self.theta + pi * self.mu * self.theta) / self.theta
 
     def log_prob(self, value):
+        _check_value(self, value)
         return log_zinb_positive(value, self.mu, self.theta, self.zi_logits)
 
     @torch.inference_mode()
@@ -105,6 +123,7 @@ class Poisson(torch.distributions.Poisson):
         return self.rate
 
     def log_prob(self, value):
+        _check_value(self, value)
         return log_poisson(value, self.rate)
 
     @torch.inference_mode()
@@ -140,6 +159,7 @@ class NegativeBinomialMixture(Distribution):
         return pi * self.mu1 + (1 - pi) * self.mu2
 
     def log_prob(self, value):
+        _check_value(self, value)
         return log_mixture_nb(
             value, self.mu1, self.mu2, self.theta1, self.mixture_logits, self.theta2
         )

@@ -53,13 +53,21 @@ def log_zinb_positive(
 
 
 def _log_gamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    # grouped: added term by term to an O(1) value, lgamma(θ) of a huge θ would swamp it
-    return torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    # grouped: added term by term to an O(1) value, lgamma(θ) of a huge θ would swamp it; and
+    # in float64, as lgamma(x + θ) - lgamma(θ) keeps no digits in float32 once θ is large
+    dtype = torch.promote_types(x.dtype, theta.dtype)
+    if dtype != torch.float64 and x.device.type != "mps":  # no float64 on MPS
+        x, theta = x.double(), theta.double()
+    ratio = torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    return ratio.to(dtype)
 
 
-def log_poisson(x: torch.Tensor, rate: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``log Poisson(x; rate)`` elementwise."""
-    return x * torch.log(rate + eps) - rate - torch.lgamma(x + 1)
+def log_poisson(x: torch.Tensor, rate: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """``log Poisson(x; rate) = x log λ − λ − lgamma(x+1)`` elementwise (``models.md`` §0, as
+    the fused kernel: no ``eps`` unless given). A zero rate is read as the smallest normal
+    number, which keeps ``0 · log 0 = 0`` and the gradients finite."""
+    log_rate = torch.log(torch.clamp(rate + eps, min=torch.finfo(rate.dtype).tiny))
+    return x * log_rate - rate - torch.lgamma(x + 1)
 
 
 def log_mixture_nb(

@@ -13,7 +13,8 @@ The log-gamma terms at the nonzero counts: for whole-number counts and a per-gen
 the CPU they are read from per-gene tables of ``Σ_{j<k} log(θ + j) - log k!`` and
 ``Σ_{j<k} 1/(θ + j)`` for counts up to ``TABLE_COUNTS`` (larger counts use the Stirling forms
 of :mod:`._gammaless`), several times faster than ``lgamma``/``digamma`` at every nonzero;
-otherwise ``lgamma``/``digamma``.
+otherwise ``lgamma``/``digamma`` at the nonzeros in float64 (in float32 their differences
+lose all their digits once ``θ`` is large).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from ._gammaless import digamma_difference, log_gamma_ratio
 __all__ = ["zinb_log_likelihood", "nb_log_likelihood", "poisson_log_likelihood"]
 
 TABLE_COUNTS = 32
+
+# torch's softplus is linear above 20, dropping log1p(e^-u) ≈ 2e-9: multiplied by a count in
+# x · (u - softplus(u)) = -x log1p(θ/μ) that is 1e-3 nats at x = 1e6 in float64; above 40 the
+# dropped part is below float64 resolution (no extra cost: same kernel, later switch)
+_SOFTPLUS_LINEAR = 40.0
 
 
 def _nonzeros(positive: torch.Tensor):
@@ -48,15 +54,22 @@ def _gamma_terms(x: torch.Tensor, theta: torch.Tensor, flat, cols, need_grad: bo
         counts = x_nz.to(torch.int64)
         if bool((counts == x_nz).all()):
             return _from_tables(x_nz, counts, theta, cols, need_grad)
+    # lgamma(x + θ) - lgamma(θ) cancels two numbers of size θ log θ: in float32 a large θ
+    # (1e4: 1e-2 nats per count, 1e6: tens of nats per cell) leaves only rounding noise, and
+    # so does ψ(x + θ) - ψ(θ) ≈ x / θ; the nonzeros are evaluated in float64 instead
+    out_dtype = x_nz.dtype
+    wide = out_dtype if x.device.type == "mps" else torch.float64  # no float64 on MPS
+    x_nz = x_nz.to(wide)
     if theta.dim() == 1:
+        theta = theta.to(wide)
         theta_nz = theta.index_select(0, cols)
         lg = torch.lgamma(x_nz + theta_nz) - torch.lgamma(x_nz + 1) - torch.lgamma(theta)[cols]
         dg = torch.digamma(x_nz + theta_nz) - torch.digamma(theta)[cols] if need_grad else None
-        return lg, dg
-    theta_nz = theta.reshape(-1).index_select(0, flat)
-    lg = torch.lgamma(x_nz + theta_nz) - torch.lgamma(x_nz + 1) - torch.lgamma(theta_nz)
-    dg = torch.digamma(x_nz + theta_nz) - torch.digamma(theta_nz) if need_grad else None
-    return lg, dg
+    else:
+        theta_nz = theta.reshape(-1).index_select(0, flat).to(wide)
+        lg = torch.lgamma(x_nz + theta_nz) - torch.lgamma(x_nz + 1) - torch.lgamma(theta_nz)
+        dg = torch.digamma(x_nz + theta_nz) - torch.digamma(theta_nz) if need_grad else None
+    return lg.to(out_dtype), None if dg is None else dg.to(out_dtype)
 
 
 def _from_tables(x_nz, counts, theta, cols, need_grad: bool):
@@ -92,7 +105,7 @@ def _theta_grad(dense: torch.Tensor, theta: torch.Tensor, flat, cols, sparse: to
 def _nb_parts(log_mu: torch.Tensor, theta: torch.Tensor):
     """``μ``, ``θ + μ``, ``log(1 + μ/θ) = -log(θ / (θ + μ))`` and ``log(μ / (θ + μ))``."""
     u = log_mu - theta.log()  # log(μ / θ)
-    log1p_ratio = F.softplus(u)
+    log1p_ratio = F.softplus(u, threshold=_SOFTPLUS_LINEAR)
     mu = log_mu.exp()
     return mu, theta + mu, log1p_ratio, u.sub_(log1p_ratio)
 

@@ -37,6 +37,7 @@ __all__ = [
 _K = 4
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_FACT = [math.lgamma(k + 1) for k in range(_K + 1)]
+_SOFTPLUS_LINEAR = 40.0  # as in ._fused: torch's default (20) drops log1p(e^-u) ≈ 2e-9
 
 
 def _series(z: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ def zinb_log_likelihood_gammaless(
 ) -> torch.Tensor:
     """``Σ_g log ZINB`` per cell, like :func:`~cellvi.distributions.zinb_log_likelihood`."""
     u = log_mu - theta.log()  # log(μ / θ); softplus(u) = log(1 + μ/θ), as in the fused kernels
-    log1p_ratio = F.softplus(u)
+    log1p_ratio = F.softplus(u, threshold=_SOFTPLUS_LINEAR)
     a = -theta * log1p_ratio - zi_logits
     softplus_a = F.softplus(a)
     positive = x > 0
@@ -137,7 +138,7 @@ def nb_log_likelihood_gammaless(
 ) -> torch.Tensor:
     """``Σ_g log NB`` per cell, like :func:`~cellvi.distributions.nb_log_likelihood`."""
     u = log_mu - theta.log()
-    log1p_ratio = F.softplus(u)
+    log1p_ratio = F.softplus(u, threshold=_SOFTPLUS_LINEAR)
     ll = x * (u - log1p_ratio) - theta * log1p_ratio + log_gamma_ratio(x, theta)
     return ll.sum(-1)
 

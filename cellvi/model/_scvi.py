@@ -155,7 +155,8 @@ class SCVI(RNAOutputsMixin, BaseModel):
         return {k for k, v in regs.items() if v.get("data_registry")}
 
     def _library_priors(self, n_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of the log library size per batch (empty batch → 0, 1)."""
+        """Mean and variance of the log library size per batch (empty batch → 0, 1; a batch
+        whose variance cannot be estimated, one cell or equal totals, keeps variance 1)."""
         if self.adata_manager is None:
             return torch.zeros(1, n_batch), torch.ones(1, n_batch)
         x = self.adata_manager.get_from_registry(_K.X_KEY)
@@ -167,7 +168,8 @@ class SCVI(RNAOutputsMixin, BaseModel):
             values = log_totals[batch == b]
             if values.size:
                 means[0, b] = values.mean()
-                variances[0, b] = values.var()
+                if values.size > 1 and values.var() > 0:  # else a prior of variance 0: inf KL
+                    variances[0, b] = values.var()
         return torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(
             variances, dtype=torch.float32
         )

@@ -163,3 +163,28 @@ def test_a_checkpoint_with_the_old_forward_alias_still_resumes(sim_tiny, tmp_pat
     model = _model(sim_tiny.copy())
     model.train(max_epochs=3, ckpt_path=str(ckpt))
     assert list(model.history["elbo_train"].index) == [0, 1, 2]
+
+
+def test_a_one_cell_batch_gets_a_usable_library_prior(tmp_path):
+    """With a learned library, a batch of one cell (or of equal totals) has no estimable
+    variance: the prior keeps variance 1 instead of 0 (an infinite KL at the first step)."""
+    import warnings
+
+    import cellvi
+
+    adata = cellvi.data.simulate(
+        n_cells=200, n_genes=40, n_batches=2, n_cell_types=2, n_de_genes_per_type=5, seed=0
+    )
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    batch[0] = "lonely"
+    adata.obs["batch"] = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small-category warning
+        SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_hidden=16, n_latent=4, use_observed_lib_size=False)
+    lonely = list(model.adata_manager.get_state_registry("batch")["categorical_mapping"])
+    code = lonely.index("lonely")
+    assert float(model.module.library_log_vars[0, code]) == 1.0
+    with cellvi.settings.override(progress_bar_style="none", logging_dir=tmp_path):
+        model.train(max_epochs=1)
+    assert np.isfinite(model.history["elbo_train"].to_numpy()).all()
