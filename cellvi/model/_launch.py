@@ -125,8 +125,8 @@ def _settings() -> dict:
     return values
 
 
-def _run(folder: Path, nproc: int, timeout: float | None) -> None:
-    command = [
+def _command(folder: Path, nproc: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -137,25 +137,91 @@ def _run(folder: Path, nproc: int, timeout: float | None) -> None:
         "cellvi.model._ddp_rank",
         str(folder),
     ]
+
+
+# errors a rank raises only because another rank died first (its collective lost its peer)
+_COLLATERAL = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer")
+
+
+def _stop(process: subprocess.Popen, folder: Path, grace: float = 40.0) -> None:
+    """End torchrun *and its ranks*. torchrun starts each rank in a session of its own and
+    stops them when it gets SIGTERM (the ranks then stop at a step boundary); killing torchrun
+    alone would leave them training as orphans, so ranks still left are killed by pid."""
+    import signal
+
+    ranks = _children(process.pid)
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        process.kill()
+    except ProcessLookupError:
+        pass
+    for pid in ranks:
+        try:  # only a process still running this job (not a reused pid)
+            if str(folder) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    process.communicate()
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of ``pid``'s child processes (Linux ``/proc``; empty elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _failure_detail(folder: Path, stderr: str) -> str:
+    """The ranks' own error: the first one written that is not a rank losing its peer
+    (the rank that failed first is the cause; the others only lost their collective)."""
+    errors = sorted(folder.glob("error_rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    texts = [(p.stem.replace("error_", ""), p.read_text()) for p in errors]
+    causes = [t for t in texts if not any(m in t[1] for m in _COLLATERAL)] or texts
+    if causes:
+        return f"{causes[0][0]}: {causes[0][1]}"
+    return "\n".join(stderr.strip().splitlines()[-25:])
+
+
+def _run(folder: Path, nproc: int, timeout: float | None) -> None:
     # one thread per CPU rank: the ranks share the machine's cores
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # torchrun in a session of its own: only this function signals it (see _stop)
+    process = subprocess.Popen(
+        _command(folder, nproc),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as err:
+        _stop(process, folder)
         raise RuntimeError(
             f"The multi-process run did not finish within timeout={timeout} s and was stopped; "
             "the model is unchanged."
         ) from err
-    sys.stdout.write(done.stdout)
-    if done.returncode != 0 or not (folder / "out" / "model.pt").exists():
-        errors = sorted(folder.glob("error_rank*.txt"))
-        if errors:  # the ranks' own exception, e.g. a refused argument
-            detail = f"{errors[0].stem.replace('error_', '')}: {errors[0].read_text()}"
-        else:
-            detail = "\n".join(done.stderr.strip().splitlines()[-25:])
+    except BaseException:  # e.g. Ctrl-C here: the ranks are in another group, stop them
+        _stop(process, folder)
+        raise
+    finally:
+        if process.poll() is None:
+            _stop(process, folder)
+    sys.stdout.write(stdout)
+    if process.returncode != 0 or not (folder / "out" / "model.pt").exists():
         raise RuntimeError(
-            f"The multi-process run failed (exit code {done.returncode}); the model is "
-            f"unchanged. {detail}"
+            f"The multi-process run failed (exit code {process.returncode}); the model is "
+            f"unchanged. {_failure_detail(folder, stderr)}"
         )
 
 

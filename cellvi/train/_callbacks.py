@@ -380,3 +380,28 @@ class ResumeCheckpoint(Checkpoint):
         trainer.save_checkpoint(str(tmp))
         if trainer.is_global_zero:
             os.replace(tmp, self.last_path)
+
+
+def optimizer_from_checkpoint(plan, checkpoint: dict) -> None:
+    """The optimiser state and training progress of rank 0 at ``checkpoint`` (what the
+    launching process of spawned/forked workers keeps for ``train(resume=True)`` and
+    ``save(..., save_optimizer_state=True)``; it ran no step itself)."""
+    states = checkpoint.get("optimizer_states") or []
+    progress = checkpoint.get("cellvi_progress")
+    if states and progress is not None:
+        state = states[0]
+        plan.last_good_optimizer_state = {
+            "state": state["state"],
+            "param_groups": state["param_groups"],
+        }
+        plan.progress = (int(progress[0]), int(progress[1]))
+
+
+def optimizer_from_last_checkpoint(plan, last: Path, started: float) -> None:
+    """:func:`optimizer_from_checkpoint` from ``last`` if this run (begun at ``started``)
+    wrote it."""
+    if last.exists() and last.stat().st_mtime >= started:
+        import torch
+
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+        optimizer_from_checkpoint(plan, checkpoint)

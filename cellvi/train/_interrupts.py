@@ -119,6 +119,7 @@ class InterruptGuard(pl.Callback):
             found = _WORKER_INTERRUPTION.search(str(exc))
             if found:
                 return TrainingInterrupted(found.group(1))
+            return _worker_error(exc)
         return exc
 
     def _install(self) -> None:
@@ -160,3 +161,30 @@ class InterruptGuard(pl.Callback):
     ) -> None:
         if trainer.world_size == 1:
             self.check(trainer)
+
+
+# a cellvi error raised in a spawned or forked worker, as torch passes it on (traceback text)
+_WORKER_ERROR = re.compile(r"^cellvi\.errors\.(\w+): (.*)$", re.MULTILINE)
+
+
+def _worker_error(exc: BaseException) -> BaseException:
+    """A worker's cellvi error (e.g. the NaN guardrail's ``NonFiniteLossError``) raised again
+    in the launching process as that class, so ``except NonFiniteLossError`` works the same
+    with ``ddp_spawn``/``ddp_notebook`` as on one process; torch's exception is its cause."""
+    if type(exc).__name__ != "ProcessRaisedException":
+        return exc
+    found = _WORKER_ERROR.findall(str(exc))
+    if not found:
+        return exc
+    from .. import errors
+
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.CellviError)):
+        return exc
+    try:
+        error = cls(message)
+    except Exception:  # an error class with another signature: keep torch's exception
+        return exc
+    error.__cause__ = exc
+    return error

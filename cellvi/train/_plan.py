@@ -137,6 +137,31 @@ class TrainingPlan(pl.LightningModule):
         self._continued_state = optimizer_state
         self._offsets = (int(epochs), int(steps))
 
+    def check_rank_shares(self, datamodule, world_size: int) -> None:
+        """Refuse, before any process starts, a split too small to give every rank a trainable
+        share (``ceil(n / world)`` cells, ``n // world`` with ``drop_dataset_tail``)."""
+        if world_size <= 1 or not getattr(datamodule, "distributed_sampler", False):
+            return
+        n_train = len(datamodule.train_idx)
+        if getattr(datamodule, "drop_dataset_tail", False):
+            per_rank = n_train // world_size
+        else:
+            per_rank = math.ceil(n_train / world_size)
+        batch_norm = any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.module.modules()
+        )
+        if per_rank == 0 or (per_rank == 1 and batch_norm):
+            why = (
+                "batch normalisation cannot train on a single cell"
+                if per_rank
+                else "a process without cells has nothing to train on"
+            )
+            raise ValueError(
+                f"{n_train} training cell(s) on {world_size} processes leave {per_rank} cell(s) "
+                f"per process, and {why}. Train on one process (devices=1, no DDP strategy) or "
+                "on more cells."
+            )
+
     # ----------------------------------------------------------------- warm-up
     @property
     def kl_weight(self) -> float:
@@ -427,6 +452,9 @@ class TrainingPlan(pl.LightningModule):
         checkpoint["cellvi_history_rows"] = [dict(r) for r in self.history_rows]
         checkpoint["cellvi_step_rows"] = [dict(r) for r in self.step_rows]
         checkpoint["cellvi_rng"] = {"torch": torch.get_rng_state()}
+        # (epochs, steps) trained with the optimiser state saved alongside (``resume=True``)
+        if self.progress is not None:
+            checkpoint["cellvi_progress"] = list(self.progress)
         if self.lr_scheduler is not None:
             checkpoint["cellvi_lr_scheduler"] = self.lr_scheduler.state_dict()
 

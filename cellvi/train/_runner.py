@@ -16,6 +16,7 @@ import torch
 
 from .._settings import settings
 from ..errors import NonFiniteLossError
+from . import _callbacks
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
 from ._checks import check_callbacks
 from ._config import TrainerConfig
@@ -333,6 +334,11 @@ def run_training(
         use_distributed_sampler=False,
         **trainer_kwargs,
     )
+    try:
+        plan.check_rank_shares(datamodule, trainer.world_size)  # before any process starts
+    except ValueError:
+        _restore_levels(quiet, old_levels)
+        raise
 
     result = RunResult(history_rows=plan.history_rows, run_dir=run_dir, trainer=trainer)
     guard.trainer = trainer
@@ -372,9 +378,10 @@ def run_training(
             raise
         raise exc from (exc.__cause__ or raised)
     finally:
-        for log, level in zip(quiet, old_levels, strict=True):
-            log.setLevel(level)
+        _restore_levels(quiet, old_levels)
     _stay_on_training_device(plan)
+    if plan.trained_on is None:  # spawned/forked workers trained: their optimiser state
+        _callbacks.optimizer_from_last_checkpoint(plan, resume_dir / "last.ckpt", started)
     result.history_rows = list(plan.history_rows) or _history_from_disk(run_dir)
     result.step_rows = list(plan.step_rows)
     result.resumed_rows = plan.resumed_rows
@@ -389,6 +396,11 @@ def run_training(
     result.best_checkpoint = best.best_model_path if best is not None else None
     record(result)
     return result
+
+
+def _restore_levels(loggers: list, levels: list) -> None:
+    for log, level in zip(loggers, levels, strict=True):
+        log.setLevel(level)
 
 
 def _check_finite_weights(plan: TrainingPlan) -> None:
@@ -406,12 +418,9 @@ def _check_finite_weights(plan: TrainingPlan) -> None:
 
 def _stay_on_training_device(plan: TrainingPlan) -> None:
     """Keep the weights where this process trained them: Lightning's teardown moves them to
-    the CPU, and a model trained on a GPU should infer there too (as in scvi-tools).
-
-    When spawned or forked workers trained (``ddp_spawn``, ``ddp_notebook``), the weights
-    stay on the CPU: starting CUDA in the launching process would stop it from forking
-    workers for the next run.
-    """
+    the CPU, and a model trained on a GPU should infer there too (as in scvi-tools). When
+    spawned or forked workers trained, they stay on the CPU: starting CUDA in the launching
+    process would stop it from forking workers for the next run."""
     device = plan.trained_on
     if device is not None and device.type != "cpu":
         plan.module.to(device)
@@ -427,6 +436,7 @@ def _state_from_checkpoint(plan: TrainingPlan, last: Path | None, started: float
     plan.load_state_dict(checkpoint["state_dict"])
     plan.history_rows = [dict(r) for r in checkpoint.get("cellvi_history_rows", [])]
     plan.step_rows = [dict(r) for r in checkpoint.get("cellvi_step_rows", [])]
+    _callbacks.optimizer_from_checkpoint(plan, checkpoint)
 
 
 def _load_best_after_failure(exc: BaseException, checkpoints: list) -> None:
@@ -444,11 +454,8 @@ def _load_best_after_failure(exc: BaseException, checkpoints: list) -> None:
 
 
 def _history_from_disk(run_dir: Path) -> list[dict]:
-    """History written by rank 0 when training ran in spawned or forked worker processes.
-
-    With ``ddp_spawn``/``ddp_notebook`` the launching process does not run the epochs; the
-    weights come back through Lightning, the history through ``history.csv``.
-    """
+    """History written by rank 0 when spawned or forked workers trained (``ddp_spawn``,
+    ``ddp_notebook``): the weights come back through Lightning, the history through here."""
     path = Path(run_dir) / "history.csv"
     if not path.exists():
         return []
