@@ -23,7 +23,10 @@ __all__ = ["train_in_subprocess"]
 # settings a child process must share with the caller
 _SETTINGS = ("seed", "verbosity", "batch_size", "logging_dir", "progress_bar_style")
 # arguments the launcher sets itself
-_OWN = ("strategy", "devices", "accelerator", "ckpt_path", "datamodule")
+_OWN = ("strategy", "devices", "accelerator")
+# arguments a fresh process cannot take (a data module is not sent over; an interrupted run's
+# checkpoint resumes in this session with model.train(ckpt_path=...))
+_UNSENDABLE = ("ckpt_path", "datamodule")
 
 
 def train_in_subprocess(
@@ -71,6 +74,14 @@ def train_in_subprocess(
         raise ValueError(
             f"nproc_per_node={nproc_per_node} CPU processes on a machine with "
             f"{os.cpu_count()} cores would only compete for them; use at most that many."
+        )
+    unsendable = sorted(set(train_kwargs) & set(_UNSENDABLE))
+    if unsendable:
+        raise ValueError(
+            f"train_in_subprocess does not take {unsendable}: the ranks train the saved model "
+            "on its AnnData. Resume an interrupted run with model.train(ckpt_path=..., "
+            "strategy='ddp') in a torchrun script, or continue a finished one with "
+            "train_in_subprocess(model, resume=True)."
         )
     own = sorted(set(train_kwargs) & set(_OWN))
     if own:

@@ -50,6 +50,8 @@ def test_a_failed_run_leaves_the_model_unchanged_and_shows_the_error(model):
 def test_bad_launches_are_refused_before_anything_starts(model):
     with pytest.raises(ValueError, match=r"sets \['strategy'\] itself"):
         train_in_subprocess(model, strategy="ddp")
+    with pytest.raises(ValueError, match=r"does not take \['ckpt_path'\].*resume=True"):
+        train_in_subprocess(model, ckpt_path="last.ckpt")
     with pytest.raises(ValueError, match=r"\['callbacks'\] are not plain values"):
         train_in_subprocess(model, callbacks=[SaveCheckpoint()])
     with pytest.raises(ValueError, match="at least 1"):
