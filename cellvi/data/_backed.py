@@ -363,7 +363,9 @@ def read_backed(path, layer: str | None = None) -> anndata.AnnData:
     path
         ``.h5ad`` file or ``.zarr`` directory written by anndata.
     layer
-        Also open ``layers[layer]`` from disk (as ``adata.layers[layer]``).
+        Also open ``layers[layer]`` from disk (as ``adata.layers[layer]``). ``X`` is then
+        left out (``None``) when it is not a CSR matrix (e.g. dense normalised values) or
+        absent.
 
     Returns
     -------
@@ -383,8 +385,17 @@ def read_backed(path, layer: str | None = None) -> anndata.AnnData:
     path = str(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist.")
-    X = DiskCSR(path, "X")
-    if X._zarr:
+    layers = {layer: DiskCSR(path, f"layers/{layer}")} if layer is not None else None
+    try:
+        X = DiskCSR(path, "X")
+    except InvalidDataError:
+        if layer is None:
+            raise
+        # the counts are in the layer: an X that is dense (e.g. normalised), CSC or absent is
+        # left out rather than refused or loaded
+        X = None
+    zarr_store = (X if X is not None else layers[layer])._zarr
+    if zarr_store:
         import zarr
 
         root, handle = zarr.open_group(path, mode="r"), None
@@ -400,9 +411,9 @@ def read_backed(path, layer: str | None = None) -> anndata.AnnData:
     finally:
         if handle is not None:
             handle.close()
-    obs = obs if obs is not None else pd.DataFrame(index=[str(i) for i in range(X.shape[0])])
-    var = var if var is not None else pd.DataFrame(index=[str(i) for i in range(X.shape[1])])
-    layers = {layer: DiskCSR(path, f"layers/{layer}")} if layer is not None else None
+    shape = (X if X is not None else layers[layer]).shape
+    obs = obs if obs is not None else pd.DataFrame(index=[str(i) for i in range(shape[0])])
+    var = var if var is not None else pd.DataFrame(index=[str(i) for i in range(shape[1])])
     return anndata.AnnData(
         X=X, obs=obs, var=var, obsm=dict(obsm), varm=dict(varm), uns=dict(uns), layers=layers
     )

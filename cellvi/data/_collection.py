@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anndata
@@ -111,6 +112,16 @@ def _joined_categorical(columns: list[pd.Series]) -> pd.Categorical:
         return pd.Categorical(values)
 
 
+def _default_keys(paths: list[str]) -> list[str]:
+    """File names without their ``.h5ad``/``.zarr`` suffix (whole names if that repeats one)."""
+    names = [Path(p).name for p in paths]
+    stems = [
+        n[: -len(suffix)] if (suffix := Path(n).suffix) in (".h5ad", ".zarr", ".h5") else n
+        for n in names
+    ]
+    return stems if len(set(stems)) == len(stems) else names
+
+
 def read_collection(
     paths,
     join: str = "inner",
@@ -127,14 +138,15 @@ def read_collection(
     Parameters
     ----------
     paths
-        Files, in order.
+        Files, in order (a single path reads one file).
     join
         ``"inner"`` (default): genes present in every file, in the first file's order.
         ``"outer"``: every gene of any file; a file's missing genes read as zero counts.
     label
         ``obs`` column naming each cell's file (a natural ``batch_key``); ``None``: no column.
     keys
-        Names of the files in ``label`` (default: file names without suffix).
+        Names of the files in ``label`` (default: file names without their ``.h5ad``/``.zarr``
+        suffix; the whole names when that makes two equal).
     layer
         Read counts from ``layers[layer]`` of every file instead of ``X``.
 
@@ -151,12 +163,14 @@ def read_collection(
         If a file's matrix is not CSR, a file has duplicated gene names, or an inner join is
         empty.
     """
+    if isinstance(paths, str | os.PathLike):  # one file, not its characters
+        paths = [paths]
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("read_collection needs at least one file.")
     if join not in ("inner", "outer"):
         raise ValueError(f"join={join!r}: use 'inner' or 'outer'.")
-    keys = [Path(p).name.split(".")[0] for p in paths] if keys is None else list(keys)
+    keys = _default_keys(paths) if keys is None else list(keys)
     if len(keys) != len(paths) or len(set(keys)) != len(keys):
         raise ValueError(f"keys must be {len(paths)} distinct names; got {keys}.")
     key = "X" if layer is None else f"layers/{layer}"

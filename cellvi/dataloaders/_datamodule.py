@@ -46,6 +46,24 @@ class InferenceLoader:
             yield self.store.gather(torch.as_tensor(self.indices[start : start + self.batch_size]))
 
 
+def _positions(indices, n_obs: int) -> np.ndarray:
+    """Cell positions from ``indices``: integer positions, or a boolean mask over all cells."""
+    arr = np.asarray(indices)
+    if arr.dtype == bool:
+        if arr.ndim != 1 or len(arr) != n_obs:
+            raise ValueError(
+                f"indices is a boolean mask of shape {arr.shape}; a mask needs one entry per "
+                f"cell ({n_obs})."
+            )
+        return np.flatnonzero(arr).astype(np.int64)
+    arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"indices must be integer cell positions or a boolean mask; got dtype {arr.dtype}."
+        )
+    return arr.astype(np.int64)
+
+
 class AnnDataModule:
     """Register an AnnData (in memory, on disk or over SOMA) for registry-based models.
 
@@ -143,8 +161,9 @@ class AnnDataModule:
         return self._store
 
     def inference_dataloader(self, indices=None, batch_size: int | None = None) -> InferenceLoader:
-        """Cells ``indices`` (default all, in order) for ``model.get_...(dataloader=...)``."""
-        idx = np.arange(self.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        """Cells ``indices`` (positions or a boolean mask; default all, in order) for
+        ``model.get_...(dataloader=...)``."""
+        idx = np.arange(self.n_obs) if indices is None else _positions(indices, self.n_obs)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_obs):
             raise IndexError(f"indices must lie in [0, {self.n_obs}).")
         return InferenceLoader(

@@ -33,6 +33,9 @@ def split_sizes(n_obs: int, train_size: float, validation_size: float | None) ->
                 "(train_size defaults to 0.9); lower one of them."
             )
         n_val = math.floor(validation_size * n_obs)
+        # ceil of a product rounded up by floating point (0.56 * 25 = 14.000000000000002)
+        # would promise more cells than remain after validation
+        n_train = min(n_train, n_obs - n_val)
     return n_train, n_val
 
 
@@ -68,6 +71,11 @@ class DataSplitter(pl.LightningDataModule):
     chunk_size, buffer_size
         Counts on disk: cells per contiguous read and cells shuffled together in memory
         (default ``settings.dl_chunk_size`` / ``settings.dl_buffer_size``).
+    load_sparse_tensor
+        Accepted for scvi-tools compatibility: sparse counts are always kept as CSR and
+        densified one minibatch at a time, so the minibatches are the same either way.
+    persistent_workers
+        Keep loader workers across epochs (default ``settings.dl_persistent_workers``).
     """
 
     def __init__(
@@ -87,8 +95,12 @@ class DataSplitter(pl.LightningDataModule):
         store: TensorStore | None = None,
         chunk_size: int | None = None,
         buffer_size: int | None = None,
+        load_sparse_tensor: bool = False,
+        persistent_workers: bool | None = None,
     ):
         super().__init__()
+        self.load_sparse_tensor = bool(load_sparse_tensor)
+        self.persistent_workers = persistent_workers
         self.chunk_size, self.buffer_size = chunk_size, buffer_size
         self.manager = manager
         self.train_size_is_default = train_size is None or train_size == 0
@@ -123,6 +135,7 @@ class DataSplitter(pl.LightningDataModule):
                 f"Only {self.n_train} training cell(s) out of {self.n_obs}; training needs at "
                 "least 2. Use more cells or a larger train_size."
             )
+        self._check_drop_last(self.n_train)
         r = self.n_train % self.batch_size
         if self.drop_last or r not in (1, 2) or self.n_train - r < 2:
             return
@@ -143,6 +156,14 @@ class DataSplitter(pl.LightningDataModule):
             TrainingWarning,
             stacklevel=4,
         )
+
+    def _check_drop_last(self, n_train: int) -> None:
+        if self.drop_last and n_train < self.batch_size and not self.distributed_sampler:
+            raise ValueError(
+                f"drop_last=True with batch_size={self.batch_size} and {n_train} training "
+                "cells leaves no training minibatch, so nothing would be trained. Lower "
+                "batch_size or set drop_last=False."
+            )
 
     # ----------------------------------------------------------------- split
     def setup(self, stage: str | None = None) -> None:
@@ -184,6 +205,7 @@ class DataSplitter(pl.LightningDataModule):
             )
         if arrays[0].size < 2:
             raise InvalidDataError("external_indexing: the training set needs at least 2 cells.")
+        self._check_drop_last(arrays[0].size)
         r = arrays[0].size % self.batch_size
         if r in (1, 2) and not self.drop_last:
             warnings.warn(
@@ -240,6 +262,7 @@ class DataSplitter(pl.LightningDataModule):
             world_size=world,
             drop_dataset_tail=self.drop_dataset_tail,
             num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
             chunk_size=self.chunk_size,
             buffer_size=self.buffer_size,

@@ -196,7 +196,9 @@ class BaseModel(QueryMixin):
         """
         if getattr(adata, "is_view", False):
             logger.info("Received a view of an AnnData; making it a copy in place.")
-            adata._init_as_actual(adata.copy())
+            # a view of a backed="r" AnnData: only its cells are read into memory
+            backed = getattr(adata, "isbacked", False)
+            adata._init_as_actual(adata.to_memory() if backed else adata.copy())
             adata.uns.pop(UUID_KEY, None)  # the parent's id: the copy gets its own
         elif self._store.holds_another(adata):
             adata.uns.pop(UUID_KEY, None)

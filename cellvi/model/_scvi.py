@@ -10,7 +10,7 @@ import torch
 from .._constants import REGISTRY_KEYS
 from ..data import AnnDataManager, row_totals, standard_fields
 from ..module import VAE, VAEConfig
-from ..train import UNSET
+from ..train import UNSET, config_to_kwargs
 from ._base import BaseModel, seed_torch
 from ._rna_outputs import RNAOutputsMixin
 from ._training import train_unsupervised
@@ -247,6 +247,7 @@ class SCVI(RNAOutputsMixin, BaseModel):
         train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
         batch_size: int | None = None,
         early_stopping: bool = UNSET,
         check_val_every_n_epoch: int | None = UNSET,
@@ -273,6 +274,10 @@ class SCVI(RNAOutputsMixin, BaseModel):
             Split fractions (default 0.9 train, rest validation).
         shuffle_set_split
             Shuffle cells before splitting (seeded by ``cellvi.settings.seed``).
+        load_sparse_tensor
+            scvi-tools' option to send sparse minibatches to the device. Accepted and passed
+            to the splitter, where it changes nothing: sparse counts are kept as CSR (on the
+            GPU too) and densified one minibatch at a time either way.
         batch_size
             Minibatch size (default ``cellvi.settings.batch_size``, 128).
         early_stopping
@@ -324,6 +329,11 @@ class SCVI(RNAOutputsMixin, BaseModel):
         cellvi.errors.NonFiniteLossError
             A NaN/inf loss or gradient, caught at its step; the weights roll back.
         """
+        if not isinstance(load_sparse_tensor, bool):
+            raise TypeError(f"load_sparse_tensor={load_sparse_tensor!r} must be True or False.")
+        if load_sparse_tensor and datamodule is None:
+            given = config_to_kwargs(datasplitter_kwargs, "datasplitter_kwargs")
+            datasplitter_kwargs = {"load_sparse_tensor": True, **given}
         train_unsupervised(
             self,
             max_epochs=max_epochs,
