@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
+import pandas as pd
+
+from ..errors import InvalidDataError
 
 __all__ = [
     "adjusted_rand_index",
@@ -16,7 +21,9 @@ __all__ = [
 
 def knn_indices(embedding: np.ndarray, k: int = 15, chunk: int = 2048) -> np.ndarray:
     """Indices of the ``k`` nearest neighbours of every cell (itself excluded), Euclidean."""
-    x = np.asarray(embedding, dtype=np.float64)
+    x = _embedding(embedding)
+    k = _k(k, len(x))
+    x = x - x.mean(0)  # same distances; centring keeps the expanded formula's digits
     sq = (x**2).sum(1)
     out = np.empty((x.shape[0], k), dtype=np.int64)
     for start in range(0, x.shape[0], chunk):
@@ -31,7 +38,8 @@ def knn_indices(embedding: np.ndarray, k: int = 15, chunk: int = 2048) -> np.nda
 
 def knn_label_accuracy(embedding: np.ndarray, labels, k: int = 15) -> float:
     """Leave-one-out k-NN majority-vote accuracy of ``labels`` on ``embedding``."""
-    codes, _ = _codes(labels)
+    codes, _ = _codes(labels, "labels")
+    _same_length(codes, embedding, "labels", "embedding")
     neighbours = codes[knn_indices(embedding, k)]
     votes = np.apply_along_axis(np.bincount, 1, neighbours, minlength=codes.max() + 1)
     return float((votes.argmax(1) == codes).mean())
@@ -41,12 +49,18 @@ def batch_mixing(embedding: np.ndarray, batches, cell_types=None, k: int = 15) -
     """How well batches mix: k-NN batch-prediction accuracy, computed within each cell type.
 
     1.0 means neighbours always share the batch (no mixing); the value for perfect mixing is
-    about the share of the largest batch. Lower is better mixed.
+    about the share of the largest batch. Lower is better mixed. NaN when there is nothing
+    to mix: a single batch, or no cell type with more than ``k + 1`` cells and two batches.
     """
-    batches = np.asarray(batches)
+    batches, _ = _codes(batches, "batches")
+    embedding = _embedding(embedding)
+    _same_length(batches, embedding, "batches", "embedding")
     if cell_types is None:
+        if len(np.unique(batches)) < 2:
+            return float("nan")
         return knn_label_accuracy(embedding, batches, k)
-    types = np.asarray(cell_types)
+    types, _ = _codes(cell_types, "cell_types")
+    _same_length(types, embedding, "cell_types", "embedding")
     scores, weights = [], []
     for t in np.unique(types):
         mask = types == t
@@ -56,23 +70,70 @@ def batch_mixing(embedding: np.ndarray, batches, cell_types=None, k: int = 15) -
     return float(np.average(scores, weights=weights)) if scores else float("nan")
 
 
-def _codes(labels) -> tuple[np.ndarray, np.ndarray]:
-    uniques, codes = np.unique(np.asarray(labels), return_inverse=True)
-    return codes.astype(np.int64), uniques
+def _codes(labels, name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of a 1-D label vector (any dtype, categorical, mixed); no missing values."""
+    values = labels.to_numpy() if hasattr(labels, "to_numpy") else labels
+    if not isinstance(values, pd.Categorical):
+        values = np.asarray(values)
+        if values.ndim != 1:
+            raise InvalidDataError(f"{name} must be 1-D, got shape {values.shape}.")
+    if len(values) == 0:
+        raise InvalidDataError(f"{name} is empty.")
+    try:  # sorted codes, as np.unique gave (k-NN votes break ties by the lowest code)
+        codes, uniques = pd.factorize(values, sort=True)
+    except TypeError:  # mixed types cannot be sorted
+        codes, uniques = pd.factorize(values, sort=False)
+    if (codes < 0).any():
+        raise InvalidDataError(
+            f"{name} has {int((codes < 0).sum())} missing values (NaN/None); drop those cells."
+        )
+    return codes.astype(np.int64), np.asarray(uniques)
+
+
+def _embedding(embedding) -> np.ndarray:
+    x = np.asarray(embedding, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or len(x) == 0:
+        raise InvalidDataError(f"embedding must be (n_cells, n_dims), got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise InvalidDataError("embedding has non-finite values (NaN/inf).")
+    return x
+
+
+def _k(k, n: int) -> int:
+    if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k < n):
+        raise InvalidDataError(f"k={k!r} must be an integer in [1, n_cells - 1] ({n - 1}).")
+    return int(k)
+
+
+def _same_length(a, b, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise InvalidDataError(f"{name_a} has {len(a)} entries but {name_b} has {len(b)}.")
 
 
 def kmeans(
     embedding: np.ndarray, n_clusters: int, seed: int = 0, n_iter: int = 100, n_init: int = 5
 ) -> np.ndarray:
     """Lloyd's k-means with k-means++ starts; returns cluster codes (best of ``n_init``)."""
-    x = np.asarray(embedding, dtype=np.float64)
+    x = _embedding(embedding)
+    if not (
+        isinstance(n_clusters, numbers.Integral)
+        and not isinstance(n_clusters, bool)
+        and 1 <= n_clusters <= len(x)
+    ):
+        raise InvalidDataError(
+            f"n_clusters={n_clusters!r} must be an integer in [1, n_cells] ({len(x)})."
+        )
     rng = np.random.default_rng(seed)
     best, best_inertia = None, np.inf
     for _ in range(n_init):
         centers = [x[rng.integers(len(x))]]
         for _ in range(1, n_clusters):
             d = ((x[:, None, :] - np.asarray(centers)[None]) ** 2).sum(-1).min(1)
-            centers.append(x[rng.choice(len(x), p=d / d.sum())])
+            # fewer distinct points than clusters: every point is a centre already
+            p = d / d.sum() if d.sum() > 0 else None
+            centers.append(x[rng.choice(len(x), p=p)])
         centers = np.asarray(centers)
         for _ in range(n_iter):
             d = ((x[:, None, :] - centers[None]) ** 2).sum(-1)
@@ -93,8 +154,9 @@ def kmeans(
 
 
 def _contingency(a, b) -> np.ndarray:
-    ca, _ = _codes(a)
-    cb, _ = _codes(b)
+    ca, _ = _codes(a, "labels_true")
+    cb, _ = _codes(b, "labels_pred")
+    _same_length(ca, cb, "labels_true", "labels_pred")
     table = np.zeros((ca.max() + 1, cb.max() + 1))
     np.add.at(table, (ca, cb), 1)
     return table
@@ -106,6 +168,8 @@ def adjusted_rand_index(labels_true, labels_pred) -> float:
     comb = lambda v: (v * (v - 1) / 2).sum()  # noqa: E731
     sum_ij, sum_a, sum_b = comb(table), comb(table.sum(1)), comb(table.sum(0))
     n = table.sum()
+    if n < 2:  # a single cell: one partition, identical by definition (as sklearn)
+        return 1.0
     expected = sum_a * sum_b / (n * (n - 1) / 2)
     maximum = (sum_a + sum_b) / 2
     return float((sum_ij - expected) / (maximum - expected)) if maximum != expected else 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +17,36 @@ from ..errors import InvalidDataError
 __all__ = ["simulate", "true_pairwise_log2fc"]
 
 _CHUNK = 10_000
+_MAX_COUNT = np.iinfo(np.int32).max
 
 
 def _check(name: str, ok: bool, value, allowed: str) -> None:
     if not ok:
         raise InvalidDataError(f"{name}={value!r} is invalid: {allowed}.")
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    _check(name, ok, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    _check(name, ok, value, "a finite number")
+    return float(value)
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        lo = hi = None
+    ok = all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) for v in (lo, hi)
+    )
+    _check(name, ok, value, "need a (low, high) pair of finite numbers")
+    return float(lo), float(hi)
 
 
 def _balanced(rng: np.random.Generator, n: int, k: int, probs: np.ndarray | None) -> np.ndarray:
@@ -85,8 +111,11 @@ def simulate(
     AnnData with CSR int32 counts in ``X``; ``obs["batch"]``, ``obs["cell_type"]``,
     ``obs["true_library"]``; ``var["true_dispersion"]``, ``var["is_de"]``,
     ``var["base_expression"]``; ``varm["true_lfc"]`` (genes × types: log2 of each type's
-    batch-free profile over the mean of the other types); ``uns["simulation"]`` (arguments,
-    ``type_profiles``, ``batch_factors``, ``de_genes``).
+    batch-free profile over the mean of the other types); ``uns["simulation"]`` (every
+    argument, enough to rebuild the data, plus ``type_profiles``, ``batch_factors``,
+    ``de_genes``). A cell's batch-free ρ is its type's profile (stored once per type, not
+    per cell): ``uns["simulation"]["type_profiles"][obs["cell_type"].cat.codes]``. Libraries
+    so large that counts would not fit int32 raise an error.
 
     Examples
     --------
@@ -95,37 +124,45 @@ def simulate(
     >>> adata.shape, list(adata.obs["cell_type"].cat.categories)
     ((300, 100), ['type_0', 'type_1', 'type_2'])
     """
-    _check("n_cells", isinstance(n_cells, int) and n_cells > 0, n_cells, "a positive integer")
-    _check("n_genes", isinstance(n_genes, int) and n_genes > 0, n_genes, "a positive integer")
-    _check("n_batches", isinstance(n_batches, int) and n_batches > 0, n_batches, "integer >= 1")
-    _check(
-        "n_cell_types",
-        isinstance(n_cell_types, int) and n_cell_types > 0,
-        n_cell_types,
-        "integer >= 1",
-    )
+    n_cells = _integer("n_cells", n_cells, 1)
+    n_genes = _integer("n_genes", n_genes, 1)
+    n_batches = _integer("n_batches", n_batches, 1)
+    n_cell_types = _integer("n_cell_types", n_cell_types, 1)
+    n_de_genes_per_type = _integer("n_de_genes_per_type", n_de_genes_per_type, 0)
     _check(
         "n_de_genes_per_type",
-        0 <= n_de_genes_per_type and n_de_genes_per_type * n_cell_types <= n_genes,
+        n_de_genes_per_type * n_cell_types <= n_genes,
         n_de_genes_per_type,
         f"markers are disjoint, so n_cell_types * n_de_genes_per_type must be <= n_genes "
         f"({n_genes})",
     )
-    lo, hi = de_log2fc_range
+    lo, hi = _pair("de_log2fc_range", de_log2fc_range)
     _check("de_log2fc_range", 0 <= lo <= hi, de_log2fc_range, "need 0 <= low <= high")
+    batch_effect_sd = _real("batch_effect_sd", batch_effect_sd)
     _check("batch_effect_sd", batch_effect_sd >= 0, batch_effect_sd, "must be >= 0")
+    library_size_log_mean = _real("library_size_log_mean", library_size_log_mean)
+    library_size_log_sd = _real("library_size_log_sd", library_size_log_sd)
     _check("library_size_log_sd", library_size_log_sd >= 0, library_size_log_sd, "must be >= 0")
-    dlo, dhi = dispersion_range
+    dlo, dhi = _pair("dispersion_range", dispersion_range)
     _check("dispersion_range", 0 < dlo <= dhi, dispersion_range, "need 0 < low <= high")
+    zero_inflation = _real("zero_inflation", zero_inflation)
     _check("zero_inflation", 0 <= zero_inflation < 1, zero_inflation, "must be in [0, 1)")
+    if seed is not None:
+        seed = _integer("seed", seed, 0)
     probs = None
     if cell_type_proportions is not None:
-        probs = np.asarray(cell_type_proportions, dtype=float)
+        try:
+            probs = np.asarray(cell_type_proportions, dtype=float)
+        except (TypeError, ValueError):
+            probs = np.full(0, np.nan)
         _check(
             "cell_type_proportions",
-            probs.shape == (n_cell_types,) and (probs >= 0).all() and probs.sum() > 0,
+            probs.shape == (n_cell_types,)
+            and np.isfinite(probs).all()
+            and (probs >= 0).all()
+            and probs.sum() > 0,
             cell_type_proportions,
-            f"need {n_cell_types} non-negative shares",
+            f"need {n_cell_types} finite non-negative shares, not all zero",
         )
         probs = probs / probs.sum()
 
@@ -140,16 +177,33 @@ def simulate(
         signs = np.where(np.arange(len(genes)) < (len(genes) + 1) // 2, 1.0, -1.0)
         log2_effect[t, genes] = signs * sizes
         de_genes[f"type_{t}"] = [f"gene_{g}" for g in sorted(genes)]
-    profiles = base * np.exp2(log2_effect)
-    profiles /= profiles.sum(axis=1, keepdims=True)  # (types, genes), batch-free rho
-    batch_factors = np.exp(rng.normal(0.0, batch_effect_sd, size=(n_batches, n_genes)))
-    rho_tb = profiles[:, None, :] * batch_factors[None, :, :]
-    rho_tb /= rho_tb.sum(axis=2, keepdims=True)  # (types, batches, genes)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        profiles = base * np.exp2(log2_effect)
+        profiles /= profiles.sum(axis=1, keepdims=True)  # (types, genes), batch-free rho
+        batch_factors = np.exp(rng.normal(0.0, batch_effect_sd, size=(n_batches, n_genes)))
+        rho_tb = profiles[:, None, :] * batch_factors[None, :, :]
+        rho_tb /= rho_tb.sum(axis=2, keepdims=True)  # (types, batches, genes)
+    _check(
+        "de_log2fc_range / batch_effect_sd",
+        bool(np.isfinite(rho_tb).all()),
+        (de_log2fc_range, batch_effect_sd),
+        "the planted effects overflow float64; use smaller fold changes or batch effects",
+    )
     theta = rng.uniform(dlo, dhi, size=n_genes)
 
     cell_type = _balanced(rng, n_cells, n_cell_types, probs)
     batch = _balanced(rng, n_cells, n_batches, None)
     library = rng.lognormal(library_size_log_mean, library_size_log_sd, size=n_cells)
+    too_big = (
+        "the counts would not fit the int32 matrix; lower library_size_log_mean or "
+        "library_size_log_sd"
+    )
+    _check(
+        "library_size_log_mean",
+        bool(library.max() * rho_tb.max() < _MAX_COUNT),
+        library_size_log_mean,
+        too_big,
+    )
 
     chunks = [slice(s, min(s + _CHUNK, n_cells)) for s in range(0, n_cells, _CHUNK)]
     seeds = np.random.SeedSequence(seed).spawn(len(chunks))
@@ -160,7 +214,18 @@ def simulate(
         mu = (library[sl, None] * rho_tb[cell_type[sl], batch[sl]]).astype(np.float32)
         shape = np.broadcast_to(theta32, mu.shape)
         rate = chunk_rng.standard_gamma(shape, dtype=np.float32) * (mu / theta32)
-        counts = chunk_rng.poisson(rate).astype(np.int32)
+        # the Gamma tail (small θ) can push a rate past what int32 counts hold
+        _check(
+            "library_size_log_mean", bool(rate.max() < _MAX_COUNT), library_size_log_mean, too_big
+        )
+        counts = chunk_rng.poisson(rate)
+        _check(
+            "library_size_log_mean",
+            bool(counts.max() <= _MAX_COUNT),
+            library_size_log_mean,
+            too_big,
+        )
+        counts = counts.astype(np.int32)
         if zero_inflation > 0:
             counts[chunk_rng.random(counts.shape, dtype=np.float32) < zero_inflation] = 0
         empty = np.flatnonzero(counts.sum(axis=1) == 0)
@@ -196,6 +261,11 @@ def simulate(
     adata.varm["true_lfc"] = _true_lfc(profiles, type_names, gene_names)
     adata.uns["simulation"] = {
         "seed": seed,
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "n_batches": n_batches,
+        "n_cell_types": n_cell_types,
+        "cell_type_proportions": None if probs is None else probs.tolist(),
         "n_de_genes_per_type": n_de_genes_per_type,
         "de_log2fc_range": [lo, hi],
         "batch_effect_sd": batch_effect_sd,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -43,7 +45,7 @@ def synthetic_iid(
     n_genes, n_proteins, n_regions
         Features of each modality (0 skips proteins/regions).
     n_batches, n_labels
-        Number of batch and label categories.
+        Number of batch and label categories (``n_labels=0``: no labels column).
     dropout_ratio
         Probability that an entry is kept.
     sparse_format
@@ -71,6 +73,18 @@ def synthetic_iid(
         )
     if rna_dist not in ("nb", "normal"):
         raise InvalidDataError(f"rna_dist={rna_dist!r}: use 'nb' or 'normal'.")
+    for name, value, minimum in (
+        ("batch_size", batch_size, 1),
+        ("n_genes", n_genes, 1),
+        ("n_proteins", n_proteins, 0),
+        ("n_regions", n_regions, 0),
+        ("n_batches", n_batches, 1),
+        ("n_labels", n_labels, 0),
+    ):
+        if not (
+            isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+        ):
+            raise InvalidDataError(f"{name}={value!r} must be an integer >= {minimum}.")
     if not 0 < dropout_ratio <= 1:
         raise InvalidDataError(f"dropout_ratio={dropout_ratio!r} must be in (0, 1].")
     rng = np.random.default_rng(seed)
@@ -95,17 +109,14 @@ def synthetic_iid(
         x[empty, 0] = 1.0  # guard: no all-zero cell (practically never needed)
     else:
         x = rng.normal(5, 2, size=(n_obs, n_genes)).astype(np.float32)
-    obs = pd.DataFrame(
-        {
-            batch_key: pd.Categorical(
-                np.repeat([f"batch_{i}" for i in range(n_batches)], batch_size)
-            ),
-            labels_key: pd.Categorical(
-                rng.choice([f"label_{k}" for k in range(n_labels)], size=n_obs)
-            ),
-        },
-        index=[str(i) for i in range(n_obs)],
-    )
+    columns = {
+        batch_key: pd.Categorical(np.repeat([f"batch_{i}" for i in range(n_batches)], batch_size))
+    }
+    if n_labels:  # as in scvi-tools, n_labels=0 leaves out the labels column
+        columns[labels_key] = pd.Categorical(
+            rng.choice([f"label_{k}" for k in range(n_labels)], size=n_obs)
+        )
+    obs = pd.DataFrame(columns, index=[str(i) for i in range(n_obs)])
     var = pd.DataFrame(index=[f"gene_{i}" for i in range(n_genes)])
     adata = anndata.AnnData(X=fmt(x), obs=obs, var=var)
     protein = counts(n_proteins, masked=False) if n_proteins else None
