@@ -5,18 +5,20 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
-import anndata
 import lightning.pytorch as pl
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
-from ..errors import CellviWarning, ModelFileError
+from ..data import AnnDataManager
+from ..data._manager import MANAGER_UUID_KEY
+from ..errors import CellviWarning, InvalidDataError, ModelFileError, SetupError
 from ..io import from_plain, read_model_file
 from ..nn import CovariateLinear
+from ._query_api import prepare_query_anndata
+from ._registry import _data_keys
 
 __all__ = [
     "prepare_query_anndata",
@@ -26,139 +28,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("cellvi")
-
-MIN_OVERLAP_WARN = 0.8
-
-
-def _reference_var_names(reference) -> pd.Index:
-    if isinstance(reference, str | Path):
-        return pd.Index(read_model_file(reference)["var_names"])
-    names = reference.registry_["field_registries"]["X"]["state_registry"]["column_names"]
-    return pd.Index(names)
-
-
-def _match_key(query: anndata.AnnData, ref_names: pd.Index) -> tuple[pd.Index, str]:
-    """Query gene identifiers that best match the reference (var_names or a var column)."""
-    candidates = [("var_names", query.var_names)]
-    for column in query.var.columns:
-        dtype = query.var[column].dtype
-        # text columns: object, pandas' string dtypes (the default for text in pandas >= 3)
-        # or categories
-        if pd.api.types.is_string_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
-            candidates.append((f"var[{column!r}]", pd.Index(query.var[column].astype(str))))
-    best = max(candidates, key=lambda c: c[1].isin(ref_names).sum())
-    return best[1], best[0]
-
-
-def prepare_query_anndata(
-    adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True
-):
-    """Give the query exactly the reference genes, in reference order.
-
-    Genes are matched by ``var_names`` or, when ``var`` holds another identifier column
-    (Ensembl ids or symbols) that matches more reference genes, by that column; the message
-    says which was used. Missing genes become all-zero columns (in ``X`` and every layer),
-    extra genes are dropped.
-
-    Parameters
-    ----------
-    adata
-        Query AnnData.
-    reference_model
-        Saved model directory or a model instance.
-    return_reference_var_names
-        Only return the reference gene names.
-    inplace
-        Rewrite ``adata`` in place (returns None); otherwise return a new AnnData.
-    """
-    ref_names = _reference_var_names(reference_model)
-    if return_reference_var_names:
-        return ref_names
-    ids, used = _match_key(adata, ref_names)
-    found = ref_names.isin(ids)
-    n_found = int(found.sum())
-    if n_found == 0:
-        raise ValueError(
-            "None of the reference genes is in the query (compared var_names and var columns). "
-            "Check that both use the same gene identifiers."
-        )
-    share = n_found / len(ref_names)
-    logger.info(
-        "Matched %d of %d reference genes (%.1f%%) by %s.",
-        n_found,
-        len(ref_names),
-        100 * share,
-        used,
-    )
-    if share < MIN_OVERLAP_WARN:
-        warnings.warn(
-            f"Only {n_found} of {len(ref_names)} reference genes ({share:.0%}) are in the query "
-            f"(matched by {used}); the missing ones are filled with zeros, which can bias "
-            "the mapping.",
-            CellviWarning,
-            stacklevel=2,
-        )
-    position = pd.Series(np.arange(len(ids)), index=ids)
-    position = position[~position.index.duplicated()]  # a repeated identifier: its first gene
-    src = position.reindex(ref_names).to_numpy()  # NaN where missing
-
-    def reorder(matrix):
-        present = ~np.isnan(src)
-        cols = src[present].astype(np.int64)
-        sub = matrix[:, cols]
-        if sp.issparse(sub):
-            out = sp.lil_matrix((matrix.shape[0], len(ref_names)), dtype=matrix.dtype)
-            out = sp.csr_matrix(out)
-            perm = np.flatnonzero(present)
-            sub = sp.csr_matrix(sub)
-            expand = sp.csr_matrix(
-                (np.ones(len(perm)), (np.arange(len(perm)), perm)),
-                shape=(len(perm), len(ref_names)),
-            )
-            return (sub @ expand).astype(matrix.dtype).tocsr()
-        out = np.zeros((matrix.shape[0], len(ref_names)), dtype=matrix.dtype)
-        out[:, present] = np.asarray(sub)
-        return out
-
-    rows = np.where(np.isnan(src), -1, src).astype(np.int64)  # -1: a padded gene
-    new = anndata.AnnData(
-        X=reorder(adata.X),
-        obs=adata.obs.copy(),
-        var=_take_rows(adata.var, rows, ref_names),
-        layers={k: reorder(v) for k, v in adata.layers.items()},
-        obsm=dict(adata.obsm),
-        varm={k: _take_rows(v, rows, ref_names) for k, v in adata.varm.items()},
-        obsp=dict(adata.obsp),
-        uns={k: v for k, v in adata.uns.items() if not k.startswith("_cellvi_")},
-    )
-    if adata.raw is not None:  # the raw matrix has its own genes: kept as it is
-        new.raw = adata.raw.to_adata()
-    if not inplace:
-        return new
-    adata._init_as_actual(new)
-    return None
-
-
-def _take_rows(value, rows: np.ndarray, ref_names: pd.Index):
-    """Gene-indexed ``value`` (var table or a varm entry) at the reference genes: the query
-    gene's row where matched, missing values (NaN; zero for sparse or integer arrays) for
-    padded genes."""
-    if isinstance(value, pd.DataFrame):
-        out = value.reset_index(drop=True).reindex(rows)
-        out.index = ref_names.copy()
-        return out
-    present = rows >= 0
-    if sp.issparse(value):
-        pick = sp.csr_matrix(
-            (np.ones(int(present.sum())), (np.flatnonzero(present), rows[present])),
-            shape=(len(rows), value.shape[0]),
-        )
-        return (pick @ value).astype(value.dtype)
-    value = np.asarray(value)
-    fill = np.nan if np.issubdtype(value.dtype, np.floating) else 0
-    out = np.full((len(rows), *value.shape[1:]), fill, dtype=value.dtype)
-    out[present] = value[rows[present]]
-    return out
 
 
 def _grow(
@@ -335,6 +204,8 @@ def load_query_data(
     adata,
     reference_model,
     *,
+    registry=None,
+    datamodule=None,
     accelerator="auto",
     device="auto",
     unfrozen=False,
@@ -348,34 +219,130 @@ def load_query_data(
     inplace_subset_query_vars=False,
     check_var_names="error",
 ):
-    """Build a model for ``adata`` from a reference, growing covariates (see SCVI docs)."""
+    """Build a model for the query from a reference, growing covariates (see SCVI docs)."""
     from ._save_load import resolve_device
 
     if reference_model is None:
         raise ValueError("Pass the reference: a saved model directory or a trained model.")
-    if adata is None:
+    if adata is None and registry is None and datamodule is None:
         raise ValueError(
-            "Pass the query AnnData (adata=); it is registered with the reference's setup."
+            "Pass the query AnnData (adata=), or for data outside an AnnData a cellvi data "
+            "module (datamodule=) or its registry (registry=)."
+        )
+    if adata is not None and (registry is not None or datamodule is not None):
+        raise ValueError("Pass the query either as adata= or as datamodule=/registry=, not both.")
+    if datamodule is not None and registry is not None and registry is not datamodule.registry:
+        raise ValueError(
+            "registry= is not the registry of datamodule=; pass only datamodule= (its data "
+            "are registered with the reference's categories)."
         )
     torch_device = resolve_device(accelerator, device)
     if isinstance(reference_model, str | Path):
         content = read_model_file(reference_model)
         attrs = from_plain(content["attr_dict"])
-        registry, init = attrs["registry_"], attrs["init_params_"]
+        ref_registry, init = attrs["registry_"], attrs["init_params_"]
         ref_state = content["model_state_dict"]
     else:
-        registry, init = reference_model.registry_, reference_model.init_params_
+        ref_registry, init = reference_model.registry_, reference_model.init_params_
         ref_state = copy.deepcopy(reference_model.module.state_dict())
-    if registry.get("model_name") != cls.__name__:
+    if ref_registry.get("model_name") != cls.__name__:
         raise ModelFileError(
-            f"The reference is a {registry.get('model_name')} model; use "
-            f"cellvi.model.{registry.get('model_name')}.load_query_data."
+            f"The reference is a {ref_registry.get('model_name')} model; use "
+            f"cellvi.model.{ref_registry.get('model_name')}.load_query_data."
         )
+    kwargs = {**init["non_kwargs"], **init.get("kwargs", {})}
+    if adata is not None:
+        manager = _register_query(
+            cls, adata, ref_registry, transfer_batch, inplace_subset_query_vars, check_var_names
+        )
+        cls._register_manager(manager)
+        model = cls(adata, **kwargs)
+    else:
+        if datamodule is not None:
+            registry = _register_datamodule(datamodule, ref_registry, check_var_names)
+        else:
+            _check_query_registry(registry, ref_registry, check_var_names)
+        if not transfer_batch:
+            _check_known_batches(registry, ref_registry)
+        model = cls(None, registry=registry, **kwargs)
+    new_state = model.module.state_dict()
+    layouts = _covariate_layouts(cls, ref_registry, init, model.module)
+    merged, grown, grown_shapes = {}, {}, {}
+    for key, value in new_state.items():
+        if key not in ref_state:
+            merged[key] = value
+            continue
+        merged[key], kept = _grow(ref_state[key].to(value.dtype), value, layouts.get(key))
+        if kept is not None:
+            grown[key] = kept
+            grown_shapes[key] = {
+                "reference_shape": list(ref_state[key].shape),
+                "layout": None if key not in layouts else [list(p) for p in layouts[key]],
+            }
+    model.module.load_state_dict(merged)
+    n_ref_batch = len(
+        ref_registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
+    )
+    if model.summary_stats.get("n_batch", 1) != n_ref_batch:
+        logger.info("Query adds batch categories; their columns were appended to the model.")
+    options = {
+        "unfrozen": unfrozen,
+        "freeze_dropout": freeze_dropout,
+        "freeze_expression": freeze_expression,
+        "freeze_decoder_first_layer": freeze_decoder_first_layer,
+        "freeze_batchnorm_encoder": freeze_batchnorm_encoder,
+        "freeze_batchnorm_decoder": freeze_batchnorm_decoder,
+        "freeze_classifier": freeze_classifier,
+    }
+    freeze_for_query(model.module, grown=grown, **options)
+    # saved with the model, so that a reloaded query model trains with the same freezing
+    model.query_freezing_ = {"options": options, "grown": grown_shapes}
+    model.module.to(torch_device)
+    model.module.eval()
+    model.is_trained_ = False
+    return model
+
+
+def refreeze(module: torch.nn.Module, freezing) -> None:
+    """Apply the freezing of a saved query model (its ``query_freezing_``) again."""
+    try:
+        params = dict(module.named_parameters())
+        grown = {}
+        for name, info in freezing["grown"].items():
+            if name not in params:
+                continue
+            new = params[name].detach()
+            layout = info["layout"]
+            ref = torch.zeros(info["reference_shape"], dtype=new.dtype)
+            old_cats = None if layout is None else [(int(o), int(n)) for o, n in layout]
+            grown[name] = _grow(ref, torch.zeros_like(new, device="cpu"), old_cats)[1]
+        options = {k: bool(freezing["options"][k]) for k in _FREEZE_OPTIONS}
+    except (KeyError, TypeError, ValueError, ModelFileError) as err:
+        raise ModelFileError(
+            f"The saved query freezing (query_freezing_) is damaged or was edited: {err!r}."
+        ) from None
+    freeze_for_query(module, grown={k: v for k, v in grown.items() if v is not None}, **options)
+
+
+_FREEZE_OPTIONS = (
+    "unfrozen",
+    "freeze_dropout",
+    "freeze_expression",
+    "freeze_decoder_first_layer",
+    "freeze_batchnorm_encoder",
+    "freeze_batchnorm_decoder",
+    "freeze_classifier",
+)
+
+
+def _register_query(cls, adata, registry, transfer_batch, subset_vars, check_var_names):
+    """The query AnnData registered with the reference's setup (categories extended, labels
+    not)."""
     if getattr(adata, "is_view", False):
         raise ValueError("The query is a view; pass adata[idx].copy().")
     if not transfer_batch:
-        _check_known_batches(adata, registry)
-    if inplace_subset_query_vars:
+        _check_known_batches_in(adata, registry)
+    if subset_vars:
         _subset_query_vars(adata, registry, cls.__name__)
     manager = cls._build_manager(registry["setup_args"])
     manager.register_fields(
@@ -385,41 +352,111 @@ def load_query_data(
         allow_missing_labels=True,
         check_var_names=check_var_names,
     )
-    cls._register_manager(manager)
-    model = cls(adata, **init["non_kwargs"], **init.get("kwargs", {}))
-    new_state = model.module.state_dict()
-    layouts = _covariate_layouts(cls, registry, init, model.module)
-    merged, grown = {}, {}
-    for key, value in new_state.items():
-        if key not in ref_state:
-            merged[key] = value
-            continue
-        merged[key], kept = _grow(ref_state[key].to(value.dtype), value, layouts.get(key))
-        if kept is not None:
-            grown[key] = kept
-    model.module.load_state_dict(merged)
-    if not model.summary_stats.get("n_batch", 1) == len(
-        registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
-    ):
-        logger.info("Query adds batch categories; their columns were appended to the model.")
-    freeze_for_query(
-        model.module,
-        unfrozen=unfrozen,
-        freeze_dropout=freeze_dropout,
-        freeze_expression=freeze_expression,
-        freeze_decoder_first_layer=freeze_decoder_first_layer,
-        freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-        grown=grown,
-        freeze_classifier=freeze_classifier,
+    _check_labels_kept(manager, registry)
+    return manager
+
+
+def _check_labels_kept(manager, registry: dict) -> None:
+    """Labels are never extended (``persistence.md`` §3.2 step 5): an unseen query label is
+    an error (the manager gives up the data it registered)."""
+    ref = list(registry["field_registries"]["labels"]["state_registry"]["categorical_mapping"])
+    new = list(
+        manager.registry["field_registries"]["labels"]["state_registry"]["categorical_mapping"]
     )
-    model.module.to(torch_device)
-    model.module.eval()
-    model.is_trained_ = False
-    return model
+    if new == ref:
+        return
+    manager.adata.uns.pop(MANAGER_UUID_KEY, None)  # no manager owns these codes
+    column = manager.registry["setup_args"].get("labels_key")
+    raise InvalidDataError(
+        f"labels column {column!r} of the query has label(s) the reference has not seen: "
+        f"{new[len(ref) :][:5]}. Query mapping never adds labels; set those cells to one of "
+        f"the reference's labels ({ref[:5]}), or use SCANVI, whose unlabeled category marks "
+        "novel cells."
+    )
 
 
-def _check_known_batches(adata, registry: dict) -> None:
+def _register_datamodule(datamodule, registry: dict, check_var_names: str) -> dict:
+    """Register a data module's data again with the reference's categories (new ones
+    appended), so that it feeds the codes the grown model reads; its new registry."""
+    manager = getattr(datamodule, "manager", None)
+    if getattr(manager, "adata", None) is None or not hasattr(manager, "fields"):
+        raise ValueError(
+            f"datamodule={type(datamodule).__name__} holds no registered cellvi data; pass a "
+            "cellvi data module (AnnDataModule, SomaDataModule), or registry= of data "
+            "encoded with the reference's categories."
+        )
+    new = AnnDataManager(manager.fields, manager.setup_method_args)
+    new.register_fields(
+        manager.adata,
+        source_registry=registry,
+        extend_categories=True,
+        allow_missing_labels=True,
+        check_var_names=check_var_names,
+    )
+    _check_labels_kept(new, registry)
+    _check_query_registry(new.registry, registry, check_var_names)
+    datamodule.manager, datamodule._store = new, None
+    return new.registry
+
+
+def _mappings(registry: dict) -> dict[str, list]:
+    regs = registry["field_registries"]
+    out = {
+        key: list(regs[key]["state_registry"].get("categorical_mapping", []))
+        for key in ("batch", "labels")
+        if key in regs
+    }
+    covs = regs.get("extra_categorical_covs", {}).get("state_registry", {})
+    for key, cats in covs.get("mappings", {}).items():
+        out[f"covariate {key!r}"] = list(cats)
+    return out
+
+
+def _check_query_registry(query: dict, registry: dict, check_var_names: str) -> None:
+    """``registry=``: the query's registry must encode the reference's genes and put the
+    reference's categories first (codes index the reference's weights)."""
+    if not isinstance(query, Mapping) or not isinstance(query.get("field_registries"), Mapping):
+        raise ValueError("registry= must be a data registry, e.g. dm.registry.")
+    genes = [query, registry]
+    genes = [list(r["field_registries"]["X"]["state_registry"]["column_names"]) for r in genes]
+    if len(genes[0]) != len(genes[1]):
+        raise SetupError(
+            f"The query registry has {len(genes[0])} genes, the reference {len(genes[1])}."
+        )
+    if genes[0] != genes[1]:
+        message = "The query registry's genes differ from the reference's in name or order."
+        if check_var_names == "error":
+            raise SetupError(message + " (check_var_names='warn' only warns.)")
+        warnings.warn(message, CellviWarning, stacklevel=4)
+    if _data_keys(query) != _data_keys(registry):
+        raise SetupError(
+            f"The query registry registers {sorted(_data_keys(query))}, the reference "
+            f"{sorted(_data_keys(registry))}; register the same fields."
+        )
+    ref_maps, query_maps = _mappings(registry), _mappings(query)
+    for key, ref in ref_maps.items():
+        new = query_maps.get(key, [])
+        if new[: len(ref)] != ref or (key == "labels" and new != ref):
+            raise SetupError(
+                f"The {key} categories of the query registry {new[:6]} do not start with the "
+                f"reference's {ref[:6]}, so its codes would be misread (labels must be equal). "
+                "Pass datamodule= instead: its data are then encoded with the reference's "
+                "categories."
+            )
+
+
+def _check_known_batches(query: dict, registry: dict) -> None:
+    """``transfer_batch=False`` with a query registry: no batch beyond the reference's."""
+    known = _mappings(registry)["batch"]
+    unseen = _mappings(query)["batch"][len(known) :]
+    if unseen:
+        raise ValueError(
+            f"transfer_batch=False: the query holds batch(es) the reference has not seen: "
+            f"{unseen} (known: {known}). Pass transfer_batch=True to add them."
+        )
+
+
+def _check_known_batches_in(adata, registry: dict) -> None:
     """``transfer_batch=False``: every query batch must be one of the reference's."""
     state = registry["field_registries"]["batch"]["state_registry"]
     key = registry["setup_args"].get("batch_key")

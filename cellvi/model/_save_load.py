@@ -218,6 +218,9 @@ def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
 
 # set from the registry and init params when the model is rebuilt, not copied from the file
 _REBUILT = ("registry_", "init_params_", "config_")
+# a query model's freezing (load_query_data): restored so that training it again after
+# loading moves only what it moved before
+_QUERY_FREEZING = "query_freezing_"
 
 
 def _checked_attributes(content: dict, dir_path) -> dict:
@@ -318,6 +321,7 @@ def load_model(
     # the known attributes and those the rebuilt model has (e.g. SCANVI's was_pretrained_);
     # other names in a hand-edited file are not set
     known = set(_SAVED_ATTRS) | set(getattr(cls, "_EXTRA_SAVED_ATTRS", ())) | set(vars(model))
+    known.add(_QUERY_FREEZING)
     for name in attrs:
         if name in known and name.endswith("_") and name not in _REBUILT:
             value = attrs[name]
@@ -333,6 +337,10 @@ def load_model(
             f"The weights in {dir_path} do not fit the {cls.__name__} architecture stored with "
             f"them: {err}"
         ) from err
+    if attrs.get(_QUERY_FREEZING) is not None:
+        from ._query import refreeze
+
+        refreeze(model.module, attrs[_QUERY_FREEZING])
     model.module.to(torch_device)
     model.module.eval()
     saved = content.get("optimizer_state")  # save(..., save_optimizer_state=True)
