@@ -60,6 +60,11 @@ class SCANVI(SCVI):
         embedding); the classifier and the ``z2`` encoder/decoder keep their defaults.
     linear_classifier
         Use a single linear layer as classifier.
+    classifier_parameters
+        scvi-tools' classifier options (``n_hidden``, ``n_layers``, ``dropout_rate``,
+        ``use_batch_norm``, ``use_layer_norm``), overriding those taken from the architecture.
+    y_prior
+        Fixed class prior probabilities, in label code order (None: uniform).
     registry
         A data registry (from a data module or a saved model) when ``adata`` is None.
 
@@ -97,11 +102,20 @@ class SCANVI(SCVI):
         extra_decoder_kwargs: dict | None = None,
         batch_embedding_kwargs: dict | None = None,
         linear_classifier: bool = False,
+        classifier_parameters: dict | None = None,
+        y_prior=None,
         registry: dict | None = None,
     ):
         if adata is None and registry is not None:
             _labels_state(registry)  # refuse before a module with no classes is built
         self.linear_classifier = linear_classifier
+        self.classifier_parameters = dict(classifier_parameters or {})
+        # plain numbers, saved with the init params
+        self.y_prior = (
+            None
+            if y_prior is None
+            else torch.as_tensor(y_prior, dtype=torch.float32).reshape(-1).tolist()
+        )
         self.was_pretrained_ = False
         super().__init__(
             adata,
@@ -125,7 +139,12 @@ class SCANVI(SCVI):
             batch_embedding_kwargs=batch_embedding_kwargs,
             registry=registry,
         )
-        self.init_params_["non_kwargs"]["linear_classifier"] = linear_classifier
+        extras = self.init_params_["non_kwargs"]
+        extras["linear_classifier"] = linear_classifier
+        if self.classifier_parameters:  # recorded only when set: older files stay as they were
+            extras["classifier_parameters"] = dict(self.classifier_parameters)
+        if self.y_prior is not None:
+            extras["y_prior"] = list(self.y_prior)
         if self.registry_ is not None:
             self._registry_bound()
 
@@ -153,6 +172,8 @@ class SCANVI(SCVI):
             self.config_,
             n_labels=self.summary_stats["n_labels"] - 1,
             linear_classifier=self.linear_classifier,
+            classifier_parameters=self.classifier_parameters,
+            y_prior=self.y_prior,
             **self._module_kwargs(),
         )
 
@@ -205,6 +226,8 @@ class SCANVI(SCVI):
         labels_key: str | None = None,
         adata=None,
         linear_classifier: bool = False,
+        classifier_parameters: dict | None = None,
+        y_prior=None,
         **architecture,
     ) -> SCANVI:
         """A SCANVI initialised from a trained SCVI (same setup and architecture, its weights).
@@ -213,6 +236,8 @@ class SCANVI(SCVI):
         (``var_activation``, ``extra_encoder_kwargs``, ...) included. Architecture arguments
         given here as well (scvi-tools' ``**kwargs``) are dropped with a warning when they
         differ from the SCVI's; other names are a ``TypeError`` listing the valid ones.
+        ``adata`` (default: the SCVI's) must have the SCVI's genes, in its order, and the same
+        batches and categorical covariates, else a :class:`~cellvi.errors.SetupError`.
         """
         if not scvi_model.is_trained:
             raise SetupError("from_scvi_model needs a trained SCVI model (call its train()).")
@@ -223,12 +248,23 @@ class SCANVI(SCVI):
             raise SetupError(
                 "Give labels_key=: neither it nor the SCVI setup names a labels column."
             )
-        adata = scvi_model.adata if adata is None else adata
+        if adata is None:
+            adata = scvi_model.adata
+            if adata is None:
+                raise SetupError("The SCVI model has no AnnData; pass adata=.")
+        _check_same_genes(scvi_model.registry_, adata)
         args.pop("labels_key", None)
         cls.setup_anndata(
             adata, labels_key=labels_key, unlabeled_category=unlabeled_category, **args
         )
-        model = cls(adata, linear_classifier=linear_classifier, **_architecture_of(scvi_model))
+        _check_same_covariates(scvi_model.registry_, cls._store.get(adata).registry)
+        model = cls(
+            adata,
+            linear_classifier=linear_classifier,
+            classifier_parameters=classifier_parameters,
+            y_prior=y_prior,
+            **_architecture_of(scvi_model),
+        )
         ref = scvi_model.module.state_dict()
         own = model.module.state_dict()
         copied = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
@@ -364,6 +400,38 @@ def _split_classification_ratio(plan_config, plan_kwargs) -> tuple[dict | None, 
     plan_kwargs = config_to_kwargs(plan_kwargs, "plan_kwargs")
     ratio = plan_kwargs.pop("classification_ratio", ratio)
     return plan_config, plan_kwargs, check_classification_ratio(ratio)
+
+
+def _check_same_genes(registry: dict, adata) -> None:
+    """``adata`` must hold the SCVI's genes in its order: its weights are tied to them."""
+    state = registry["field_registries"][_K.X_KEY]["state_registry"]
+    expected = [str(g) for g in state["column_names"]]
+    given = [str(g) for g in adata.var_names]
+    if given != expected:
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(given, expected, strict=False)) if a != b),
+            min(len(given), len(expected)),
+        )
+        raise SetupError(
+            f"from_scvi_model: adata has {len(given)} genes, the SCVI model {len(expected)}, "
+            f"and they differ from position {differ} on; the SCVI weights are tied to its "
+            "genes. Align them with SCVI.prepare_query_anndata(adata, scvi_model) first."
+        )
+
+
+def _check_same_covariates(source: dict, target: dict) -> None:
+    """The batch and covariate encodings must match the SCVI's (its one-hot weights)."""
+    keys = [k for k in source["field_registries"] if k not in (_K.X_KEY, _K.LABELS_KEY)]
+    for key in keys:
+        before = source["field_registries"][key].get("state_registry", {})
+        after = target["field_registries"].get(key, {}).get("state_registry", {})
+        if before != after:
+            raise SetupError(
+                f"from_scvi_model: the {key!r} categories or columns of adata differ from the "
+                f"SCVI model's ({after} vs {before}); its weights are tied to them. Use data "
+                "with the same batches and covariates, or map new batches with "
+                "SCANVI.load_query_data after training."
+            )
 
 
 def _architecture_of(scvi_model: SCVI) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,6 +33,12 @@ class SCANVAE(VAE):
         Number of label classes K (the unlabeled category excluded).
     linear_classifier
         A single linear layer as classifier instead of an FC stack.
+    classifier_parameters
+        scvi-tools' classifier options overriding the defaults: ``n_hidden``, ``n_layers``
+        (0 or ``n_hidden=0``: one linear layer), ``dropout_rate``, ``use_batch_norm``,
+        ``use_layer_norm`` and ``logits`` (must stay True: the classifier outputs logits).
+    y_prior
+        Fixed prior probabilities of the K classes (None: uniform); positive, summing to 1.
     **kwargs
         :class:`VAE` arguments (``n_batch``, covariates, library priors).
     """
@@ -46,6 +50,8 @@ class SCANVAE(VAE):
         *,
         n_labels: int,
         linear_classifier: bool = False,
+        classifier_parameters: dict | None = None,
+        y_prior=None,
         **kwargs,
     ):
         super().__init__(n_input, config, n_labels=n_labels + 1, **kwargs)
@@ -53,21 +59,34 @@ class SCANVAE(VAE):
         self.n_classes = n_labels
         bn = cfg.use_batch_norm in ("encoder", "both")
         ln = cfg.use_layer_norm in ("encoder", "both")
-        if linear_classifier:
+        cls = _classifier_options(
+            {
+                "n_layers": 0 if linear_classifier else cfg.n_layers,
+                "n_hidden": 0 if linear_classifier else cfg.n_hidden,
+                "dropout_rate": cfg.dropout_rate,
+                "use_batch_norm": bn,
+                "use_layer_norm": ln,
+            },
+            classifier_parameters,
+        )
+        if cls["n_layers"] == 0 or cls["n_hidden"] == 0:  # scvi-tools: one linear layer
             self.classifier = nn.Linear(cfg.n_latent, n_labels)
         else:
             self.classifier = nn.Sequential(
                 FCLayers(
                     cfg.n_latent,
-                    cfg.n_hidden,
-                    n_layers=cfg.n_layers,
-                    n_hidden=cfg.n_hidden,
-                    dropout_rate=cfg.dropout_rate,
-                    use_batch_norm=bn,
-                    use_layer_norm=ln,
+                    cls["n_hidden"],
+                    n_layers=cls["n_layers"],
+                    n_hidden=cls["n_hidden"],
+                    dropout_rate=cls["dropout_rate"],
+                    use_batch_norm=cls["use_batch_norm"],
+                    use_layer_norm=cls["use_layer_norm"],
                 ),
-                nn.Linear(cfg.n_hidden, n_labels),
+                nn.Linear(cls["n_hidden"], n_labels),
             )
+        # not in the state dict (older files load unchanged): the model rebuilds it from its
+        # init params
+        self.register_buffer("y_prior", _prior(y_prior, n_labels), persistent=False)
         self.encoder_z2_z1 = Encoder(
             cfg.n_latent,
             cfg.n_latent,
@@ -115,7 +134,7 @@ class SCANVAE(VAE):
         log_pz1 = log_normal(z1_rep, pz1_m, pz1_v).reshape(k, n).T  # (cells, K)
         kl_z2 = kl_normal_standard(qz2_m, qz2_v).reshape(k, n).T
         reconst = -log_px + log_qz1 - (probs * log_pz1).sum(-1)
-        kl_y = (probs * (probs.clamp_min(1e-12).log() + math.log(k))).sum(-1)
+        kl_y = (probs * (probs.clamp_min(1e-12).log() - self.y_prior.log())).sum(-1)
         kl_local = (probs * kl_z2).sum(-1) + kl_y
         if self.observed_library:
             kl_l = torch.zeros_like(kl_local)
@@ -127,10 +146,55 @@ class SCANVAE(VAE):
                 self.library_log_means[0, b].unsqueeze(-1),
                 self.library_log_vars[0, b].unsqueeze(-1),
             )
-        loss = torch.mean(reconst + kl_weight * kl_local + kl_l)
+        # models.md §2: the library KL is part of the warmed-up KL in SCANVI (unlike SCVI)
+        loss = torch.mean(reconst + kl_weight * (kl_local + kl_l))
         return LossOutput(
             loss=loss,
             reconstruction_loss=reconst,
             kl_local=kl_local + kl_l,
             kl_global=torch.zeros((), device=x.device),
         )
+
+
+_CLASSIFIER_KEYS = ("n_hidden", "n_layers", "dropout_rate", "use_batch_norm", "use_layer_norm")
+
+
+def _classifier_options(defaults: dict, given: dict | None) -> dict:
+    """scvi-tools' ``classifier_parameters`` checked and laid over the defaults."""
+    given = dict(given or {})
+    if not given.pop("logits", True):
+        raise ValueError(
+            "classifier_parameters={'logits': False} is not supported: the classifier outputs "
+            "logits (the softmax is applied where probabilities are needed)."
+        )
+    unknown = sorted(set(given) - set(_CLASSIFIER_KEYS))
+    if unknown:
+        raise TypeError(
+            f"classifier_parameters has unknown key(s) {unknown}; valid: "
+            f"{[*_CLASSIFIER_KEYS, 'logits']}."
+        )
+    out = {**defaults, **given}
+    for key in ("n_hidden", "n_layers"):
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"classifier_parameters[{key!r}]={value!r}: need an integer >= 0.")
+    rate = out["dropout_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+        raise ValueError(f"classifier_parameters['dropout_rate']={rate!r}: need 0 <= rate < 1.")
+    return out
+
+
+def _prior(y_prior, n_labels: int) -> torch.Tensor:
+    """The class prior as a ``(1, K)`` tensor (uniform when None)."""
+    if y_prior is None:
+        return torch.full((1, n_labels), 1.0 / n_labels)
+    prior = torch.as_tensor(y_prior, dtype=torch.float32).detach().cpu().reshape(1, -1)
+    if prior.shape[1] != n_labels:
+        raise ValueError(
+            f"y_prior has {prior.shape[1]} values but there are {n_labels} label classes."
+        )
+    if not bool(torch.isfinite(prior).all()) or bool((prior <= 0).any()):
+        raise ValueError(f"y_prior must hold finite values > 0; got {prior.tolist()[0]}.")
+    if abs(float(prior.sum()) - 1.0) > 1e-4:
+        raise ValueError(f"y_prior must sum to 1; it sums to {float(prior.sum()):.6g}.")
+    return prior
