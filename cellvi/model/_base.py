@@ -14,7 +14,7 @@ from .._settings import settings
 from ..data import AnnDataManager
 from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, SetupError
-from ._history import _without_last_rows, append_history, history_from_rows
+from ._history import _without_last_rows, append_history, run_history
 from ._query_api import QueryMixin
 from ._registry import ManagerStore, check_registry_compatible
 
@@ -390,13 +390,7 @@ class BaseModel(QueryMixin):
             base = self._history_before_failed_run
         else:
             base = self.history_
-        new = history_from_rows(result.history_rows)
-        if result.step_rows:
-            steps = [r["step"] for r in result.step_rows]
-            losses = [r["train_loss_step"] for r in result.step_rows]
-            new["train_loss_step"] = pd.DataFrame(
-                {"train_loss_step": losses}, index=pd.Index(steps, name="step")
-            )
+        new = run_history(result.history_rows, result.step_rows)
         self.history_ = append_history(base, new)
         self.run_dir_ = str(result.run_dir)
         if result.completed:

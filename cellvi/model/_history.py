@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-__all__ = ["history_from_rows", "append_history"]
+__all__ = ["history_from_rows", "append_history", "run_history"]
 
 
 def history_from_rows(rows: Sequence[dict], *, first_epoch: int = 0) -> dict[str, pd.DataFrame]:
@@ -19,6 +19,19 @@ def history_from_rows(rows: Sequence[dict], *, first_epoch: int = 0) -> dict[str
         frame = pd.DataFrame({name: values}, index=pd.Index(epochs, name="epoch"))
         out[name] = frame
     return out
+
+
+def run_history(history_rows: Sequence[dict], step_rows: Sequence[dict]) -> dict:
+    """A run's history tables: the epoch rows, plus ``train_loss_step`` (index ``step``) when
+    per-step losses were recorded."""
+    new = history_from_rows(history_rows)
+    if step_rows:
+        steps = [r["step"] for r in step_rows]
+        losses = [r["train_loss_step"] for r in step_rows]
+        new["train_loss_step"] = pd.DataFrame(
+            {"train_loss_step": losses}, index=pd.Index(steps, name="step")
+        )
+    return new
 
 
 def append_history(

@@ -15,7 +15,7 @@ from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, ModelFileError, SetupError
 from ..io import from_plain, read_model_file, to_plain, write_model_dir
 from ..train._callbacks import current_checkpoint_run
-from ._history import _without_last_rows, append_history, history_from_rows
+from ._history import _without_last_rows, append_history, run_history
 
 __all__ = ["save_model", "load_model", "load_registry", "resolve_device"]
 
@@ -148,15 +148,7 @@ def _checkpoint_attributes(model, run) -> dict:
     base = model.history_ or {}
     if run.resumed_rows is not None and str(run.run_dir) == model.run_dir_:
         base = _without_last_rows(base, *run.resumed_rows)
-    new = history_from_rows(run.history_rows)
-    if run.step_rows:
-        import pandas as pd
-
-        steps = [r["step"] for r in run.step_rows]
-        losses = [r["train_loss_step"] for r in run.step_rows]
-        new["train_loss_step"] = pd.DataFrame(
-            {"train_loss_step": losses}, index=pd.Index(steps, name="step")
-        )
+    new = run_history(run.history_rows, run.step_rows)
     attrs = {"history_": append_history(base, new), "run_dir_": str(run.run_dir)}
     for name, value in (
         ("train_indices_", run.train_idx),
