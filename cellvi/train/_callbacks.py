@@ -281,6 +281,19 @@ class BestModelCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = str(dirpath)
 
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # a validation metric from an earlier epoch (check_val_every_n_epoch > 1) does not
+        # score this epoch's weights: no checkpoint for them
+        validated = getattr(self, "_validated_epoch", None) == trainer.current_epoch
+        if "validation" in str(self.monitor) and not validated:
+            return
+        super().on_train_epoch_end(trainer, pl_module)
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if trainer.is_global_zero:
             token = _CHECKPOINT_RUN.set(_run_so_far(trainer))

@@ -167,6 +167,21 @@ def test_best_checkpoints_hold_the_history_to_their_epoch_and_the_split(tmp_path
         torch.testing.assert_close(final.module.state_dict()[key], value)
 
 
+def test_epochs_without_validation_get_no_validation_monitored_checkpoint(tmp_path):
+    """check_val_every_n_epoch=2: the metric of epoch 1 does not score epoch 2's weights."""
+    from cellvi.train import SaveCheckpoint
+
+    adata = _data()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_hidden=16, n_latent=4)
+    ckpt = SaveCheckpoint(dirpath=tmp_path / "best", monitor="elbo_validation", save_top_k=-1)
+    model.train(
+        max_epochs=5, check_val_every_n_epoch=2, callbacks=[ckpt], save_resume_checkpoint=False
+    )
+    epochs = sorted(int(p.split("-")[0].split("=")[1]) for p in os.listdir(tmp_path / "best"))
+    assert epochs == [1, 3]  # the validated epochs only
+
+
 # ------------------------------------------------------------- saving into a shared folder
 def test_overwrite_keeps_other_prefixes_and_files_but_not_stale_data(saved, tmp_path):
     """Prefixes exist to keep several models in one folder: a second model saved there with
