@@ -140,9 +140,12 @@ class TrainingPlan(pl.LightningModule):
     def check_rank_shares(self, datamodule, world_size: int) -> None:
         """Refuse, before any process starts, a split too small to give every rank a trainable
         share (``ceil(n / world)`` cells, ``n // world`` with ``drop_dataset_tail``)."""
+        train_idx = getattr(datamodule, "train_idx", None)
         if world_size <= 1 or not getattr(datamodule, "distributed_sampler", False):
             return
-        n_train = len(datamodule.train_idx)
+        if train_idx is None:  # a data module that shards its own cells
+            return
+        n_train = len(train_idx)
         if getattr(datamodule, "drop_dataset_tail", False):
             per_rank = n_train // world_size
         else:
