@@ -46,8 +46,8 @@ class RNAOutputsMixin:
         batch_size: int | None = None,
         return_mean: bool = True,
         return_numpy: bool | None = None,
-        dataloader=None,
         silent: bool = True,
+        dataloader=None,
         **importance_weighting_kwargs,
     ):
         """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`.
@@ -125,10 +125,14 @@ class RNAOutputsMixin:
         rna_size_factor: float = 1000,
         transform_batch=None,
         correlation_type: str = "spearman",
+        silent: bool = True,
         dataloader=None,
     ):
         """Gene-gene correlation of denoised expression draws; see
-        :func:`cellvi.analysis.get_feature_correlation_matrix`."""
+        :func:`cellvi.analysis.get_feature_correlation_matrix`.
+
+        ``silent`` is accepted for scvi-tools compatibility: cellvi shows no per-batch
+        progress for this call."""
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_feature_correlation_matrix(
             self,
