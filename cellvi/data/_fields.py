@@ -390,9 +390,10 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
     def transfer_field(self, state, adata_target, *, allow_missing_labels: bool = False) -> dict:
         """Encode the target's labels with the source codes.
 
-        Unseen labels are an error, unless ``allow_missing_labels`` (query mapping): then an
-        absent column is filled with the unlabeled category and cells with unseen labels count
-        as unlabeled, each with a :class:`~cellvi.errors.CellviWarning`.
+        Unseen labels are an error (``data.md`` §1.3, also in query mapping: a label the
+        reference never learned cannot be predicted or trained). With
+        ``allow_missing_labels`` (query mapping) an absent column is filled with the
+        unlabeled category, with a :class:`~cellvi.errors.CellviWarning`.
         """
         if self.obs_key is not None and self.obs_key not in adata_target.obs:
             if not allow_missing_labels:
@@ -409,22 +410,20 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
         column = self._column(adata_target)
         mapping = list(state["categorical_mapping"])
         unseen = [c for c in self._categories(column) if c not in mapping]
-        if unseen and not allow_missing_labels:
-            raise InvalidDataError(
-                f"labels column {self.obs_key!r} has labels the model has not seen: "
-                f"{unseen[:5]}. Mark novel cells with the unlabeled category "
-                f"{self.unlabeled_category!r}."
-            )
-        if unseen:  # query mapping: novel labels cannot be learned, they count as unlabeled
+        if unseen:
             n_cells = int(column.isin(unseen).sum())
-            warnings.warn(
-                f"labels column {self.obs_key!r}: {n_cells} query cell(s) carry labels the "
-                f"reference never saw ({unseen[:5]}); they are treated as "
-                f"{self.unlabeled_category!r} (the column itself is not changed).",
-                CellviWarning,
-                stacklevel=_STACK,
+            key, unlabeled = self.obs_key, self.unlabeled_category
+            hint = (
+                f", e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(object).where("
+                f"~adata.obs[{key!r}].isin({unseen!r}), {unlabeled!r})"
+                if len(unseen) <= 5
+                else ""
             )
-            column = column.astype(object).where(~column.isin(unseen), self.unlabeled_category)
+            raise InvalidDataError(
+                f"labels column {key!r} has labels the model has not seen: {unseen[:5]} "
+                f"({n_cells} cell(s)). Mark novel cells with the unlabeled category "
+                f"{unlabeled!r}{hint}."
+            )
         self._encode(adata_target, column, mapping)
         return self._state(mapping)
 

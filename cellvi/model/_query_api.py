@@ -194,11 +194,11 @@ class QueryMixin:
         """A model for query cells built from a reference (architecture surgery).
 
         New batch (and covariate) categories of the query are appended to the reference's;
-        labels are never added (a query label the reference has not seen is an error; SCANVI
-        counts it as unlabeled, with a warning). Only covariate weights, batch embeddings, the
-        library encoder, the switched-on layers and the new slices of grown tensors train; all
-        other weights stay bit-identical, also under weight decay. Train it with
-        ``plan_kwargs={"weight_decay": 0.0}``.
+        labels are never added (a query label the reference has not seen is an error, for
+        SCANVI too: mark such cells with the unlabeled category). Only covariate weights,
+        batch embeddings, the library encoder, the switched-on layers and the new slices of
+        grown tensors train; all other weights stay bit-identical, also under weight decay.
+        Train it with ``plan_kwargs={"weight_decay": 0.0}``.
 
         The model is saved with its freezing: after ``save``/``load`` it trains the same
         weights as before (``query_freezing_``).

@@ -263,16 +263,19 @@ def test_labels_transfer_rejects_absent_column_by_default():
         field.transfer_field(state, target)
 
 
-def test_labels_query_transfer_counts_unseen_labels_as_unlabeled():
+def test_labels_query_transfer_refuses_unseen_labels_and_names_the_fix():
+    """data.md §1.3: an unseen label stays a ValueError in query mapping too."""
     field = LabelsWithUnlabeledObsField("labels", "label", "Unknown")
     state = field.register_field(_adata())
     target = _adata(seed=1)
     target.obs["label"] = target.obs["label"].replace({"C": "D"})
     n_d = int((target.obs["label"] == "D").sum())
-    with pytest.warns(CellviWarning, match=rf"{n_d} query cell\(s\) carry labels"):
+    with pytest.raises(InvalidDataError, match=rf"not seen: \['D'\] \({n_d} cell") as err:
         field.transfer_field(state, target, allow_missing_labels=True)
+    exec(str(err.value).split("e.g. ", 1)[1].rstrip("."), {"adata": target})  # the given fix
+    field.transfer_field(state, target, allow_missing_labels=True)
     unknown_code = state["categorical_mapping"].index("Unknown")
-    assert target.obs["_cellvi_labels"][target.obs["label"] == "D"].eq(unknown_code).all()
+    assert (target.obs["_cellvi_labels"] == unknown_code).sum() >= n_d
 
 
 # ----------------------------------------------------------------------- NumericalObsField

@@ -130,10 +130,15 @@ def test_scanvi_query_mapping_predicts_labels_of_a_new_batch():
     SCANVI.setup_anndata(ref, labels_key="labels", unlabeled_category="Unknown", batch_key="batch")
     reference = SCANVI(ref, n_latent=8)
     reference.train(max_epochs=60, plan_kwargs={"n_epochs_kl_warmup": 10})
-    with pytest.warns(CellviWarning, match=r"5 query cell\(s\) carry labels the reference never"):
-        q = SCANVI.load_query_data(query, reference)
+    # data.md §1.3: an unseen label is refused, also in query mapping; the message's own
+    # code marks the novel cells as unlabeled
+    with pytest.raises(InvalidDataError, match=r"not seen: \['novel_type'\] \(5 cell") as err:
+        SCANVI.load_query_data(query, reference)
+    fix = str(err.value).split("e.g. ", 1)[1].rstrip(".")
+    exec(fix, {"adata": query})
+    assert (query.obs["labels"] == "Unknown").all()
+    q = SCANVI.load_query_data(query, reference)
     assert q.summary_stats["n_batch"] == 3
-    assert (q.adata.obs["labels"] == "novel_type").sum() == 5  # user column untouched
     classifier_before = {k: v.clone() for k, v in q.module.classifier.state_dict().items()}
     q.train(max_epochs=40, plan_kwargs={"weight_decay": 0.0})
     for name, value in q.module.classifier.state_dict().items():
