@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import CELLVI_PREFIX
+from .._constants import CELLVI_PREFIX, REGISTRY_KEYS
 from ..errors import (
     CellviWarning,
     InvalidDataError,
@@ -316,6 +316,14 @@ class CategoricalObsField(BaseField):
 
     def _extended(self, mapping, column, extend_categories: bool, what: str) -> list:
         unseen = [c for c in self._categories(column) if c not in mapping]
+        if unseen and self.registry_key == REGISTRY_KEYS.LABELS_KEY:
+            # labels are never extended (persistence.md §3.2), also in query mapping
+            raise InvalidDataError(
+                f"labels column {self.obs_key!r} has label(s) the model has not seen: "
+                f"{unseen[:5]}. Query mapping never adds labels; set those cells to one of the "
+                f"model's labels ({list(mapping)[:5]}), or use SCANVI, whose unlabeled "
+                "category marks novel cells."
+            )
         if unseen and not extend_categories:
             raise InvalidDataError(
                 f"{what} {self.obs_key!r} has {len(unseen)} value(s) the model has not seen: "

@@ -13,8 +13,7 @@ import pandas as pd
 import torch
 
 from ..data import AnnDataManager
-from ..data._manager import MANAGER_UUID_KEY
-from ..errors import CellviWarning, InvalidDataError, ModelFileError, SetupError
+from ..errors import CellviWarning, ModelFileError, SetupError
 from ..io import from_plain, read_model_file
 from ..nn import CovariateLinear
 from ._query_api import prepare_query_anndata
@@ -336,8 +335,8 @@ _FREEZE_OPTIONS = (
 
 
 def _register_query(cls, adata, registry, transfer_batch, subset_vars, check_var_names):
-    """The query AnnData registered with the reference's setup (categories extended, labels
-    not)."""
+    """The query AnnData registered with the reference's setup (categories extended; the
+    labels field refuses unseen labels)."""
     if getattr(adata, "is_view", False):
         raise ValueError("The query is a view; pass adata[idx].copy().")
     if not transfer_batch:
@@ -352,27 +351,7 @@ def _register_query(cls, adata, registry, transfer_batch, subset_vars, check_var
         allow_missing_labels=True,
         check_var_names=check_var_names,
     )
-    _check_labels_kept(manager, registry)
     return manager
-
-
-def _check_labels_kept(manager, registry: dict) -> None:
-    """Labels are never extended (``persistence.md`` §3.2 step 5): an unseen query label is
-    an error (the manager gives up the data it registered)."""
-    ref = list(registry["field_registries"]["labels"]["state_registry"]["categorical_mapping"])
-    new = list(
-        manager.registry["field_registries"]["labels"]["state_registry"]["categorical_mapping"]
-    )
-    if new == ref:
-        return
-    manager.adata.uns.pop(MANAGER_UUID_KEY, None)  # no manager owns these codes
-    column = manager.registry["setup_args"].get("labels_key")
-    raise InvalidDataError(
-        f"labels column {column!r} of the query has label(s) the reference has not seen: "
-        f"{new[len(ref) :][:5]}. Query mapping never adds labels; set those cells to one of "
-        f"the reference's labels ({ref[:5]}), or use SCANVI, whose unlabeled category marks "
-        "novel cells."
-    )
 
 
 def _register_datamodule(datamodule, registry: dict, check_var_names: str) -> dict:
@@ -393,7 +372,6 @@ def _register_datamodule(datamodule, registry: dict, check_var_names: str) -> di
         allow_missing_labels=True,
         check_var_names=check_var_names,
     )
-    _check_labels_kept(new, registry)
     _check_query_registry(new.registry, registry, check_var_names)
     datamodule.manager, datamodule._store = new, None
     return new.registry
