@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import tomllib
@@ -84,25 +85,6 @@ SCHEMA: dict[str, dict[str, type]] = {
         "reference_mapping": dict,
     },
 }
-
-
-# [train] keys that are TrainerConfig fields (checked together before anything runs)
-_TRAINER_KEYS = (
-    "early_stopping",
-    "early_stopping_patience",
-    "early_stopping_monitor",
-    "early_stopping_min_delta",
-    "early_stopping_mode",
-    "early_stopping_warmup_epochs",
-    "check_val_every_n_epoch",
-    "enable_checkpointing",
-    "checkpointing_monitor",
-    "load_best_on_end",
-    "learning_rate_monitor",
-    "gradient_clip_val",
-    "precision",
-    "deterministic",
-)
 
 
 def _check_section(name: str, values: dict, allowed: dict[str, type], where: str) -> None:
@@ -191,10 +173,11 @@ def load_workflow(path: str | Path) -> dict:
         value = train.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{path}: [train].{key} must be a positive integer (got {value!r}).")
-    trainer_keys = {k: v for k, v in train.items() if k in _TRAINER_KEYS}
-    if trainer_keys:  # values Lightning or the plan would refuse only once training starts
-        from ..train._config import TrainerConfig, build_dataclass
+    from ..train._config import TrainerConfig, build_dataclass
 
+    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    trainer_keys = {k: v for k, v in train.items() if k in fields}
+    if trainer_keys:  # values Lightning or the plan would refuse only once training starts
         try:
             build_dataclass(TrainerConfig, trainer_keys, "[train]")
         except (TypeError, ValueError) as err:
