@@ -31,9 +31,12 @@ def _integer(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+
+
 def _real(name: str, value) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    _check(name, ok, value, "a finite number")
+    _check(name, _finite(value), value, "a finite number")
     return float(value)
 
 
@@ -42,9 +45,7 @@ def _pair(name: str, value) -> tuple[float, float]:
         lo, hi = value
     except (TypeError, ValueError):
         lo = hi = None
-    ok = all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) for v in (lo, hi)
-    )
+    ok = _finite(lo) and _finite(hi)
     _check(name, ok, value, "need a (low, high) pair of finite numbers")
     return float(lo), float(hi)
 

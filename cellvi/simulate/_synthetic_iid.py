@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-
 import anndata
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 from ..errors import InvalidDataError
+from ._rna import _integer
 
 __all__ = ["synthetic_iid"]
 
@@ -81,10 +80,7 @@ def synthetic_iid(
         ("n_batches", n_batches, 1),
         ("n_labels", n_labels, 0),
     ):
-        if not (
-            isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-        ):
-            raise InvalidDataError(f"{name}={value!r} must be an integer >= {minimum}.")
+        _integer(name, value, minimum)
     if not 0 < dropout_ratio <= 1:
         raise InvalidDataError(f"dropout_ratio={dropout_ratio!r} must be in (0, 1].")
     rng = np.random.default_rng(seed)
