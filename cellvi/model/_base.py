@@ -381,17 +381,20 @@ class BaseModel(QueryMixin):
         """Positions of the test cells of the last run."""
         return self.test_indices_
 
+    def _history_before(self, run, *, resumed: bool) -> dict:
+        """The history a run's rows are appended to (``run``: its ``resumed_rows`` and
+        ``run_dir``)."""
+        if resumed and run.resumed_rows is not None and str(run.run_dir) == self.run_dir_:
+            # this model's history ends with the rows the checkpoint brings back: replace them
+            return _without_last_rows(self.history_, *run.resumed_rows)
+        if resumed and self._history_before_failed_run is not None:
+            return self._history_before_failed_run
+        return self.history_
+
     def _record_run(self, result, *, resumed: bool) -> None:
         """Fold a run's outcome into the model (called on success and on failure)."""
-        if resumed and result.resumed_rows is not None and str(result.run_dir) == self.run_dir_:
-            # this model's history ends with the rows the checkpoint brings back: replace them
-            base = _without_last_rows(self.history_, *result.resumed_rows)
-        elif resumed and self._history_before_failed_run is not None:
-            base = self._history_before_failed_run
-        else:
-            base = self.history_
-        new = run_history(result.history_rows, result.step_rows)
-        self.history_ = append_history(base, new)
+        base = self._history_before(result, resumed=resumed)
+        self.history_ = append_history(base, run_history(result.history_rows, result.step_rows))
         self.run_dir_ = str(result.run_dir)
         if result.completed:
             self._history_before_failed_run = None

@@ -15,7 +15,7 @@ from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, ModelFileError, SetupError
 from ..io import from_plain, read_model_file, to_plain, write_model_dir
 from ..train._callbacks import current_checkpoint_run
-from ._history import _without_last_rows, append_history, run_history
+from ._history import append_history, run_history
 
 __all__ = ["save_model", "load_model", "load_registry", "resolve_device"]
 
@@ -145,9 +145,7 @@ def _saved_attributes(model) -> dict:
 def _checkpoint_attributes(model, run) -> dict:
     """History and split that go with a checkpoint's weights, as ``_record_run`` would set
     them had training ended at that epoch."""
-    base = model.history_ or {}
-    if run.resumed_rows is not None and str(run.run_dir) == model.run_dir_:
-        base = _without_last_rows(base, *run.resumed_rows)
+    base = model._history_before(run, resumed=run.resumed_rows is not None)
     new = run_history(run.history_rows, run.step_rows)
     attrs = {"history_": append_history(base, new), "run_dir_": str(run.run_dir)}
     for name, value in (
