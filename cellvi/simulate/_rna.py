@@ -51,10 +51,14 @@ def _pair(name: str, value) -> tuple[float, float]:
 
 
 def _balanced(rng: np.random.Generator, n: int, k: int, probs: np.ndarray | None) -> np.ndarray:
-    """Assignments to k groups: exact shares (so every group appears), shuffled."""
+    """Assignments to k groups in the closest whole shares, shuffled. Every group with a
+    positive share gets at least one member (the caller checks that ``n`` allows it)."""
     probs = np.full(k, 1.0 / k) if probs is None else probs
     counts = np.floor(probs * n).astype(int)
     counts[np.argsort(-(probs * n - counts))[: n - counts.sum()]] += 1
+    for g in np.flatnonzero((probs > 0) & (counts == 0)):
+        counts[np.argmax(counts)] -= 1  # the largest group has more than one member
+        counts[g] = 1
     labels = np.repeat(np.arange(k), counts)
     rng.shuffle(labels)
     return labels
@@ -84,7 +88,9 @@ def simulate(
     libraries are ``LogNormal(library_size_log_mean, library_size_log_sd)``; counts are
     ``Poisson(Gamma(θ, θ / (L ρ)))`` with ``θ_g ~ U(dispersion_range)``, optionally zeroed
     with probability ``zero_inflation``. A cell whose draw is all zeros gets a count of 1 in
-    its most expressed gene, so no cell is empty.
+    its most expressed gene, so no cell is empty. Every batch and every cell type with a
+    positive share gets at least one cell. With a single cell type there is nothing for a
+    marker to differ from, so none is planted (``is_de`` is all False).
 
     Parameters
     ----------
@@ -166,6 +172,14 @@ def simulate(
             f"need {n_cell_types} finite non-negative shares, not all zero",
         )
         probs = probs / probs.sum()
+    n_types_present = n_cell_types if probs is None else int((probs > 0).sum())
+    _check(
+        "n_cells",
+        n_cells >= max(n_types_present, n_batches),
+        n_cells,
+        f"every batch ({n_batches}) and every cell type with a positive share "
+        f"({n_types_present}) needs a cell; use n_cells >= {max(n_types_present, n_batches)}",
+    )
 
     rng = np.random.default_rng(seed)
     base = rng.lognormal(0.0, 1.0, size=n_genes)
@@ -176,7 +190,10 @@ def simulate(
         genes = order[t * n_de_genes_per_type : (t + 1) * n_de_genes_per_type]
         sizes = rng.uniform(lo, hi, size=len(genes))
         signs = np.where(np.arange(len(genes)) < (len(genes) + 1) // 2, 1.0, -1.0)
-        log2_effect[t, genes] = signs * sizes
+        if n_cell_types == 1:  # nothing to differ from: the draws are kept, no markers
+            genes = genes[:0]
+        else:
+            log2_effect[t, genes] = signs * sizes
         de_genes[f"type_{t}"] = [f"gene_{g}" for g in sorted(genes)]
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         profiles = base * np.exp2(log2_effect)

@@ -132,3 +132,40 @@ def test_synthetic_iid_mudata_needs_the_extra():
             synthetic_iid(return_mudata=True)
     else:
         pytest.skip("mudata is installed, so the missing-extra error cannot occur")
+
+
+def test_single_cell_type_plants_no_markers():
+    adata = cellvi.data.simulate(n_cells=200, n_genes=60, n_cell_types=1, seed=0)
+    assert not adata.var["is_de"].any()
+    assert adata.uns["simulation"]["de_genes"] == {"type_0": []}
+    # the single type's profile is the normalised base expression: nothing was planted
+    base = adata.var["base_expression"].to_numpy()
+    profile = adata.uns["simulation"]["type_profiles"][0]
+    np.testing.assert_allclose(profile, base / base.sum())
+
+
+def test_every_type_and_batch_gets_a_cell():
+    adata = cellvi.data.simulate(
+        n_cells=10,
+        n_genes=30,
+        n_batches=2,
+        n_cell_types=3,
+        n_de_genes_per_type=2,
+        cell_type_proportions=[0.9, 0.05, 0.05],
+        seed=0,
+    )
+    counts = adata.obs["cell_type"].value_counts()
+    assert (counts >= 1).all() and counts.sum() == 10
+    assert counts["type_0"] == 8
+    with pytest.raises(cellvi.errors.InvalidDataError, match="n_cells=2 .*n_cells >= 3"):
+        cellvi.data.simulate(n_cells=2, n_genes=30, n_cell_types=3, n_de_genes_per_type=2)
+    # a zero share is a request for an empty type, so it does not count
+    sparse_types = cellvi.data.simulate(
+        n_cells=2,
+        n_genes=30,
+        n_batches=1,
+        n_cell_types=3,
+        n_de_genes_per_type=2,
+        cell_type_proportions=[1, 0, 1],
+    )
+    assert sparse_types.obs["cell_type"].value_counts().tolist() == [1, 1, 0]
