@@ -264,6 +264,9 @@ def load_query_data(
         if not transfer_batch:
             _check_known_batches(registry, ref_registry)
         model = cls(None, registry=registry, **kwargs)
+    match_layout = getattr(model.module, "match_saved_layout", None)
+    if match_layout is not None:  # a reference saved with an older layout keeps it
+        match_layout(ref_state)
     new_state = model.module.state_dict()
     layouts = _covariate_layouts(cls, ref_registry, init, model.module)
     merged, grown, grown_shapes = {}, {}, {}

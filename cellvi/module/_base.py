@@ -53,6 +53,16 @@ def kl_normal_normal(
     return 0.5 * (ratio + (mean - prior_mean).pow(2) / prior_var - 1.0 - ratio.log()).sum(dim=-1)
 
 
-def log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, var) summed over the last axis."""
-    return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).sum(-1)
+def log_normal(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor | None = None,
+    *,
+    log_var: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log N(x; mean, var) summed over the last axis; give ``var`` or its log ``log_var``
+    (exact where ``var`` would underflow)."""
+    if log_var is None:
+        return (-0.5 * ((x - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).sum(-1)
+    sq = (x - mean) ** 2 * torch.exp(-log_var)
+    return (-0.5 * (sq + log_var + math.log(2 * math.pi))).sum(-1)

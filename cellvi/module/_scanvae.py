@@ -14,6 +14,9 @@ from ._vae_config import VAEConfig
 
 __all__ = ["SCANVAE"]
 
+#: persistent marker: True when decoder_z1_z2 follows the decoder norm settings
+_NORM_MARKER = "z1_z2_decoder_follows_norms"
+
 
 class SCANVAE(VAE):
     """Semi-supervised VAE (``models.md`` §2).
@@ -97,16 +100,60 @@ class SCANVAE(VAE):
             use_batch_norm=bn,
             use_layer_norm=ln,
         )
-        self.decoder_z1_z2 = FCLayers(
+        # p(z1 | z2, y) follows the decoder norm settings (as scvi-tools); files saved before
+        # it did (no marker below) had BatchNorm and no LayerNorm there, see _load_from_state_dict
+        self._z1_z2_norms = (
+            cfg.use_batch_norm in ("decoder", "both"),
+            cfg.use_layer_norm in ("decoder", "both"),
+        )
+        self.decoder_z1_z2 = self._z1_z2_decoder(*self._z1_z2_norms)
+        self.register_buffer(_NORM_MARKER, torch.tensor(True))
+        self.pz1_mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        self.pz1_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
+
+    def _z1_z2_decoder(self, batch_norm: bool, layer_norm: bool) -> FCLayers:
+        cfg = self.config
+        self._z1_z2_built = (batch_norm, layer_norm)
+        return FCLayers(
             cfg.n_latent,
             cfg.n_hidden,
-            n_cat_list=[n_labels],
+            n_cat_list=[self.n_classes],
             n_layers=cfg.n_layers,
             n_hidden=cfg.n_hidden,
             dropout_rate=0.0,
+            use_batch_norm=batch_norm,
+            use_layer_norm=layer_norm,
         )
-        self.pz1_mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
-        self.pz1_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
+
+    def _saved_follows_norms(self, state_dict, prefix: str = "") -> bool | None:
+        """Whether a saved state's ``decoder_z1_z2`` follows the norm settings (None: the
+        state has no such decoder). Files from before it did carry no marker."""
+        key = prefix + _NORM_MARKER
+        if key in state_dict:
+            return bool(state_dict[key])
+        if any(k.startswith(prefix + "decoder_z1_z2.") for k in state_dict):
+            return False
+        return None
+
+    def match_saved_layout(self, state_dict, prefix: str = "") -> None:
+        """Rebuild ``decoder_z1_z2`` the way a saved state built it, so that files saved
+        before it followed the norm settings (BatchNorm, no LayerNorm) compute what they
+        computed then. States without its weights (``from_scvi_model``) change nothing."""
+        follows = self._saved_follows_norms(state_dict, prefix)
+        if follows is None:
+            return
+        norms = self._z1_z2_norms if follows else (True, False)
+        if norms != self._z1_z2_built:
+            ref = self.pz1_mean.weight
+            self.decoder_z1_z2 = self._z1_z2_decoder(*norms).to(ref.device, ref.dtype)
+        getattr(self, _NORM_MARKER).fill_(follows)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        follows = self._saved_follows_norms(state_dict, prefix)
+        if follows is not None:
+            self.match_saved_layout(state_dict, prefix)
+            state_dict[prefix + _NORM_MARKER] = torch.tensor(follows)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def classify(self, tensors: dict[str, torch.Tensor], use_posterior_mean: bool = True):
         """Class logits ``(cells, K)`` from the posterior mean (or a draw) of ``z1``."""
@@ -130,8 +177,9 @@ class SCANVAE(VAE):
         z1_rep = z1.repeat(k, 1)  # (K * cells, d), block y = all cells with label y
         qz2_m, qz2_v, z2 = self.encoder_z2_z1(z1_rep, ys)
         h = self.decoder_z1_z2(z2, ys)
-        pz1_m, pz1_v = self.pz1_mean(h), self.pz1_var(h).exp() + 1e-4
-        log_pz1 = log_normal(z1_rep, pz1_m, pz1_v).reshape(k, n).T  # (cells, K)
+        # σ² = exp(Linear(h)) without an epsilon (as scvi-tools), used in log space
+        pz1_m, pz1_logv = self.pz1_mean(h), self.pz1_var(h)
+        log_pz1 = log_normal(z1_rep, pz1_m, log_var=pz1_logv).reshape(k, n).T  # (cells, K)
         kl_z2 = kl_normal_standard(qz2_m, qz2_v).reshape(k, n).T
         reconst = -log_px + log_qz1 - (probs * log_pz1).sum(-1)
         kl_y = (probs * (probs.clamp_min(1e-12).log() - self.y_prior.log())).sum(-1)

@@ -54,7 +54,7 @@ def _hand_loss(mod, t, inf, gen, kl_weight, seed):
     torch.manual_seed(seed)
     q2_m, q2_v, z2 = mod.encoder_z2_z1(z1s, ys)
     h = mod.decoder_z1_z2(z2, ys)
-    p1 = Normal(mod.pz1_mean(h), (mod.pz1_var(h).exp() + 1e-4).sqrt())
+    p1 = Normal(mod.pz1_mean(h), mod.pz1_var(h).exp().sqrt())
     log_pz1 = p1.log_prob(z1s).sum(-1).view(k, n).t()
     rec = (
         -mod.log_likelihood(t[K.X_KEY], gen)
@@ -87,10 +87,10 @@ def test_scanvi_loss_matches_the_spec_with_the_library_kl_warmed_up(y_prior):
         torch.manual_seed(3)
         out = mod.loss(t, inf, gen, kl_weight=0.3)
         rec, kl_all, loss = _hand_loss(mod, t, inf, gen, 0.3, seed=3)
-    torch.testing.assert_close(out.reconstruction_loss, rec, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(out.reconstruction_loss, rec, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(out.kl_local, kl_all, rtol=1e-4, atol=1e-3)
     # kl = Σ_y q KL_z2 + KL(q(y) ‖ y_prior) + KL_l, all of it times β_t (as scvi-tools)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-3)
 
 
 def test_scanvi_takes_classifier_parameters_and_y_prior(quiet):
