@@ -11,10 +11,10 @@ from ._fields import (
     CategoricalObsField,
     LabelsWithUnlabeledObsField,
     LayerField,
-    NumericalObsField,
 )
 from ._joint_fields import CategoricalJointObsField, NumericalJointObsField, ObsmField
 from ._manager import AnnDataManager, SummaryStats
+from ._numeric_field import NumericalObsField
 from ._setup import standard_fields
 
 __all__ = [

@@ -58,6 +58,20 @@ def plain(value):
     return value
 
 
+def sorted_values(values) -> list:
+    """``values`` sorted; mixed types (e.g. ``1`` and ``"a"``) are ordered by their text.
+
+    Examples
+    --------
+    >>> sorted_values([2, "a", 1])
+    [1, 2, 'a']
+    """
+    try:
+        return sorted(values)
+    except TypeError:  # mixed types (e.g. 1 and "a"): order by text
+        return sorted(values, key=str)
+
+
 def _chunks(matrix, n_rows: int, n_cols: int):
     """Yield ``(start, values, indptr)`` for sparse chunks or ``(start, block, None)``."""
     if sparse.issparse(matrix) and matrix.format != "csr":
@@ -103,7 +117,7 @@ def _chunk_stats(values: np.ndarray, indptr) -> tuple[np.ndarray, int, int, int]
     return empty, n_negative, n_nonfinite, n_nonint
 
 
-def check_count_matrix(matrix, location: str) -> int:
+def check_count_matrix(matrix, location: str, *, allow_empty_rows: bool = False) -> int:
     """Check a count matrix entirely (chunked by rows) and explain any problem.
 
     Parameters
@@ -112,12 +126,15 @@ def check_count_matrix(matrix, location: str) -> int:
         Dense array, scipy sparse matrix, or a backed h5py/anndata dataset (row-sliceable).
     location
         How the user names the matrix in messages, e.g. ``"adata.layers['counts']"``.
+    allow_empty_rows
+        Default ``False``. ``True`` accepts cells with zero total counts: with registered size
+        factors the library size is ``log(size factor)``, not ``log(total counts)``.
 
     Raises
     ------
     InvalidDataError
         If the matrix is not 2-D numeric, holds NaN or infinite values, negative values, or
-        has cells (rows) with zero total counts.
+        (unless ``allow_empty_rows``) has cells (rows) with zero total counts.
 
     Returns
     -------
@@ -176,8 +193,9 @@ def check_count_matrix(matrix, location: str) -> int:
             CountsWarning,
             stacklevel=_STACK,
         )
-    empty = np.concatenate(empty_rows) if empty_rows else np.array([], dtype=np.int64)
-    _raise_empty(empty, location)
+    if not allow_empty_rows:
+        empty = np.concatenate(empty_rows) if empty_rows else np.array([], dtype=np.int64)
+        _raise_empty(empty, location)
     return n_nonint
 
 
@@ -206,7 +224,8 @@ def _raise_empty(empty: np.ndarray, location: str) -> None:
             f"{empty.size} cell(s) in {location} have zero total counts (first row positions: "
             f"{empty[:5].tolist()}); their library size is log(0). Remove them before setup, "
             f"e.g. `adata = adata[{totals} > 0].copy()` or "
-            "`scanpy.pp.filter_cells(adata, min_counts=1)`."
+            "`scanpy.pp.filter_cells(adata, min_counts=1)`, or register positive size factors "
+            "with setup_anndata(..., size_factor_key=...), which replace the library size."
         )
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ..errors import InvalidDataError
+from .._constants import CELLVI_PREFIX
+from ..errors import InvalidDataError, MissingKeyError
 from ._backed import CHUNK_CACHE_BYTES, DiskCSR, RowSource
 
 __all__ = ["CollectionCSR", "read_collection", "COLLECTION_UNS_KEY"]
@@ -240,4 +241,14 @@ def missing_column_hint(adata, key: str) -> str:
     return (
         f" The column exists in some files of this collection but is missing from {files}; "
         "read_collection keeps only obs columns present in every file. Add it to those files."
+    )
+
+
+def missing_column_error(adata, key, what: str = "obs column") -> MissingKeyError:
+    """The error for an absent ``obs`` column: lists the user's columns (and collection hint)."""
+    cols = [c for c in adata.obs.columns if not str(c).startswith(CELLVI_PREFIX)]  # user's own
+    shown = cols[:15] + (["..."] if len(cols) > 15 else [])
+    hint = missing_column_hint(adata, key)
+    return MissingKeyError(
+        f"{what} {key!r} not found in adata.obs. Available columns: {shown}.{hint}"
     )

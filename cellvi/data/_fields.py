@@ -8,6 +8,7 @@ encoding be replayed on new data (:meth:`BaseField.transfer_field`).
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,8 @@ from ..errors import (
 )
 from ._backed import as_row_source, is_on_disk
 from ._checks import check_count_matrix, check_nonempty_rows, check_var_names, plain
-from ._collection import missing_column_hint
+from ._checks import sorted_values as _sorted
+from ._collection import missing_column_error as _missing_column
 from ._view import state_table
 
 __all__ = [
@@ -31,28 +33,11 @@ __all__ = [
     "LayerField",
     "CategoricalObsField",
     "LabelsWithUnlabeledObsField",
-    "NumericalObsField",
     "MIN_CELLS_PER_CATEGORY",
 ]
 
 MIN_CELLS_PER_CATEGORY = 3
 _STACK = 6  # warnings point past field -> manager -> setup_anndata to the user's line
-
-
-def _missing_column(adata, key, what: str = "obs column") -> MissingKeyError:
-    cols = [c for c in adata.obs.columns if not str(c).startswith(CELLVI_PREFIX)]  # user's own
-    shown = cols[:15] + (["..."] if len(cols) > 15 else [])
-    hint = missing_column_hint(adata, key)
-    return MissingKeyError(
-        f"{what} {key!r} not found in adata.obs. Available columns: {shown}.{hint}"
-    )
-
-
-def _sorted(values) -> list:
-    try:
-        return sorted(values)
-    except TypeError:  # mixed types (e.g. 1 and "a"): order by text
-        return sorted(values, key=str)
 
 
 class BaseField:
@@ -117,6 +102,8 @@ class LayerField(BaseField):
     is_count_data
         Default ``True``: check the whole matrix for raw counts at registration
         (see :func:`~cellvi.data.check_count_matrix`).
+    allow_empty_rows
+        Default ``False``; ``True`` accepts zero-count cells (with size factors registered).
 
     Examples
     --------
@@ -126,8 +113,16 @@ class LayerField(BaseField):
     3
     """
 
-    def __init__(self, registry_key: str, layer: str | None, is_count_data: bool = True):
+    def __init__(
+        self,
+        registry_key: str,
+        layer: str | None,
+        is_count_data: bool = True,
+        *,
+        allow_empty_rows: bool = False,
+    ):
         self.registry_key, self.layer, self.is_count_data = registry_key, layer, is_count_data
+        self.allow_empty_rows = allow_empty_rows
         self.attr_name = "X" if layer is None else "layers"
         self.attr_key = layer
 
@@ -159,11 +154,12 @@ class LayerField(BaseField):
         if not self.is_count_data:
             return 0
         parts = getattr(matrix, "parts_for_checks", None)
+        check = partial(check_count_matrix, allow_empty_rows=self.allow_empty_rows)
         if parts is None:
-            return check_count_matrix(matrix, self.location)
-        n_non_integer = sum(check_count_matrix(part, where) for part, where in parts(self.location))
+            return check(matrix, self.location)
+        n_non_integer = sum(check(part, where) for part, where in parts(self.location))
         maps = getattr(matrix, "column_maps", None) or []
-        if any(m is not None for m in maps):  # genes dropped or added by a join
+        if not self.allow_empty_rows and any(m is not None for m in maps):  # joined genes
             check_nonempty_rows(matrix.row_sums(), self.location)
         return n_non_integer
 
@@ -324,6 +320,15 @@ class CategoricalObsField(BaseField):
                 f"model's labels ({list(mapping)[:5]}), or use SCANVI, whose unlabeled "
                 "category marks novel cells."
             )
+        as_text = {str(c): c for c in mapping}
+        if retyped := [c for c in unseen if str(c) in as_text]:
+            c = retyped[0]  # e.g. text "1" here, the number 1 in the model: not a new category
+            raise InvalidDataError(
+                f"{what} {self.obs_key!r} holds {c!r} ({type(c).__name__}) where the model has "
+                f"{as_text[str(c)]!r} ({type(as_text[str(c)]).__name__}); convert the column to "
+                f"the model's type, e.g. adata.obs[{self.obs_key!r}] = adata.obs[{self.obs_key!r}]"
+                f".astype({type(as_text[str(c)]).__name__})."
+            )
         if unseen and not extend_categories:
             raise InvalidDataError(
                 f"{what} {self.obs_key!r} has {len(unseen)} value(s) the model has not seen: "
@@ -378,6 +383,12 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
 
     def __init__(self, registry_key: str, obs_key: str | None, unlabeled_category):
         super().__init__(registry_key, obs_key)
+        if unlabeled_category is None or pd.isna(unlabeled_category):
+            raise InvalidDataError(
+                f"unlabeled_category={unlabeled_category!r}: it must be the label value that "
+                "marks unlabeled cells, e.g. unlabeled_category='Unknown' (missing labels are "
+                "not allowed; fill them with that value first)."
+            )
         self.unlabeled_category = plain(unlabeled_category)
 
     def _state(self, mapping: list) -> dict:
@@ -434,64 +445,3 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
             )
         self._encode(adata_target, column, mapping)
         return self._state(mapping)
-
-
-class NumericalObsField(BaseField):
-    """A numeric obs column (e.g. size factors); finite, and > 0 if ``positive``.
-
-    Parameters
-    ----------
-    registry_key
-        Registry key, e.g. ``"size_factor"``.
-    obs_key
-        Column of ``adata.obs``; ``None`` gives an empty field (no data).
-    positive
-        Default ``False``. If ``True`` every value must be > 0.
-    """
-
-    def __init__(self, registry_key: str, obs_key: str | None, positive: bool = False):
-        self.registry_key, self.obs_key, self.positive = registry_key, obs_key, positive
-        self.attr_name, self.attr_key = "obs", obs_key
-
-    @property
-    def is_empty(self) -> bool:
-        return self.obs_key is None
-
-    def get_field_data(self, adata) -> np.ndarray:
-        return adata.obs[self.obs_key].to_numpy(dtype=np.float64).reshape(-1, 1)  # (cells, 1)
-
-    def validate_field(self, adata) -> None:
-        if self.is_empty:
-            return
-        if self.obs_key not in adata.obs:
-            raise _missing_column(adata, self.obs_key)
-        values = adata.obs[self.obs_key]
-        # True/False flags are covariates of 1/0 (as scvi-tools reads them); never size factors
-        flags = pd.api.types.is_bool_dtype(values)
-        if not pd.api.types.is_numeric_dtype(values) or (flags and self.positive):
-            what = "hold positive numbers (size factors)" if flags else "be numeric"
-            raise InvalidDataError(
-                f"obs column {self.obs_key!r} must {what}; it has dtype {values.dtype}."
-            )
-        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = int((~np.isfinite(values)).sum())
-        if bad:
-            raise InvalidDataError(
-                f"obs column {self.obs_key!r} has {bad} NaN/infinite value(s); fill or drop "
-                "those cells."
-            )
-        if self.positive and (n := int((values <= 0).sum())):
-            raise InvalidDataError(
-                f"obs column {self.obs_key!r} must be > 0 (size factors); {n} cell(s) are <= 0."
-            )
-        # minibatches carry float32: values beyond its range would become inf (or 0)
-        with np.errstate(over="ignore", under="ignore"):
-            single = values.astype(np.float32)
-        lost = ~np.isfinite(single) | ((single == 0) & (values != 0))
-        if n := int(lost.sum()):
-            raise InvalidDataError(
-                f"obs column {self.obs_key!r} has {n} value(s) outside the float32 range "
-                f"(|x| up to {np.finfo(np.float32).max:.3g}, non-zero |x| from "
-                f"{np.finfo(np.float32).tiny:.3g}), e.g. {values[lost][0]!r}; models read "
-                "float32. Rescale the column (e.g. take its log)."
-            )

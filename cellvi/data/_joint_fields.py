@@ -8,7 +8,8 @@ import pandas as pd
 from .._constants import CELLVI_PREFIX
 from ..errors import MissingKeyError, SetupError
 from ._checks import check_count_matrix, plain
-from ._fields import BaseField, CategoricalObsField, NumericalObsField
+from ._fields import BaseField, CategoricalObsField
+from ._numeric_field import NumericalObsField
 from ._view import state_table
 
 __all__ = ["CategoricalJointObsField", "NumericalJointObsField", "ObsmField"]

@@ -8,9 +8,9 @@ from ._fields import (
     CategoricalObsField,
     LabelsWithUnlabeledObsField,
     LayerField,
-    NumericalObsField,
 )
 from ._joint_fields import CategoricalJointObsField, NumericalJointObsField
+from ._numeric_field import NumericalObsField
 
 __all__ = ["standard_fields"]
 
@@ -34,11 +34,17 @@ def standard_fields(setup_args: dict) -> list[BaseField]:
         )
     else:
         labels = CategoricalObsField(_K.LABELS_KEY, setup_args.get("labels_key"))
-    return [
-        LayerField(_K.X_KEY, setup_args.get("layer"), is_count_data=True),
+    size_factor_key = setup_args.get("size_factor_key")
+    return [  # with size factors the library is log(size factor): zero-count cells are valid
+        LayerField(
+            _K.X_KEY,
+            setup_args.get("layer"),
+            is_count_data=True,
+            allow_empty_rows=size_factor_key is not None,
+        ),
         CategoricalObsField(_K.BATCH_KEY, setup_args.get("batch_key")),
         labels,
-        NumericalObsField(_K.SIZE_FACTOR_KEY, setup_args.get("size_factor_key"), positive=True),
+        NumericalObsField(_K.SIZE_FACTOR_KEY, size_factor_key, positive=True),
         CategoricalJointObsField(_K.CAT_COVS_KEY, setup_args.get("categorical_covariate_keys")),
         NumericalJointObsField(_K.CONT_COVS_KEY, setup_args.get("continuous_covariate_keys")),
     ]
