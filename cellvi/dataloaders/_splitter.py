@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import lightning.pytorch as pl
@@ -56,8 +57,9 @@ class DataSplitter(pl.LightningDataModule):
         Minibatch size (default ``settings.batch_size``).
     drop_last
         Drop a short final training batch.
-    seed
-        Split and shuffle seed (default ``settings.seed``, i.e. 0: reproducible).
+    split_seed
+        Split and shuffle seed (default ``settings.seed``, i.e. 0: reproducible); saved with
+        the model. ``seed`` is accepted as another name for it.
     external_indexing
         ``[train, validation, test]`` position arrays replacing the random split.
     distributed_sampler
@@ -86,7 +88,7 @@ class DataSplitter(pl.LightningDataModule):
         shuffle_set_split: bool = True,
         batch_size: int | None = None,
         drop_last: bool = False,
-        seed: int | None = None,
+        split_seed: int | None = None,
         external_indexing: list | None = None,
         distributed_sampler: bool = False,
         drop_dataset_tail: bool = False,
@@ -97,8 +99,14 @@ class DataSplitter(pl.LightningDataModule):
         buffer_size: int | None = None,
         load_sparse_tensor: bool = False,
         persistent_workers: bool | None = None,
+        seed: int | None = None,
     ):
         super().__init__()
+        if seed is not None and split_seed is not None and seed != split_seed:
+            raise ValueError(
+                f"seed={seed!r} and split_seed={split_seed!r} name the same setting; give one."
+            )
+        split_seed = seed if split_seed is None else split_seed
         self.load_sparse_tensor = bool(load_sparse_tensor)
         self.persistent_workers = persistent_workers
         self.chunk_size, self.buffer_size = chunk_size, buffer_size
@@ -111,7 +119,11 @@ class DataSplitter(pl.LightningDataModule):
             settings.batch_size if batch_size is None else batch_size, "batch_size"
         )
         self.drop_last = drop_last
-        self.split_seed = settings.seed if seed is None else seed
+        if split_seed is not None and (
+            isinstance(split_seed, bool) or not isinstance(split_seed, numbers.Integral)
+        ):
+            raise ValueError(f"split_seed={split_seed!r} must be an integer (or None).")
+        self.split_seed = settings.seed if split_seed is None else int(split_seed)
         if self.split_seed is None:
             self.split_seed = int(np.random.SeedSequence().entropy % (2**31))
         self.external_indexing = external_indexing

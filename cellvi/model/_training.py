@@ -316,7 +316,7 @@ def train_unsupervised(
         train_size = datamodule.train_size if train_size is None else train_size
         if validation_size is None:
             validation_size = datamodule.validation_size
-        from_module = {"seed": datamodule.split_seed, "store": datamodule.store}
+        from_module = {"split_seed": datamodule.split_seed, "store": datamodule.store}
     elif manager is None:
         raise SetupError(
             f"This {type(model).__name__} was built from a registry and has no AnnData; train "
@@ -365,6 +365,8 @@ def train_unsupervised(
     distributed = (isinstance(strategy, str) and "ddp" in strategy) or (
         not isinstance(strategy, str) and "DDP" in type(strategy).__name__
     )
+    if datasplitter_kwargs and "seed" in datasplitter_kwargs:  # the user's name for split_seed
+        from_module.pop("split_seed", None)
     splitter = (splitter_cls or DataSplitter)(
         manager,
         **(splitter_kwargs or {}),

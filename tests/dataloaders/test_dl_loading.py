@@ -161,9 +161,16 @@ def test_split_is_reproducible_and_partitions_cells():
     np.testing.assert_array_equal(a.train_idx, b.train_idx)
     all_idx = np.concatenate([a.train_idx, a.val_idx, a.test_idx])
     assert sorted(all_idx.tolist()) == list(range(300))
-    c = _splitter(seed=5)
+    c = _splitter(split_seed=5)
     c.setup()
     assert not np.array_equal(a.train_idx, c.train_idx)
+    d = _splitter(seed=5)  # the other name of split_seed
+    d.setup()
+    np.testing.assert_array_equal(c.train_idx, d.train_idx)
+    with pytest.raises(ValueError, match="name the same setting"):
+        _splitter(seed=5, split_seed=6)
+    with pytest.raises(ValueError, match="split_seed=0.5 must be an integer"):
+        _splitter(split_seed=0.5)
 
 
 def test_default_split_moves_tiny_last_batch_to_validation():
@@ -226,3 +233,20 @@ def test_read_only_arrays_are_copied_not_shared():
     assert batch["X"].tolist() == [[0, 0, 0, 1], [0, 1, 0, 0]]
     store.tensors["labels"][0] = 7  # the store owns its copy
     assert labels[0] == 0
+
+
+def test_train_takes_split_seed_through_datasplitter_kwargs():
+    import cellvi
+
+    adata = cellvi.data.synthetic_iid(batch_size=60, n_genes=20, n_batches=2)
+    cellvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+
+    def train_indices(**kwargs):
+        model = cellvi.model.SCVI(adata, n_hidden=8, n_latent=2)
+        model.train(max_epochs=1, batch_size=40, datasplitter_kwargs=kwargs or None)
+        return np.sort(model.train_indices)
+
+    default, seven = train_indices(), train_indices(split_seed=7)
+    assert not np.array_equal(default, seven)
+    np.testing.assert_array_equal(seven, train_indices(seed=7))
+    np.testing.assert_array_equal(default, train_indices(split_seed=0))
