@@ -302,6 +302,10 @@ class BaseModel(QueryMixin):
         prefix: str | None = None,
         check_var_names: str = "error",
         allow_pickle: bool = False,
+        backup_url=None,
+        datamodule=None,
+        allowed_classes_names_list: list[str] | None = None,
+        sha256: str | None = None,
     ):
         """Load a saved model; ``adata`` is validated against the saved setup.
 
@@ -320,6 +324,19 @@ class BaseModel(QueryMixin):
         allow_pickle
             Read files that contain pickled Python objects (unsafe; only for files you
             trust).
+        backup_url
+            Where to copy ``{prefix}model.pt`` from when ``dir_path`` lacks it: a local path
+            or ``file://`` URL (a shared drive, a mirror). cellvi never uses the network, so
+            an ``http(s)`` URL is refused with the command to download it yourself.
+        datamodule
+            For a model trained on a data module: that module (instead of ``adata``), whose
+            genes and categories are checked against the saved registry; outputs then take
+            ``dataloader=datamodule.inference_dataloader()``.
+        allowed_classes_names_list
+            Other class names whose saved models this class may load.
+        sha256
+            The expected SHA-256 of ``{prefix}model.pt`` (hex); a file that differs, copied
+            from ``backup_url`` or already there, is refused before it is read.
         """
         from ._save_load import load_model
 
@@ -332,6 +349,10 @@ class BaseModel(QueryMixin):
             prefix=prefix,
             check_var_names=check_var_names,
             allow_pickle=allow_pickle,
+            backup_url=backup_url,
+            sha256=sha256,
+            datamodule=datamodule,
+            allowed_classes_names_list=allowed_classes_names_list,
         )
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 from ..data import is_on_disk
 from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, ModelFileError, SetupError
-from ..io import from_plain, read_model_file, to_plain, write_model_dir
+from ..io import fetch_backup, from_plain, read_model_file, to_plain, write_model_dir
 from ..train._callbacks import current_checkpoint_run
 from ._history import append_history, run_history
 
@@ -261,19 +261,32 @@ def load_model(
     prefix: str | None = None,
     check_var_names: str = "error",
     allow_pickle: bool = False,
+    backup_url=None,
+    sha256: str | None = None,
+    datamodule=None,
+    allowed_classes_names_list=None,
 ):
     """Rebuild a model of class ``cls`` from ``dir_path`` (see :meth:`BaseModel.load`)."""
     torch_device = resolve_device(accelerator, device)
+    if datamodule is not None and adata is not None and adata is not False:
+        raise ValueError("Pass either adata= or datamodule= to load, not both.")
+    fetch_backup(Path(dir_path) / f"{prefix or ''}model.pt", backup_url, sha256)
     content = read_model_file(dir_path, prefix=prefix, allow_pickle=allow_pickle)
     attrs = _checked_attributes(content, dir_path)
     registry = attrs["registry_"]
     # the class that saved it (a registry from a data module names the module instead)
     saved_class = attrs.get("model_class") or registry.get("model_name")
-    if saved_class != cls.__name__:
+    allowed = _allowed_classes(allowed_classes_names_list)
+    if saved_class != cls.__name__ and saved_class not in allowed:
         raise ModelFileError(
             f"{dir_path} holds a {saved_class} model; load it with "
             f"cellvi.model.{saved_class}.load, not {cls.__name__}.load."
         )
+    if datamodule is not None:
+        from ..train._checks import check_datamodule
+
+        check_datamodule(datamodule)
+        adata = False  # rebuilt from the registry; the module is checked against it below
     if adata is None:
         path = Path(dir_path) / f"{prefix or ''}adata.h5ad"
         if path.exists():
@@ -337,4 +350,16 @@ def load_model(
     if saved is not None:
         model._optimizer_state = saved["optimizer"]
         model._training_progress = (int(saved["epochs"]), int(saved["steps"]))
+    if datamodule is not None:  # checked against the saved registry, then used for outputs
+        model._attach_manager(datamodule.manager, "the data module")
     return model
+
+
+def _allowed_classes(names) -> set[str]:
+    if names is None:
+        return set()
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f'allowed_classes_names_list={names!r} must be a list of class names, e.g. ["SCVI"].'
+        )
+    return set(names)
