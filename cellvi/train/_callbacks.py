@@ -90,7 +90,8 @@ class LoudEarlyStopping(EarlyStopping):
     warmup_epochs
         The first ``warmup_epochs`` checks (validation runs, or epochs when a training metric
         is monitored) never stop training and set no best value. The number of checks seen
-        is part of the callback's state, so a resumed run (``ckpt_path``) keeps counting.
+        is part of the callback's state, so a resumed run (``ckpt_path``) keeps counting;
+        a run resumed from a checkpoint written after the decision to stop trains no further.
     **kwargs
         ``monitor``, ``min_delta``, ``patience``, ``mode`` of Lightning's ``EarlyStopping``.
     """
@@ -132,6 +133,12 @@ class LoudEarlyStopping(EarlyStopping):
         self.best_epoch = state_dict.pop("best_epoch", None)
         self.stop_reason = state_dict.pop("stop_reason", None)
         super().load_state_dict(state_dict)
+
+    def on_train_start(self, trainer, pl_module):
+        # resumed (ckpt_path) from a checkpoint written after this callback decided to stop,
+        # by a run interrupted before it ended: the resumed run stops there too
+        if self.stop_reason is not None:
+            trainer.should_stop = True
 
     def report(self) -> str | None:
         """A sentence for the user, or None if training was not stopped early."""

@@ -70,6 +70,7 @@ class TrainingPlan(pl.LightningModule):
         self.trained_on: torch.device | None = None
         self._val_row: dict[str, float] = {}
         self._last_good_state = None
+        self._last_good_rows = (0, 0)  # (history rows, step rows) that go with that state
         self._current_batch: dict = {}
         self._current_batch_idx = -1
         self.lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
@@ -324,6 +325,7 @@ class TrainingPlan(pl.LightningModule):
         """Remember the current (finite) weights so a NaN can be rolled back, with the
         optimiser state and training progress that go with them (for ``resume=True``)."""
         self._last_good_state = copy.deepcopy(self.module.state_dict())
+        self._last_good_rows = (len(self.history_rows), len(self.step_rows))
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         if optimizers:
             state = optimizers[0].state_dict()
@@ -368,10 +370,14 @@ class TrainingPlan(pl.LightningModule):
         return "The weights were rolled back to the last finite state (end of the previous epoch)."
 
     def restore_last_good_state(self) -> bool:
-        """Load the last finite weights into the module; True if there were any."""
+        """Load the last finite weights into the module, and cut the history back to the rows
+        that go with them (a partial epoch's per-step losses, an epoch row whose end failed);
+        True if there were any."""
         if self._last_good_state is None:
             return False
         self.module.load_state_dict(self._last_good_state)
+        n_epochs, n_steps = self._last_good_rows
+        del self.history_rows[n_epochs:], self.step_rows[n_steps:]
         return True
 
     def _raise_nonfinite(

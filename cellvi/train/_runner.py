@@ -21,8 +21,9 @@ from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, R
 from ._checks import check_callbacks
 from ._config import TrainerConfig
 from ._interrupts import InterruptGuard, TrainingInterrupted
-from ._plan import TrainingPlan, without_aliases
+from ._plan import TrainingPlan
 from ._progress import EpochProgress
+from ._resume_check import check_resume_checkpoint
 
 __all__ = ["RunResult", "run_training", "TrainingInterrupted", "default_run_dir"]
 
@@ -128,9 +129,10 @@ def _check_monitors(
     n_val: int,
     every: int | None,
     checkpoint_monitor: str | None,
+    max_epochs: int,
 ):
     """Fail before training when a monitored metric would never be logged."""
-    validating = every is not None and n_val > 0
+    validating = every is not None and n_val > 0 and every <= max_epochs
     available = plan.metric_names(validation=validating)
     wanted = []
     if cfg.early_stopping:
@@ -148,71 +150,15 @@ def _check_monitors(
                 "train_size < 1 (e.g. train_size=0.9) or monitor a training metric such as "
                 "'elbo_train'."
             )
+        if "validation" in metric and every is not None and every > max_epochs:
+            raise ValueError(
+                f"{arg}={metric!r} is logged when validation runs, every "
+                f"check_val_every_n_epoch={every} epochs, but max_epochs={max_epochs}, so it "
+                f"never runs. Use check_val_every_n_epoch <= {max_epochs} (e.g. 1)."
+            )
         raise ValueError(
             f"{arg}={metric!r} is never logged by this model.{plan.why_not_logged(metric)} "
             f"Metrics logged: {available}."
-        )
-
-
-_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
-
-
-def _check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule) -> None:
-    """Refuse, before training, a checkpoint that this model cannot resume from: one of
-    another architecture or gene set (tensor names and shapes) or of more cells.
-
-    Lightning's names (``"last"``, ``"best"``, ...) and remote URLs are left to Lightning."""
-    path = Path(ckpt_path)
-    if "://" in str(ckpt_path) or (str(ckpt_path) in _LIGHTNING_CKPT_NAMES and not path.exists()):
-        return
-    saved_model = (
-        f"ckpt_path={str(path)!r} is a saved model, not a training checkpoint: load it with "
-        "Model.load and continue with train(resume=True) (after save(..., "
-        "save_optimizer_state=True)); a resumable checkpoint is "
-        "<run_dir>/checkpoints/last.ckpt."
-    )
-    if path.is_dir():
-        raise ValueError(saved_model)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r} does not exist; a run's resumable checkpoint is "
-            "<run_dir>/checkpoints/last.ckpt (the failed run's error names it)."
-        )
-    try:  # memory-mapped: only the tensors' metadata is read here
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ValueError(
-            f"ckpt_path={str(path)!r} is not a readable checkpoint ({err}); pass the "
-            "<run_dir>/checkpoints/last.ckpt that a cellvi run wrote."
-        ) from None
-    if isinstance(state, dict) and "model_state_dict" in state and "state_dict" not in state:
-        raise ValueError(saved_model)
-    theirs, ours = without_aliases(state.get("state_dict", {})), plan.state_dict()
-    problems = []
-    for key in sorted(set(theirs) | set(ours)):
-        if key not in theirs:
-            problems.append(f"{key} is not in the checkpoint")
-        elif key not in ours:
-            problems.append(f"{key} is in the checkpoint but not in this model")
-        elif tuple(theirs[key].shape) != tuple(ours[key].shape):
-            problems.append(
-                f"{key} is {tuple(theirs[key].shape)} there, {tuple(ours[key].shape)} here"
-            )
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(
-            f"ckpt_path={str(path)!r} was written by a model of another architecture or gene "
-            f"set: {'; '.join(problems[:3])}{more}. Resume with a model built as the one that "
-            "wrote it (same genes, batches, covariates and architecture arguments)."
-        )
-    split = state.get(type(datamodule).__name__) or {}
-    n_obs = getattr(datamodule, "n_obs", None)
-    kept = [split[k] for k in ("train_idx", "val_idx", "test_idx") if split.get(k) is not None]
-    largest = max((int(t.max()) for t in kept if len(t)), default=-1)
-    if n_obs is not None and largest >= n_obs:
-        raise ValueError(
-            f"ckpt_path={str(path)!r} was written for at least {largest + 1} cells, but these "
-            f"data have {n_obs}. Resume on the AnnData that run trained on."
         )
 
 
@@ -255,9 +201,9 @@ def run_training(
         checkpoint_monitor = cfg.checkpointing_monitor if cfg.enable_checkpointing else None
     plan.observe_split(datamodule)
     every = _validation_needed(cfg, plan, checkpoint_monitor)
-    _check_monitors(cfg, plan, n_val, every, checkpoint_monitor)
+    _check_monitors(cfg, plan, n_val, every, checkpoint_monitor, max_epochs)
     if ckpt_path is not None:
-        _check_resume_checkpoint(ckpt_path, plan, datamodule)
+        check_resume_checkpoint(ckpt_path, plan, datamodule, max_epochs)
     else:
         _check_finite_weights(plan)
     _tune_allocator()
@@ -351,6 +297,9 @@ def run_training(
             warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log.*")
             # Lightning's own pytree helper against newer torch; nothing the user can act on
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            if ckpt_path is not None:  # a resumed run goes on in its run directory, whose
+                # best/ holds this run's own checkpoints (their ranking comes back with it)
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
             trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as raised:
         exc = guard.as_interruption(raised)
@@ -474,7 +423,10 @@ def _annotate(exc: BaseException, result: RunResult, max_epochs: int) -> None:
     n_done = len(result.history_rows)
     rank = result.trainer.global_rank if result.trainer is not None else 0
     if not n_done:
-        kept = "No epoch had finished, so the model keeps its initial weights."
+        kept = (
+            "No epoch of this run had finished, so the model keeps the weights this run "
+            "started from."
+        )
     elif rank == 0:
         kept = (
             f"Kept: the weights at the end of epoch {n_done} and the history of the {n_done} "

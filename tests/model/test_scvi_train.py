@@ -145,6 +145,19 @@ def test_early_stopping_without_validation_set_fails_before_training(sim_tiny):
     assert not model.is_trained and model.history == {}
 
 
+def test_validation_that_never_runs_within_max_epochs_fails_before_training(sim_tiny):
+    model = _model(sim_tiny)
+    with pytest.raises(ValueError, match="check_val_every_n_epoch=5 epochs, but max_epochs=2"):
+        model.train(max_epochs=2, early_stopping=True, check_val_every_n_epoch=5)
+    with pytest.raises(ValueError, match="lr_scheduler_metric='elbo_validation'"):
+        model.train(
+            max_epochs=2, check_val_every_n_epoch=3, plan_kwargs={"reduce_lr_on_plateau": True}
+        )
+    assert not model.is_trained and model.history == {}
+    model.train(max_epochs=2, early_stopping=True, check_val_every_n_epoch=2)
+    assert len(model.history["elbo_validation"]) == 1
+
+
 def test_unknown_monitor_is_an_error_listing_metrics(sim_tiny):
     model = _model(sim_tiny)
     with pytest.raises(ValueError, match="'elbo_valdation' is never logged.*elbo_validation"):

@@ -1,0 +1,93 @@
+"""Before a resumed run (``ckpt_path``): refuse a checkpoint this model cannot resume from."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import TrainingWarning
+from ._plan import TrainingPlan, without_aliases
+
+__all__ = ["check_resume_checkpoint"]
+
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule, max_epochs: int) -> None:
+    """Refuse, before training, a checkpoint that this model cannot resume from: one of
+    another architecture or gene set (tensor names and shapes) or of more cells; warn when
+    it already holds ``max_epochs`` epochs (nothing would be trained).
+
+    Lightning's other names (``"best"``, ``"hpc"``, ``"registry"``) and remote URLs are left
+    to Lightning."""
+    path = Path(ckpt_path)
+    if str(ckpt_path) == "last" and not path.exists():
+        # Lightning would look for a ModelCheckpoint's last file in this new run's folder,
+        # find none, and train from the current weights with a warning only
+        raise ValueError(
+            "ckpt_path='last' is Lightning's shortcut, which cellvi runs cannot use: each "
+            "train() writes to a new run directory. Pass the checkpoint the interrupted run's "
+            "error names: f'{model.run_dir_}/checkpoints/last.ckpt'."
+        )
+    if "://" in str(ckpt_path) or (str(ckpt_path) in _LIGHTNING_CKPT_NAMES and not path.exists()):
+        return
+    saved_model = (
+        f"ckpt_path={str(path)!r} is a saved model, not a training checkpoint: load it with "
+        "Model.load and continue with train(resume=True) (after save(..., "
+        "save_optimizer_state=True)); a resumable checkpoint is "
+        "<run_dir>/checkpoints/last.ckpt."
+    )
+    if path.is_dir():
+        raise ValueError(saved_model)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist; a run's resumable checkpoint is "
+            "<run_dir>/checkpoints/last.ckpt (the failed run's error names it)."
+        )
+    try:  # memory-mapped: only the tensors' metadata is read here
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is not a readable checkpoint ({err}); pass the "
+            "<run_dir>/checkpoints/last.ckpt that a cellvi run wrote."
+        ) from None
+    if isinstance(state, dict) and "model_state_dict" in state and "state_dict" not in state:
+        raise ValueError(saved_model)
+    theirs, ours = without_aliases(state.get("state_dict", {})), plan.state_dict()
+    problems = []
+    for key in sorted(set(theirs) | set(ours)):
+        if key not in theirs:
+            problems.append(f"{key} is not in the checkpoint")
+        elif key not in ours:
+            problems.append(f"{key} is in the checkpoint but not in this model")
+        elif tuple(theirs[key].shape) != tuple(ours[key].shape):
+            problems.append(
+                f"{key} is {tuple(theirs[key].shape)} there, {tuple(ours[key].shape)} here"
+            )
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was written by a model of another architecture or gene "
+            f"set: {'; '.join(problems[:3])}{more}. Resume with a model built as the one that "
+            "wrote it (same genes, batches, covariates and architecture arguments)."
+        )
+    split = state.get(type(datamodule).__name__) or {}
+    n_obs = getattr(datamodule, "n_obs", None)
+    kept = [split[k] for k in ("train_idx", "val_idx", "test_idx") if split.get(k) is not None]
+    largest = max((int(t.max()) for t in kept if len(t)), default=-1)
+    if n_obs is not None and largest >= n_obs:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was written for at least {largest + 1} cells, but these "
+            f"data have {n_obs}. Resume on the AnnData that run trained on."
+        )
+    n_done = len(state.get("cellvi_history_rows") or [])
+    if n_done >= max_epochs:
+        warnings.warn(
+            f"ckpt_path={str(path)!r} already holds {n_done} finished epochs and "
+            f"max_epochs={max_epochs}, so no epoch is trained: the model takes the "
+            f"checkpoint's weights and history. Pass max_epochs > {n_done} to train on.",
+            TrainingWarning,
+            stacklevel=5,
+        )
