@@ -28,7 +28,7 @@ class BlockShuffleSampler(BatchIndexSampler):
 
     Parameters
     ----------
-    indices, batch_size, shuffle, drop_last, seed, rank, world_size, drop_dataset_tail
+    indices, batch_size, shuffle, drop_last, seed, rank, world_size, drop_dataset_tail, exact_shards
         As in :class:`BatchIndexSampler`; distributed ranks receive contiguous shares of the
         chunk order, so each rank still reads whole chunks.
     chunk_size
@@ -70,6 +70,9 @@ class BlockShuffleSampler(BatchIndexSampler):
         if self.world_size == 1:
             return order
         n = len(order)
+        if self.exact_shards:  # contiguous shares of sizes differing by at most one
+            lo, hi = (n * r // self.world_size for r in (self.rank, self.rank + 1))
+            return order[lo:hi]
         if self.drop_dataset_tail:
             per_rank = n // self.world_size
         else:

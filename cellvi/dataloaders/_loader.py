@@ -39,6 +39,7 @@ def make_dataloader(
     rank: int = 0,
     world_size: int = 1,
     drop_dataset_tail: bool = False,
+    exact_shards: bool = False,
     num_workers: int | None = None,
     persistent_workers: bool | None = None,
     pin_memory: bool = False,
@@ -58,6 +59,7 @@ def make_dataloader(
         rank=rank,
         world_size=world_size,
         drop_dataset_tail=drop_dataset_tail,
+        exact_shards=exact_shards,
     )
     if store.on_disk:
         sampler = BlockShuffleSampler(

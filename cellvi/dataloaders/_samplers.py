@@ -54,6 +54,10 @@ class BatchIndexSampler(torch.utils.data.Sampler):
         Distributed training: every rank iterates a disjoint share of the same order.
     drop_dataset_tail
         Distributed: drop the cells that do not divide evenly instead of repeating some.
+    exact_shards
+        Distributed: every cell goes to exactly one rank, neither repeated nor dropped, so
+        shares may differ by one cell (validation and test sets, whose metrics are sums
+        over ranks).
     """
 
     def __init__(
@@ -67,8 +71,10 @@ class BatchIndexSampler(torch.utils.data.Sampler):
         rank: int = 0,
         world_size: int = 1,
         drop_dataset_tail: bool = False,
+        exact_shards: bool = False,
     ):
         self.indices = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int64))
+        self.exact_shards = exact_shards
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed or 0)
         self.rank, self.world_size = rank, world_size
@@ -94,6 +100,8 @@ class BatchIndexSampler(torch.utils.data.Sampler):
         if self.world_size == 1:
             return order
         n = len(order)
+        if self.exact_shards:
+            return order[self.rank : n : self.world_size]
         if self.drop_dataset_tail:
             per_rank = n // self.world_size
             order = order[: per_rank * self.world_size]

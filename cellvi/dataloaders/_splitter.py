@@ -262,7 +262,13 @@ class DataSplitter(pl.LightningDataModule):
         return 0, 1
 
     def _loader(self, indices, shuffle: bool, train: bool):
-        rank, world = self._rank_world() if train else (0, 1)
+        rank, world = self._rank_world()
+        # validation and test cells are split exactly across ranks (their metrics are sums
+        # over ranks); with fewer cells than ranks every rank takes them all, since a rank
+        # without a batch would skip the loop and the others would wait for it
+        exact = not train and world > 1
+        if exact and len(indices) < world:
+            rank, world = 0, 1
         return make_dataloader(
             self.store,
             indices,
@@ -273,6 +279,7 @@ class DataSplitter(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             drop_dataset_tail=self.drop_dataset_tail,
+            exact_shards=exact,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,

@@ -150,10 +150,17 @@ class SemiSupervisedTrainingPlan(TrainingPlan):
     def _epoch_metrics(self, split: str, n_obs_split: int | None) -> dict[str, float]:
         metrics = super()._epoch_metrics(split, n_obs_split)
         stats = self._class_stats.get(split)
-        if stats is None or not metrics:
+        if not metrics:
             return metrics
         if self.trainer is not None and self.trainer.world_size > 1:
+            # every rank joins the sum, also one whose cells held no label (its share of the
+            # validation set is its own), or the others would wait for it
+            if stats is None:
+                weight = next(self.module.parameters())
+                stats = torch.zeros(3 + 3 * _N_BINS, dtype=weight.dtype, device=weight.device)
             stats = self.trainer.strategy.reduce(stats.clone(), reduce_op="sum")
+        if stats is None or float(stats[2]) == 0:
+            return metrics
         stats = stats.cpu()
         ce_sum, correct, n = (float(v) for v in stats[:3])
         count, conf, right = stats[3:].reshape(3, _N_BINS)

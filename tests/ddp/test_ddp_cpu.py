@@ -29,11 +29,16 @@ class _PerRank(pl.Callback):
     def __init__(self, folder):
         self.folder = str(folder)
         self.seen: list[int] = []
+        self.validated: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == 0:
             full = batch["full"] if "full" in batch else batch
             self.seen.extend(full["ind_x"].ravel().tolist())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.current_epoch == 0 and not trainer.sanity_checking:
+            self.validated.extend(batch["ind_x"].ravel().tolist())
 
     def on_train_end(self, trainer, pl_module):
         torch.save(
@@ -41,6 +46,7 @@ class _PerRank(pl.Callback):
                 "state": {k: v.detach().cpu() for k, v in pl_module.module.state_dict().items()},
                 "epoch": trainer.current_epoch,
                 "seen": self.seen,
+                "validated": self.validated,
                 "world": trainer.world_size,
             },
             os.path.join(self.folder, f"rank{trainer.global_rank}.pt"),
@@ -81,6 +87,10 @@ def test_two_process_training_gives_identical_weights_and_full_results(tmp_path)
     # each rank saw a disjoint half of the training cells in an epoch (up to padding)
     s0, s1 = set(r0["seen"]), set(r1["seen"])
     assert len(s0 & s1) <= 1 and s0 | s1 == set(model.train_indices.tolist())
+    # and an exact half of the validation cells: none twice, none left out
+    v0, v1 = r0["validated"], r1["validated"]
+    assert abs(len(v0) - len(v1)) <= 1 and not set(v0) & set(v1)
+    assert sorted(v0 + v1) == sorted(model.validation_indices.tolist())
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
@@ -149,6 +159,31 @@ def test_several_models_one_after_another_in_one_process(tmp_path):
     scanvi.train(max_epochs=2, **TWO_CPU_RANKS)
     assert scanvi.is_trained and len(scanvi.history["train_accuracy"]) == 2
     assert scanvi.predict().shape == (adata.n_obs,)
+
+
+def test_scanvi_validation_is_sharded_and_a_rank_without_labels_does_not_stall(tmp_path):
+    adata = _data()
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    train, val = order[:360], order[360:]
+    labels = np.full(adata.n_obs, "Unknown", dtype=object)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    labels[train[:60]] = types[train[:60]]
+    labels[val[0]] = types[val[0]]  # one labeled validation cell: on one rank's shard only
+    adata.obs["labels"] = labels
+    SCANVI.setup_anndata(adata, "labels", "Unknown", batch_key="batch")
+    model = SCANVI(adata, n_hidden=16, n_latent=3)
+    model.train(
+        max_epochs=2,
+        **TWO_CPU_RANKS,
+        check_val_every_n_epoch=1,
+        datasplitter_kwargs={"external_indexing": [train, val]},
+        callbacks=[_PerRank(tmp_path)],
+    )
+    r0, r1 = _ranks(tmp_path)
+    assert sorted(r0["validated"] + r1["validated"]) == sorted(val.tolist())
+    assert not set(r0["validated"]) & set(r1["validated"])
+    # the single labeled validation cell decides the accuracy: 0 or 1
+    assert set(model.history["validation_accuracy"]["validation_accuracy"]) <= {0.0, 1.0}
 
 
 def test_torchrun_launch_path(tmp_path):
@@ -221,6 +256,7 @@ def test_two_processes_train_from_a_file_on_disk(tmp_path):
         torch.testing.assert_close(r1["state"][name], value, rtol=0, atol=0, msg=name)
     s0, s1 = set(r0["seen"]), set(r1["seen"])
     assert len(s0 & s1) <= 1 and s0 | s1 == set(model.train_indices.tolist())
+    assert sorted(r0["validated"] + r1["validated"]) == sorted(model.validation_indices.tolist())
     assert model.is_trained and len(model.history["elbo_train"]) == 2
 
 

@@ -20,7 +20,9 @@ TWO_CPU_RANKS = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_notebook"}
 
 
 def _data(n=200, batch_key="batch"):
-    adata = cellvi.data.simulate(n_cells=n, n_genes=40, n_de_genes_per_type=5, seed=0)
+    adata = cellvi.data.simulate(
+        n_cells=n, n_genes=40, n_cell_types=min(n, 3), n_de_genes_per_type=5, seed=0
+    )
     SCVI.setup_anndata(adata, batch_key=batch_key)
     return adata
 
