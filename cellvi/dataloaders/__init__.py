@@ -1,5 +1,6 @@
 """Splitting and loading: contiguous tensor stores, seeded batch samplers, data modules."""
 
+from ._anndataloader import AnnDataLoader
 from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._datamodule import AnnDataModule, InferenceLoader, SomaDataModule
 from ._loader import StoreDataset, make_dataloader
@@ -10,6 +11,7 @@ from ._splitter import DataSplitter, split_sizes
 from ._tensors import CSRTensor, DiskRows, TensorStore
 
 __all__ = [
+    "AnnDataLoader",
     "AnnDataModule",
     "InferenceLoader",
     "SomaDataModule",
