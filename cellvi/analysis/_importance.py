@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .._constants import REGISTRY_KEYS
 from ..errors import CellviWarning, check_count
 from ._batches import eval_mode, inference_batches, private_rng
-from ._diagnostics import get_marginal_ll, latent_draws
+from ._diagnostics import get_marginal_ll, latent_draws, log_prior_z
 
 __all__ = ["get_importance_weights", "importance_resample", "pairwise_log_likelihood"]
 
@@ -109,7 +109,8 @@ def get_importance_weights(
     """Normalised importance weights of the pooled draws of the cells ``cell_idx``.
 
     ``draws`` holds, per draw, ``z`` ``(S, d)`` (the Gaussian draw ``u``, see
-    :func:`~cellvi.analysis._diagnostics.latent_draws`), ``log_rho`` ``(S, G)``, ``theta`` (``(G,)``
+    :func:`~cellvi.analysis._diagnostics.latent_draws`), optionally ``log_pz`` ``(S,)`` (the
+    log prior of each draw; default ``log N(z; 0, I)``), ``log_rho`` ``(S, G)``, ``theta`` (``(G,)``
     or ``(S, G)``; absent for Poisson) and ``zi_logits`` ``(S, G)`` (ZINB), and per cell
     ``qz_m``/``qz_v`` ``(n, d)`` aligned with ``cell_idx``. ``max_cells`` anchors are drawn from
     the group; ``truncation`` raises log-weights below their log-mean to it (Ionides 2008).
@@ -141,7 +142,10 @@ def get_importance_weights(
     for s0 in range(0, len(z), draw_chunk):
         sl = slice(s0, s0 + draw_chunk)
         zs = z[sl]
-        log_pz = -0.5 * (zs.pow(2).sum(1) + zs.shape[1] * math.log(2 * math.pi))
+        if "log_pz" in draws:
+            log_pz = draws["log_pz"][sl]
+        else:
+            log_pz = -0.5 * (zs.pow(2).sum(1) + zs.shape[1] * math.log(2 * math.pi))
         diff = zs[:, None, :] - qm[None]  # (s, a, d)
         log_q = -0.5 * (diff.pow(2) / qv[None] + qv[None].log() + math.log(2 * math.pi)).sum(-1)
         th = theta if theta is None or theta.dim() == 1 else theta[sl]
@@ -178,7 +182,7 @@ def importance_resample(
     module = model.module
     k = n_overall // len(cell_idx) + 1
     parts: dict[str, list] = {
-        k_: [] for k_ in ("z", "log_rho", "theta", "zi_logits", "qz_m", "qz_v")
+        k_: [] for k_ in ("z", "log_pz", "log_rho", "theta", "zi_logits", "qz_m", "qz_v")
     }
     with private_rng(model.device), eval_mode(module):
         torch.manual_seed(seed)
@@ -196,6 +200,8 @@ def importance_resample(
             zero_lib = torch.zeros(*z.shape[:-1], 1, device=z.device)
             px = module.generative(z, zero_lib, batch, transform_batch=code)
             parts["z"].append(_flat(u))  # draws cell-major: (cells · k, d)
+            # the model's prior (SCANVI: its hierarchical prior), as in get_marginal_ll
+            parts["log_pz"].append(log_prior_z(module, u, z).T.reshape(-1).cpu())
             parts["log_rho"].append(_flat(px["log_scale"]))
             theta = px["theta"]  # None for a Poisson likelihood
             if theta is not None:
