@@ -4,11 +4,23 @@ run before any training starts."""
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
+import torch
 
-__all__ = ["check_callbacks", "check_datamodule", "check_loss_kwargs"]
+__all__ = [
+    "check_callbacks",
+    "check_datamodule",
+    "check_loss_kwargs",
+    "match_weights_to_precision",
+]
+
+logger = logging.getLogger("cellvi")
+
+# Lightning precisions whose plugin casts the module itself (the others expect float32 weights)
+_CASTING_PRECISIONS = ("64", "64-true", "bf16-true", "16-true")
 
 # what train() reads from a data module (cellvi's AnnDataModule and SomaDataModule have all)
 _DATAMODULE_ATTRIBUTES = (
@@ -93,4 +105,23 @@ def check_loss_kwargs(module, loss_kwargs: Mapping) -> None:
             f"{type(module).__name__}'s loss does not take; it takes "
             + (f"{accepted}." if accepted else "none besides kl_weight (set by the plan).")
             + " Remove them from loss_kwargs."
+        )
+
+
+def match_weights_to_precision(module: torch.nn.Module, precision) -> None:
+    """Bring weights left in another dtype by an earlier run (``precision="64-true"`` or
+    ``"bf16-true"``) back to float32 for a run whose precision expects float32 weights (the
+    default ``"32-true"`` and the mixed precisions); Lightning casts only for the ``-true``
+    precisions other than 32, so float64 weights would meet float32 minibatches."""
+    name = "32-true" if precision is None else str(precision)
+    if name in _CASTING_PRECISIONS or name.startswith("transformer-engine"):
+        return
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if dtypes and dtypes != {torch.float32}:
+        module.float()
+        logger.info(
+            "The weights were %s from an earlier run; they were converted to float32 for "
+            "precision=%r.",
+            "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes)),
+            name,
         )

@@ -18,7 +18,7 @@ from .._settings import settings
 from ..errors import NonFiniteLossError
 from . import _callbacks
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
-from ._checks import check_callbacks
+from ._checks import check_callbacks, match_weights_to_precision
 from ._config import TrainerConfig
 from ._interrupts import InterruptGuard, TrainingInterrupted
 from ._plan import TrainingPlan
@@ -202,6 +202,7 @@ def run_training(
     plan.observe_split(datamodule)
     every = _validation_needed(cfg, plan, checkpoint_monitor)
     _check_monitors(cfg, plan, n_val, every, checkpoint_monitor, max_epochs)
+    match_weights_to_precision(plan.module, cfg.precision)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, plan, datamodule, max_epochs)
     else:

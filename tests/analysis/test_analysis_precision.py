@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -85,3 +86,20 @@ def test_outputs_of_a_bfloat16_model_are_float32_and_leave_it_bfloat16():
     after = model.module.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in weights.items())
     assert model.module.training == was_training
+
+
+def test_training_again_at_the_default_precision_returns_the_weights_to_float32(model64):
+    model = copy.deepcopy(model64)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with cellvi.settings.override(progress_bar_style="none"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This SCVI is already trained")
+        # float64 weights and float32 minibatches used to fail inside Lightning
+        model.train(max_epochs=1, save_resume_checkpoint=False, plan_kwargs={"lr": 1e-12})
+        assert {p.dtype for p in model.module.parameters()} == {torch.float32}
+        for name, value in model.module.named_parameters():  # lr 1e-12: only the cast shows
+            torch.testing.assert_close(value, before[name].float(), msg=name)
+        model.train(max_epochs=1, precision="bf16-true", save_resume_checkpoint=False)
+        assert {p.dtype for p in model.module.parameters()} == {torch.bfloat16}
+        model.train(max_epochs=1, precision="bf16-mixed", save_resume_checkpoint=False)
+    assert {p.dtype for p in model.module.parameters()} == {torch.float32}
+    assert np.isfinite(model.history["elbo_train"]["elbo_train"]).all()
