@@ -21,7 +21,10 @@ class LabeledStream:
     The subset is redrawn from ``(seed, epoch)`` each epoch; iteration cycles so it can be
     zipped with the (longer) stream of all cells. With counts on disk the minibatches are
     block-shuffled and read a buffer at a time, like the training stream (``chunk_size``,
-    ``buffer_size``: see :class:`BlockShuffleSampler`), not a random row at a time.
+    ``buffer_size``: see :class:`BlockShuffleSampler`), not a random row at a time. Under
+    DDP (``rank``, ``world_size``) every rank takes its own share of the epoch's subset, as
+    it does of all cells (every rank takes the whole subset when it has fewer cells than
+    there are ranks).
     """
 
     def __init__(
@@ -34,7 +37,10 @@ class LabeledStream:
         seed,
         chunk_size: int | None = None,
         buffer_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        self.rank, self.world_size = int(rank), int(world_size)
         self.store, self.indices, self.labels = store, np.asarray(indices), np.asarray(labels)
         self.batch_size, self.n_per_label, self.seed = batch_size, n_samples_per_label, seed
         self.chunk_size = chunk_size or settings.dl_chunk_size
@@ -62,7 +68,9 @@ class LabeledStream:
         """Minibatches of this epoch's subset, over and over; never one of a single cell
         (merged into the one before; a lone labeled cell comes twice, which leaves its mean
         classification loss unchanged and keeps batch normalisation working)."""
-        cells = self.subset()
+        cells = self.subset()  # the same on every rank (seed and epoch)
+        if len(cells) >= self.world_size > 1:
+            cells = cells[self.rank :: self.world_size]
         if len(cells) == 1:
             cells = np.repeat(cells, 2)
         # in memory, or just two cells (e.g. the lone one twice): plain gathers; on disk the
@@ -184,5 +192,6 @@ class SemiSupervisedDataSplitter(DataSplitter):
             self.split_seed,
             chunk_size=self.chunk_size,
             buffer_size=self.buffer_size,
+            **dict(zip(("rank", "world_size"), self._rank_world(), strict=True)),
         )
         return _PairedLoader(full, stream)

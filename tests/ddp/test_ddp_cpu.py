@@ -30,11 +30,14 @@ class _PerRank(pl.Callback):
         self.folder = str(folder)
         self.seen: list[int] = []
         self.validated: list[int] = []
+        self.labeled: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == 0:
             full = batch["full"] if "full" in batch else batch
             self.seen.extend(full["ind_x"].ravel().tolist())
+            if "labeled" in batch:
+                self.labeled.extend(batch["labeled"]["ind_x"].ravel().tolist())
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if trainer.current_epoch == 0 and not trainer.sanity_checking:
@@ -47,6 +50,7 @@ class _PerRank(pl.Callback):
                 "epoch": trainer.current_epoch,
                 "seen": self.seen,
                 "validated": self.validated,
+                "labeled": self.labeled,
                 "world": trainer.world_size,
             },
             os.path.join(self.folder, f"rank{trainer.global_rank}.pt"),
@@ -161,7 +165,7 @@ def test_several_models_one_after_another_in_one_process(tmp_path):
     assert scanvi.predict().shape == (adata.n_obs,)
 
 
-def test_scanvi_validation_is_sharded_and_a_rank_without_labels_does_not_stall(tmp_path):
+def test_scanvi_labeled_and_validation_cells_are_sharded_across_ranks(tmp_path):
     adata = _data()
     order = np.random.default_rng(0).permutation(adata.n_obs)
     train, val = order[:360], order[360:]
@@ -182,6 +186,9 @@ def test_scanvi_validation_is_sharded_and_a_rank_without_labels_does_not_stall(t
     r0, r1 = _ranks(tmp_path)
     assert sorted(r0["validated"] + r1["validated"]) == sorted(val.tolist())
     assert not set(r0["validated"]) & set(r1["validated"])
+    # the labeled training stream is split across ranks too
+    assert set(r0["labeled"]) | set(r1["labeled"]) == set(train[:60].tolist())
+    assert not set(r0["labeled"]) & set(r1["labeled"])
     # the single labeled validation cell decides the accuracy: 0 or 1
     assert set(model.history["validation_accuracy"]["validation_accuracy"]) <= {0.0, 1.0}
 
