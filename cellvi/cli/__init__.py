@@ -10,7 +10,11 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cellvi", description="Single-cell variational inference."
+        prog="cellvi",
+        description="Single-cell variational inference.",
+        epilog="Exit status: 0 done; 1 training failed (e.g. a NaN loss) or `validate` found "
+        "a failed check; 2 unusable input (a one-line error); 130/143 interrupted by "
+        "Ctrl-C/SIGTERM (`cellvi run WORKFLOW --resume` continues).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     quick = sub.add_parser("quickstart", help="end-to-end run on simulated data with ground truth")
@@ -24,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("workflow", help="path of the workflow .toml")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run")
     val = sub.add_parser("validate", help="score and check a finished run's output folder")
-    val.add_argument("output_dir")
+    val.add_argument(
+        "output_dir",
+        help="the [outputs] dir of a finished `cellvi run` (exit 1 when a check fails)",
+    )
     val.add_argument("--rerun", action="store_true", help="rerun with the same seed and compare")
     sim = sub.add_parser("simulate", help="write a simulated data set with its ground truth")
     sim.add_argument("output", help="path of the .h5ad to write")
@@ -96,10 +103,59 @@ def main(argv: list[str] | None = None) -> int:
             )
             adata.write_h5ad(args.output)
             print(f"Wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.output}")
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError, TypeError) as err:
-        print(f"cellvi {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = _exit_code(err)
+        if code is None:  # not a user error: the traceback is the useful report
+            raise
+        print(f"cellvi {args.command}: error: {_message(err, args)}", file=sys.stderr)
+        return code
     return 0
+
+
+_USER_ERRORS = (
+    FileExistsError,
+    FileNotFoundError,
+    PermissionError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
+
+
+def _exit_code(err: BaseException) -> int | None:
+    """2 for bad input, 1 for a training that failed (e.g. a NaN loss), 128 + the signal for
+    an interrupted one (as a shell reports a killed command); ``None``: not ours to word."""
+    errors = sys.modules.get("cellvi.errors")  # imported by then if cellvi raised it
+    if errors is not None and isinstance(err, errors.TrainingError):
+        interrupts = sys.modules.get("cellvi.train._interrupts")
+        if interrupts is not None and isinstance(err, interrupts.TrainingInterrupted):
+            return 128 + (15 if "SIGTERM" in str(err) else 2)
+        return 1
+    if isinstance(err, _USER_ERRORS) or (
+        errors is not None and isinstance(err, errors.CellviError)
+    ):
+        return 2
+    return None
+
+
+def _message(err: BaseException, args: argparse.Namespace) -> str:
+    """The error with what was kept; the resume advice in command-line terms."""
+    text = str(err)
+    errors = sys.modules.get("cellvi.errors")
+    if errors is None or not isinstance(err, errors.TrainingError):
+        return text
+    notes = [n for n in getattr(err, "__notes__", []) if not n.startswith("To resume")]
+    resumable = any(n.startswith("To resume") for n in getattr(err, "__notes__", []))
+    lines = [text, *notes]
+    if args.command == "run" and resumable:
+        lines.append(
+            f"To continue from the last finished epoch: cellvi run {args.workflow} --resume"
+        )
+    elif args.command == "run":
+        lines.append(
+            f"Nothing to resume; fix the cause and run `cellvi run {args.workflow}` again."
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,10 @@ def _check_output_dir(out: Path, resume: bool) -> None:
         or _last_checkpoint(out / "runs") is not None
     )
     if progress:
-        raise FileExistsError(f"{out} is not empty; use --resume to continue that run.")
+        raise FileExistsError(
+            f"{out} is not empty; use --resume to continue that run, or set another "
+            "[outputs].dir (or delete the folder) to start over."
+        )
 
 
 def _last_checkpoint(runs: Path) -> Path | None:
@@ -153,14 +156,23 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
         if config["input"].get("layer"):
             setup["layer"] = config["input"]["layer"]
         model_cls.setup_anndata(adata, **setup)
-        if config["outputs"].get("de") and not state.done.get("de"):
-            check_de_request(adata, **config["outputs"]["de"])  # before training, not after
+        if config["outputs"].get("de") is not None and not state.done.get("de"):
+            try:  # before training, not after
+                check_de_request(adata, **config["outputs"]["de"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"[outputs].de: {err}") from err
         trained = state.done.get("train") and (out / "model").exists()
         if trained:
             model = model_cls.load(out / "model", adata=adata)
         else:
             model = model_cls(adata, **model_kwargs)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(
+                f"[outputs].dir = {str(out)!r} cannot be created ({err.strerror}: "
+                f"{err.filename}); name a folder you can write to."
+            ) from err
         _write_text(
             out / "config.resolved.json",
             json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2),
@@ -176,7 +188,7 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
             adata.obsm["X_scVI"] = model.get_latent_representation()
         if outputs.get("normalized_expression"):
             adata.layers["cellvi_normalized"] = model.get_normalized_expression(return_numpy=True)
-        if outputs.get("de") and not state.done.get("de"):
+        if outputs.get("de") is not None and not state.done.get("de"):
             table = model.differential_expression(**outputs["de"])
             _write_atomically(out / "de.csv", table.to_csv)
             state.mark("de")

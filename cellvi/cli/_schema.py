@@ -169,10 +169,12 @@ def load_workflow(path: str | Path) -> dict:
             )
     config.setdefault("setup", {})
     train = config.setdefault("train", {})
+    train.setdefault("seed", 0)  # recorded in config.resolved.json, as every run is seeded
     for key in ("max_epochs", "batch_size"):
         value = train.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{path}: [train].{key} must be a positive integer (got {value!r}).")
+    _check_run_settings(path, train)
     from ..train._config import TrainerConfig, build_dataclass
 
     fields = {f.name for f in dataclasses.fields(TrainerConfig)}
@@ -229,3 +231,25 @@ def _check_files(path: Path, where: str, files) -> None:
             f"{path}: {where} names files that do not exist: {missing}. Relative paths are "
             f"read from the working folder ({Path.cwd()})."
         )
+
+
+def _check_run_settings(path: Path, train: dict) -> None:
+    """``[train]`` values that Lightning or the data splitter would refuse only once the run
+    folder exists (and without naming the key): checked up front."""
+    seed = train.get("seed", 0)
+    if not 0 <= seed <= 2**32 - 1:
+        raise ConfigError(f"{path}: [train].seed must be in [0, 2**32 - 1] (got {seed}).")
+    if "train_size" in train or "validation_size" in train:
+        from ..dataloaders._splitter import split_sizes
+
+        try:
+            split_sizes(100, train.get("train_size", 0.9), train.get("validation_size"))
+        except ValueError as err:
+            raise ConfigError(f"{path}: [train]: {err}") from err
+    if "accelerator" in train or "devices" in train:
+        from ..train._runner import _check_devices
+
+        try:
+            _check_devices(train.get("accelerator", "auto"), train.get("devices", "auto"))
+        except ValueError as err:
+            raise ConfigError(f"{path}: [train]: {err}") from err
