@@ -199,6 +199,12 @@ def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple
             f"idx2=\"{groupby} in ['a', 'b']\"."
         )
     second = None if group2 is None else _find_group(present, group2, groupby)
+    if second is not None and second[0] in {code for code, _ in firsts}:
+        raise ValueError(
+            f"group1 and group2 both name {second[1]!r} of obs[{groupby!r}]: a group compared "
+            "with itself has no differences to find. Give another group2, or group2=None to "
+            "compare with all other cells."
+        )
     return codes, firsts, second
 
 

@@ -91,6 +91,16 @@ def test_group1_naming_nothing_and_a_list_for_group2_are_named(small):
     pd.testing.assert_frame_equal(rest.drop(columns=["comparison", "group1", "group2"]), union)
 
 
+def test_a_group_compared_with_itself_is_refused(small):
+    de = small.differential_expression
+    with pytest.raises(ValueError, match="group1 and group2 both name 'type_1'"):
+        de(groupby="cell_type", group1="type_1", group2="type_1", **FAST)
+    with pytest.raises(ValueError, match="both name 'type_0'"):
+        de(groupby="cell_type", group1=["type_0", "type_2"], group2="type_0", **FAST)
+    with pytest.raises(ValueError, match="compared with itself"):  # before any training
+        check_de_request(small.adata, groupby="cell_type", group1="type_2", group2="type_2")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
