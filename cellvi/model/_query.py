@@ -38,7 +38,8 @@ def _grow(
     (None when nothing grew). A covariate table (``cov_weight``, one block of rows per
     categorical covariate) is grown block by block, given the reference's categories per
     covariate ``old_cats``: each covariate's reference rows land at the start of its block,
-    its new categories after them.
+    its new categories after them. A covariate the reference skipped (one category, so no
+    rows) gets a zero row for that category: the reference's cells keep their outputs.
     """
     if ref.shape == new.shape:
         return ref.clone(), None
@@ -55,6 +56,8 @@ def _grow(
     for n_old, n_new in old_cats:
         rows, ref_rows = slice(start_new, start_new + n_old), slice(start_ref, start_ref + n_old)
         out[rows], kept[rows] = ref[ref_rows], True
+        if n_old == 0 and n_new > 0:  # skipped in the reference: its one category is code 0
+            out[start_new], kept[start_new] = 0.0, True
         start_ref, start_new = start_ref + n_old, start_new + n_new
     return out, kept
 
@@ -67,7 +70,12 @@ def _covariate_layouts(cls, registry: dict, init: dict, module) -> dict[str, lis
     """
     with torch.device("meta"):
         reference = cls(None, registry=registry, **init["non_kwargs"], **init.get("kwargs", {}))
-    old = {n: m.n_cat_list for n, m in reference.module.named_modules() if _is_cov(m)}
+    # every covariate layer: one whose covariates all had one category has no table yet
+    old = {
+        n: m.n_cat_list
+        for n, m in reference.module.named_modules()
+        if isinstance(m, CovariateLinear)
+    }
     return {
         f"{name}.cov_weight": list(zip(old[name], m.n_cat_list, strict=True))
         for name, m in module.named_modules()
@@ -100,7 +108,9 @@ def restore_reference_blocks(module: torch.nn.Module) -> None:
             if values.device != param.device:  # the module moved after freezing
                 kept, values = kept.to(param.device), values.to(param.device)
                 blocks[name] = (kept, values)
-            param[kept] = values
+            # a run at another precision ("64-true", "bf16-true") cast the weights; the kept
+            # values stay in their own dtype so that a later float32 run gets them exactly
+            param[kept] = values.to(param.dtype)
 
 
 class KeepReferenceBlocks(pl.Callback):
@@ -271,14 +281,17 @@ def load_query_data(
     layouts = _covariate_layouts(cls, ref_registry, init, model.module)
     merged, grown, grown_shapes = {}, {}, {}
     for key, value in new_state.items():
-        if key not in ref_state:
+        ref_value = ref_state.get(key)
+        if ref_value is None and key in layouts:  # a covariate table the reference lacked
+            ref_value = value.new_zeros((0, *value.shape[1:]))
+        if ref_value is None:
             merged[key] = value
             continue
-        merged[key], kept = _grow(ref_state[key].to(value.dtype), value, layouts.get(key))
+        merged[key], kept = _grow(ref_value.to(value.dtype), value, layouts.get(key))
         if kept is not None:
             grown[key] = kept
             grown_shapes[key] = {
-                "reference_shape": list(ref_state[key].shape),
+                "reference_shape": list(ref_value.shape),
                 "layout": None if key not in layouts else [list(p) for p in layouts[key]],
             }
     model.module.load_state_dict(merged)
