@@ -138,9 +138,15 @@ def inference_batches(
     and decode, which then never build a dense ``(cells, genes)`` block of the input.
     """
     if not getattr(model, "is_trained", True):
+        if getattr(model, "query_freezing_", None) is not None:  # from load_query_data
+            what = (
+                "on its query yet: its outputs use the reference's weights, with the query's "
+                "new categories (e.g. batches) at their initial values"
+            )
+        else:
+            what = "yet: its outputs come from randomly initialised weights"
         warnings.warn(
-            f"This {type(model).__name__} has not been trained: its outputs come from randomly "
-            "initialised weights. Call model.train() first.",
+            f"This {type(model).__name__} has not been trained {what}. Call model.train() first.",
             CellviWarning,
             stacklevel=4,
         )
