@@ -70,35 +70,12 @@ def latent_draws(module, inf: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def log_prior_z(module, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``log p(z)`` of each draw, ``(k, cells)``: the N(0, I) prior at ``u``, or for SCANVI
-    an unbiased estimate of its hierarchical prior (:func:`scanvi_log_prior`)."""
-    if hasattr(module, "encoder_z2_z1"):
-        return scanvi_log_prior(module, z)
+    """``log p(z)`` of each draw, ``(k, cells)``: the module's own prior when it has one
+    (SCANVI's hierarchical prior over labels and ``z2``, at ``z``), else N(0, I) at ``u``."""
+    own = getattr(module, "log_prior", None)
+    if own is not None:
+        return own(z)
     return log_normal(u, torch.zeros_like(u), torch.ones_like(u))
-
-
-def scanvi_log_prior(module, z1: torch.Tensor) -> torch.Tensor:
-    """Log of an unbiased estimate of SCANVI's prior ``p(z1) = Σ_y p(y) ∫ p(z1|z2,y) p(z2)
-    dz2``, shape ``z1.shape[:-1]``: labels are enumerated and ``z2`` is one draw of
-    ``q(z2 | z1, y)`` per label,
-
-        log Σ_y exp[log p(y) + log p(z1 | z2_y, y) + log N(z2_y; 0, I) − log q(z2_y | z1, y)]
-
-    so the importance weights stay unbiased for ``p(x)`` and one draw already bounds the
-    SCANVI ELBO (which weights the labels by ``q(y | z1)``) from above in expectation.
-    """
-    shape, k = z1.shape[:-1], module.n_classes
-    flat = z1.reshape(-1, z1.shape[-1])
-    n = flat.shape[0]
-    ys = torch.arange(k, device=z1.device).repeat_interleave(n).reshape(-1, 1)
-    rep = flat.repeat(k, 1)  # block y = all draws with label y
-    qz2_m, qz2_v, z2 = module.encoder_z2_z1(rep, ys)
-    h = module.decoder_z1_z2(z2, ys)
-    log_pz1 = log_normal(rep, module.pz1_mean(h), log_var=module.pz1_var(h))
-    log_pz2 = log_normal(z2, torch.zeros_like(z2), torch.ones_like(z2))
-    terms = (log_pz1 + log_pz2 - log_normal(z2, qz2_m, qz2_v)).reshape(k, n)
-    terms = terms + module.y_prior.reshape(k, 1).log()
-    return torch.logsumexp(terms, dim=0).reshape(shape)
 
 
 def get_marginal_ll(
@@ -115,7 +92,7 @@ def get_marginal_ll(
     ``logsumexp_k[log p(u_k) + log p(x | z_k, l_k) − log q(u_k | x) (+ library terms)] − log K``
     with ``u_k`` the Gaussian draws and ``z_k`` the decoder's latent (see :func:`latent_draws`).
     For SCANVI ``p(u_k)`` is its hierarchical prior over labels and ``z2``
-    (:func:`scanvi_log_prior`), not N(0, I).
+    (``SCANVAE.log_prior``), not N(0, I).
     """
     module = model.module
     n_mc_samples = check_count(n_mc_samples, "n_mc_samples")

@@ -109,11 +109,12 @@ def get_importance_weights(
     """Normalised importance weights of the pooled draws of the cells ``cell_idx``.
 
     ``draws`` holds, per draw, ``z`` ``(S, d)`` (the Gaussian draw ``u``, see
-    :func:`~cellvi.analysis._diagnostics.latent_draws`), optionally ``log_pz`` ``(S,)`` (the
-    log prior of each draw; default ``log N(z; 0, I)``), ``log_rho`` ``(S, G)``, ``theta`` (``(G,)``
-    or ``(S, G)``; absent for Poisson) and ``zi_logits`` ``(S, G)`` (ZINB), and per cell
-    ``qz_m``/``qz_v`` ``(n, d)`` aligned with ``cell_idx``. ``max_cells`` anchors are drawn from
-    the group; ``truncation`` raises log-weights below their log-mean to it (Ionides 2008).
+    :func:`~cellvi.analysis._diagnostics.latent_draws`), ``log_pz`` ``(S,)`` (the model's
+    log prior of each draw, :func:`~cellvi.analysis._diagnostics.log_prior_z`),
+    ``log_rho`` ``(S, G)``, ``theta`` (``(G,)`` or ``(S, G)``; absent for Poisson) and
+    ``zi_logits`` ``(S, G)`` (ZINB), and per cell ``qz_m``/``qz_v`` ``(n, d)`` aligned with
+    ``cell_idx``. ``max_cells`` anchors are drawn from the group; ``truncation`` raises
+    log-weights below their log-mean to it (Ionides 2008).
     """
     _check_model(model)
     max_cells = check_count(max_cells, "max_cells")
@@ -142,10 +143,7 @@ def get_importance_weights(
     for s0 in range(0, len(z), draw_chunk):
         sl = slice(s0, s0 + draw_chunk)
         zs = z[sl]
-        if "log_pz" in draws:
-            log_pz = draws["log_pz"][sl]
-        else:
-            log_pz = -0.5 * (zs.pow(2).sum(1) + zs.shape[1] * math.log(2 * math.pi))
+        log_pz = draws["log_pz"][sl]
         diff = zs[:, None, :] - qm[None]  # (s, a, d)
         log_q = -0.5 * (diff.pow(2) / qv[None] + qv[None].log() + math.log(2 * math.pi)).sum(-1)
         th = theta if theta is None or theta.dim() == 1 else theta[sl]

@@ -162,6 +162,37 @@ class SCANVAE(VAE):
         z = inf["qz_m"] if use_posterior_mean else inf["z"]
         return self.classifier(z)
 
+    def _z2_given_labels(self, z1: torch.Tensor):
+        """For every label y, in blocks of the ``n`` cells of ``z1`` ``(n, d)``: the mean,
+        variance and one draw of ``q(z2 | z1, y)`` (``K * n`` rows) and
+        ``log p(z1 | z2, y)`` ``(K, n)``."""
+        n, k = z1.shape[0], self.n_classes
+        ys = torch.arange(k, device=z1.device).repeat_interleave(n).reshape(-1, 1)
+        z1_rep = z1.repeat(k, 1)  # (K * cells, d), block y = all cells with label y
+        qz2_m, qz2_v, z2 = self.encoder_z2_z1(z1_rep, ys)
+        h = self.decoder_z1_z2(z2, ys)
+        # σ² = exp(Linear(h)) without an epsilon (as scvi-tools), used in log space
+        log_pz1 = log_normal(z1_rep, self.pz1_mean(h), log_var=self.pz1_var(h))
+        return qz2_m, qz2_v, z2, log_pz1.reshape(k, n)
+
+    def log_prior(self, z1: torch.Tensor) -> torch.Tensor:
+        """Log of an unbiased estimate of the prior ``p(z1) = Σ_y p(y) ∫ p(z1|z2,y) p(z2)
+        dz2``, shape ``z1.shape[:-1]``: labels enumerated, ``z2`` one draw of
+        ``q(z2 | z1, y)`` per label,
+
+            log Σ_y exp[log p(y) + log p(z1 | z2_y, y) + log N(z2_y; 0, I) − log q(z2_y | z1, y)]
+
+        so importance weights built on it stay unbiased for ``p(x)`` (the marginal
+        log-likelihood), and one draw bounds the ELBO from above in expectation.
+        """
+        flat = z1.reshape(-1, z1.shape[-1])
+        qz2_m, qz2_v, z2, log_pz1 = self._z2_given_labels(flat)
+        k, n = log_pz1.shape
+        log_pz2 = log_normal(z2, torch.zeros_like(z2), torch.ones_like(z2)).reshape(k, n)
+        log_qz2 = log_normal(z2, qz2_m, qz2_v).reshape(k, n)
+        terms = log_pz1 + log_pz2 - log_qz2 + self.y_prior.reshape(k, 1).log()
+        return torch.logsumexp(terms, dim=0).reshape(z1.shape[:-1])
+
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
         x = tensors[REGISTRY_KEYS.X_KEY]
         z1, qz_m, qz_v = (
@@ -173,13 +204,8 @@ class SCANVAE(VAE):
         log_px = self.log_likelihood(x, generative_outputs)
         log_qz1 = log_normal(z1, qz_m, qz_v)
         probs = F.softmax(self.classifier(z1), dim=-1)  # q(y | z1), (cells, K)
-        ys = torch.arange(k, device=x.device).repeat_interleave(n).reshape(-1, 1)
-        z1_rep = z1.repeat(k, 1)  # (K * cells, d), block y = all cells with label y
-        qz2_m, qz2_v, z2 = self.encoder_z2_z1(z1_rep, ys)
-        h = self.decoder_z1_z2(z2, ys)
-        # σ² = exp(Linear(h)) without an epsilon (as scvi-tools), used in log space
-        pz1_m, pz1_logv = self.pz1_mean(h), self.pz1_var(h)
-        log_pz1 = log_normal(z1_rep, pz1_m, log_var=pz1_logv).reshape(k, n).T  # (cells, K)
+        qz2_m, qz2_v, _, log_pz1 = self._z2_given_labels(z1)
+        log_pz1 = log_pz1.T  # (cells, K)
         kl_z2 = kl_normal_standard(qz2_m, qz2_v).reshape(k, n).T
         reconst = -log_px + log_qz1 - (probs * log_pz1).sum(-1)
         kl_y = (probs * (probs.clamp_min(1e-12).log() - self.y_prior.log())).sum(-1)
