@@ -125,24 +125,22 @@ _USER_ERRORS = (
 def _exit_code(err: BaseException) -> int | None:
     """2 for bad input, 1 for a training that failed (e.g. a NaN loss), 128 + the signal for
     an interrupted one (as a shell reports a killed command); ``None``: not ours to word."""
-    errors = sys.modules.get("cellvi.errors")  # imported by then if cellvi raised it
-    if errors is not None and isinstance(err, errors.TrainingError):
-        interrupts = sys.modules.get("cellvi.train._interrupts")
-        if interrupts is not None and isinstance(err, interrupts.TrainingInterrupted):
-            return 128 + (15 if "SIGTERM" in str(err) else 2)
-        return 1
-    if isinstance(err, _USER_ERRORS) or (
-        errors is not None and isinstance(err, errors.CellviError)
-    ):
+    from .. import errors
+
+    if isinstance(err, errors.TrainingError):
+        signum = getattr(err, "signum", None)  # TrainingInterrupted
+        return 1 if signum is None else 128 + int(signum)
+    if isinstance(err, (*_USER_ERRORS, errors.CellviError)):
         return 2
     return None
 
 
 def _message(err: BaseException, args: argparse.Namespace) -> str:
     """The error with what was kept; the resume advice in command-line terms."""
+    from .. import errors
+
     text = str(err)
-    errors = sys.modules.get("cellvi.errors")
-    if errors is None or not isinstance(err, errors.TrainingError):
+    if not isinstance(err, errors.TrainingError):
         return text
     notes = [n for n in getattr(err, "__notes__", []) if not n.startswith("To resume")]
     resumable = any(n.startswith("To resume") for n in getattr(err, "__notes__", []))

@@ -40,6 +40,12 @@ _WORKER_INTERRUPTION = re.compile(r"TrainingInterrupted: (Training was interrupt
 class TrainingInterrupted(TrainingError):
     """Training was stopped by Ctrl-C (SIGINT) or a scheduler's SIGTERM."""
 
+    @property
+    def signum(self) -> int:
+        """The signal that stopped training (SIGINT unless the message names SIGTERM: the
+        message is all that comes back from a worker process)."""
+        return signal.SIGTERM if "SIGTERM" in str(self) else signal.SIGINT
+
 
 class InterruptGuard(pl.Callback):
     """Owns the SIGINT/SIGTERM handlers while a fit runs (``with guard:``) and raises
