@@ -16,7 +16,7 @@ from ..errors import check_count
 from ._blocks import BlockShuffleSampler, BufferedStoreDataset
 from ._datamodule import _positions
 from ._loader import StoreDataset
-from ._samplers import BatchIndexSampler
+from ._samplers import BatchIndexSampler, minibatch_bounds
 from ._sparse import SparseRows
 from ._tensors import _INT_KEYS, CSRTensor, DiskRows, TensorStore
 
@@ -40,10 +40,7 @@ class _LoaderBatches:
     """
 
     def _bounds(self, n: int) -> list[tuple[int, int]]:
-        bounds = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
-        if bounds and self.drop_last and bounds[-1][1] - bounds[-1][0] < self.batch_size:
-            bounds.pop()
-        return bounds
+        return minibatch_bounds(n, self.batch_size, self.drop_last, merge_single=False)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

@@ -13,11 +13,14 @@ __all__ = ["BatchIndexSampler", "minibatch_bounds"]
 logger = logging.getLogger("cellvi")
 
 
-def minibatch_bounds(n: int, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
+def minibatch_bounds(
+    n: int, batch_size: int, drop_last: bool = False, merge_single: bool = True
+) -> list[tuple[int, int]]:
     """``(start, stop)`` of consecutive minibatches over ``n`` cells.
 
     A short last minibatch is dropped with ``drop_last``; otherwise a last minibatch of a single
-    cell is merged into the one before (batch normalisation cannot train on one cell).
+    cell is merged into the one before (batch normalisation cannot train on one cell), unless
+    ``merge_single`` is False.
 
     Examples
     --------
@@ -27,7 +30,7 @@ def minibatch_bounds(n: int, batch_size: int, drop_last: bool = False) -> list[t
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if bounds and drop_last and bounds[-1][1] - bounds[-1][0] < batch_size:
         bounds.pop()
-    elif len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    elif merge_single and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds[-2] = (bounds[-2][0], bounds[-1][1])
         bounds.pop()
     return bounds

@@ -183,6 +183,7 @@ class SemiSupervisedDataSplitter(DataSplitter):
         labeled = self.train_idx[self.labeled_mask[self.train_idx]]
         if not len(labeled):
             return full
+        rank, world_size = self._rank_world()
         stream = LabeledStream(
             self.store,
             labeled,
@@ -192,6 +193,7 @@ class SemiSupervisedDataSplitter(DataSplitter):
             self.split_seed,
             chunk_size=self.chunk_size,
             buffer_size=self.buffer_size,
-            **dict(zip(("rank", "world_size"), self._rank_world(), strict=True)),
+            rank=rank,
+            world_size=world_size,
         )
         return _PairedLoader(full, stream)
