@@ -8,6 +8,7 @@ import warnings
 
 import anndata
 import pytest
+from _workflows import write_data, write_workflow
 
 import cellvi
 from cellvi.cli import main
@@ -15,22 +16,19 @@ from cellvi.cli._schema import ConfigError, load_workflow
 
 
 def _data(path, n_cells=300):
-    adata = cellvi.data.simulate(
-        n_cells=n_cells, n_genes=60, n_batches=2, n_cell_types=3, n_de_genes_per_type=5, seed=0
-    )
-    adata.write_h5ad(path)
-    return path
+    return write_data(path, n_cells, 60)
 
 
 def _workflow(tmp_path, *, input_path=None, setup='batch_key = "batch"', train="", outputs=""):
     data = input_path or _data(tmp_path / "data.h5ad").as_posix()
-    path = tmp_path / "wf.toml"
-    path.write_text(
-        f'[input]\npath = "{data}"\n[setup]\n{setup}\n[model]\nn_hidden = 16\nn_latent = 4\n'
-        f"[train]\nmax_epochs = 2\n{train}\n"
-        f'[outputs]\ndir = "{(tmp_path / "out").as_posix()}"\n{outputs}\n'
+    return write_workflow(
+        tmp_path,
+        data,
+        model="n_hidden = 16\nn_latent = 4",
+        setup=setup,
+        train=train,
+        outputs=outputs,
     )
-    return path
 
 
 def test_a_data_error_leaves_no_folder_and_the_fixed_workflow_reruns(tmp_path, capsys):

@@ -7,8 +7,8 @@ import argparse
 
 import pytest
 import torch
+from _workflows import write_data, write_workflow
 
-import cellvi
 from cellvi.cli import _exit_code, _message, main
 from cellvi.cli._schema import load_workflow
 from cellvi.train._interrupts import TrainingInterrupted
@@ -17,17 +17,15 @@ from cellvi.train._interrupts import TrainingInterrupted
 def _workflow(tmp_path, *, train="", outputs="", out=None):
     data = tmp_path / "data.h5ad"
     if not data.exists():
-        cellvi.data.simulate(
-            n_cells=120, n_genes=30, n_batches=2, n_cell_types=3, n_de_genes_per_type=5, seed=0
-        ).write_h5ad(data)
-    out = out or (tmp_path / "out").as_posix()
-    path = tmp_path / "wf.toml"
-    path.write_text(
-        f'[input]\npath = "{data.as_posix()}"\n[setup]\nbatch_key = "batch"\n'
-        f"[model]\nn_hidden = 8\nn_latent = 2\n[train]\nmax_epochs = 2\n{train}\n"
-        f'[outputs]\ndir = "{out}"\n{outputs}\n'
+        write_data(data, 120, 30)
+    return write_workflow(
+        tmp_path,
+        data.as_posix(),
+        model="n_hidden = 8\nn_latent = 2",
+        train=train,
+        outputs=outputs,
+        out=out,
     )
-    return path
 
 
 def test_a_nan_loss_is_a_one_line_error_with_exit_status_1(tmp_path, capsys):
