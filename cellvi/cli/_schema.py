@@ -243,6 +243,7 @@ def _check_run_settings(path: Path, train: dict) -> None:
         from ..dataloaders._splitter import split_sizes
 
         try:
+            # the checks are on the fractions; the cell count (100) only sizes the result
             split_sizes(100, train.get("train_size", 0.9), train.get("validation_size"))
         except ValueError as err:
             raise ConfigError(f"{path}: [train]: {err}") from err

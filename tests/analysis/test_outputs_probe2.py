@@ -77,13 +77,29 @@ def test_scanvi_importance_weights_use_the_prior_of_its_marginal_ll(scanvi):
     from cellvi.analysis import _importance
 
     cells = np.arange(60)
-    with warnings.catch_warnings():  # a 15-epoch model's weights may collapse (warned)
-        warnings.simplefilter("ignore", CellviWarning)
-        rho = _importance.importance_resample(
-            scanvi, None, cells, None, 120, seed=0, max_cells=30, n_mc_samples=10
-        )
+
+    def resample():
+        with warnings.catch_warnings():  # a 15-epoch model's weights may collapse (warned)
+            warnings.simplefilter("ignore", CellviWarning)
+            return _importance.importance_resample(
+                scanvi, None, cells, None, 120, seed=0, max_cells=30, n_mc_samples=10
+            )
+
+    rho = resample()
     assert rho.shape == (120, scanvi.adata.n_vars)
     np.testing.assert_allclose(rho.sum(1), 1.0, rtol=1e-4)
+    # p(z1 | z2, y) enters the weights: shifting it changes the resampled rows (under the
+    # N(0, I) prior used before, they did not move)
+    bias = scanvi.module.pz1_mean.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.add_(3.0)
+        shifted = resample()
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert not np.allclose(shifted, rho)
     draws = {"z": torch.zeros(3, 4)}
     log_pz = _importance.log_prior_z(scanvi.module, draws["z"], draws["z"])
     assert log_pz.shape == (3,) and torch.isfinite(log_pz).all()
