@@ -90,7 +90,7 @@ def fetch_backup(target: str | Path, backup_url, sha256: str | None = None) -> N
     if not source.is_file():
         raise FileNotFoundError(
             f"{target} is missing and its backup_url {os.fspath(backup_url)!r} names no file "
-            f"({source} does not exist)."
+            f"({source} does not exist); pass the path or file:// URL of an existing copy."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
