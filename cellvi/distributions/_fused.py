@@ -38,9 +38,12 @@ __all__ = ["zinb_log_likelihood", "nb_log_likelihood", "poisson_log_likelihood"]
 
 TABLE_COUNTS = 32
 
-# bytes of one (cells, genes) temporary of a block on the CPU: the ten or so temporaries of a
-# block then fit a core's L2 (a 128-cell minibatch of 2,000 genes becomes two blocks)
-BLOCK_BYTES = 512 * 1024
+# bytes of one (cells, genes) temporary of a block on the CPU. A 128-cell minibatch of 2,000
+# float32 genes becomes four blocks of 32 cells; the dozen temporaries of a block, split
+# between two threads, then stay in each core's L2 (1.25 MB here). On 2 cores
+# (benchmarks/bench_kernels.py) 128 KiB blocks fall below torch's grain for two threads and
+# the whole minibatch as one block spills to L3: both about 1.3x slower.
+BLOCK_BYTES = 256 * 1024
 
 # torch's softplus is linear above 20, dropping log1p(e^-u) ≈ 2e-9: multiplied by a count in
 # x · (u - softplus(u)) = -x log1p(θ/μ) that is 1e-3 nats at x = 1e6 in float64; above 40 the
