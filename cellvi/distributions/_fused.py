@@ -20,10 +20,10 @@ gene), and ``log1p(μ / θ)`` overflows once ``θ`` is tiny against ``μ``.
 
 The log-gamma terms at the nonzero counts: for whole-number counts and a per-gene ``θ`` on
 the CPU they are read from per-gene tables of ``Σ_{j<k} log(θ + j) - log k!`` and
-``Σ_{j<k} 1/(θ + j)`` for counts up to ``TABLE_COUNTS`` (larger counts use the Stirling forms
-of :mod:`._gammaless`), several times faster than ``lgamma``/``digamma`` at every nonzero;
-otherwise ``lgamma``/``digamma`` at the nonzeros in float64 (in float32 their differences
-lose all their digits once ``θ`` is large).
+``Σ_{j<k} 1/(θ + j)`` for counts up to ``TABLE_COUNTS``, several times faster than
+``lgamma``/``digamma`` at every nonzero. The few larger counts, and every nonzero otherwise,
+use ``lgamma``/``digamma`` in float64 (in float32 their differences lose all their digits
+once ``θ`` is large).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.nn import functional as F
-
-from ._gammaless import digamma_difference, log_gamma_ratio
 
 __all__ = ["zinb_log_likelihood", "nb_log_likelihood", "poisson_log_likelihood"]
 
@@ -124,12 +122,15 @@ def _from_tables(x_nz, counts, theta, cols, need_grad: bool):
         dg_table = torch.zeros(k + 1, n_genes, dtype=torch.float64)
         torch.cumsum(steps.reciprocal(), 0, out=dg_table[1:])
         dg = dg_table.to(x_nz.dtype).reshape(-1).index_select(0, idx)
-    if top > k:
+    if top > k:  # lgamma/digamma in float64 at the few counts beyond the table
         big = (counts > k).nonzero().squeeze(1)
-        x_big, theta_big = x_nz[big], theta[cols[big]]
-        lg[big] = log_gamma_ratio(x_big, theta_big)
+        x_big = x_nz.index_select(0, big).double()
+        theta_big = theta.double().index_select(0, cols.index_select(0, big))
+        lg_big = torch.lgamma(x_big + theta_big) - torch.lgamma(theta_big)
+        lg[big] = lg_big.sub_(torch.lgamma(x_big + 1)).to(lg.dtype)
         if need_grad:
-            dg[big] = digamma_difference(x_big, theta_big)
+            dg_big = torch.digamma(x_big + theta_big).sub_(torch.digamma(theta_big))
+            dg[big] = dg_big.to(dg.dtype)
     return lg, dg
 
 

@@ -14,8 +14,8 @@ continuation is written as a difference (``log1p`` of the relative step), so a h
 not cancel two numbers of size ``θ log θ``. Its derivative in ``θ``,
 ``ψ(x + θ) - ψ(θ) = Σ_{k<x} 1/(θ + k)``, is built the same way (:func:`digamma_difference`).
 
-Outside ``torch.compile`` the fused kernels of :mod:`._fused` use these for the counts beyond
-their per-gene tables.
+Outside ``torch.compile`` the fused kernels of :mod:`._fused` read the same sums from
+per-gene tables instead, and take ``lgamma``/``digamma`` in float64 beyond them.
 """
 
 from __future__ import annotations
