@@ -280,7 +280,7 @@ def _apply(x, log_mu, theta, logits):
     def rows(t):
         return t.expand(shape).reshape(-1, n_genes)
 
-    x, log_mu = rows(x), rows(log_mu)
+    x, log_mu = rows(x.detach()), rows(log_mu)  # no gradient flows to the counts
     theta = rows(theta) if theta.dim() > 1 else theta.expand(n_genes)
     logits = None if logits is None else rows(logits)
     inputs = [t for t in (log_mu, theta, logits) if t is not None]

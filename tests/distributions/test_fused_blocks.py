@@ -111,3 +111,13 @@ def test_a_nan_rate_gives_that_cell_nan_without_numpy_warnings():
     assert (x[:, 2] * x[:, 3]).any()  # a cell where they meet: NaN
     ll = nb_log_likelihood(x, log_mu.detach(), theta_bad)
     assert not torch.isfinite(ll).all()  # reported, not hidden (the guardrail reads it)
+
+
+def test_counts_that_require_grad_get_none_and_the_rates_their_gradient():
+    x, log_mu, theta, logits = _inputs(6, "gene")
+    counts = x.clone().requires_grad_()  # e.g. counts from a differentiable preprocessing step
+    for params in ((log_mu, theta, logits), (log_mu.detach(), theta.detach(), logits.detach())):
+        ll = zinb_log_likelihood(counts, *params)
+        torch.testing.assert_close(ll.detach(), zinb_log_likelihood(x, *params).detach())
+    (grad,) = torch.autograd.grad(zinb_log_likelihood(counts, log_mu, theta, logits).sum(), log_mu)
+    assert torch.isfinite(grad).all()
