@@ -75,6 +75,21 @@ class CountDecoder(nn.Module):
         self.px_r_decoder = nn.Linear(n_hidden, n_output) if gene_cell_dispersion else None
         self.px_dropout_decoder = nn.Linear(n_hidden, n_output)
 
+    def _softmax_in_place(self, h: torch.Tensor, scale_out: torch.Tensor | None) -> bool:
+        """Whether ρ can be computed inside ``scale_out``: the CPU's softmax reads each row
+        before writing it, so input and output may be the same memory there."""
+        return (
+            scale_out is not None
+            and self.scale_activation == "softmax"
+            and scale_out.device.type == "cpu"
+            and h.dim() == 2
+            and scale_out.is_contiguous()
+            and scale_out.shape == (h.shape[0], self.px_scale_decoder.out_features)
+            and h.dtype == scale_out.dtype == self.px_scale_decoder.weight.dtype
+            and self.px_scale_decoder.bias is not None
+            and not torch.is_grad_enabled()
+        )
+
     def forward(
         self,
         z: torch.Tensor,
@@ -95,6 +110,19 @@ class CountDecoder(nn.Module):
         written into ``scale_out`` when given (e.g. a slice of a caller's result array).
         """
         h = self.px_decoder(z, *cat_list, cont=cont)
+        if scale_only and self._softmax_in_place(h, scale_out):
+            # the logits are written into ``scale_out`` and normalised there, row by row: no
+            # minibatch-sized temporary (fresh memory every minibatch: its page faults cost
+            # about as much as the softmax)
+            linear = self.px_scale_decoder
+            torch.addmm(linear.bias, h, linear.weight.t(), out=scale_out)
+            return {
+                "scale": torch.softmax(scale_out, dim=-1, out=scale_out),
+                "log_scale": None,
+                "log_rate": None,
+                "dispersion_logit": None,
+                "dropout_logits": None,
+            }
         logits = self.px_scale_decoder(h)
         if scale_only:
             if self.scale_activation == "softmax" and (
