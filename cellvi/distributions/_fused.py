@@ -53,13 +53,14 @@ _NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def _whole_numbers(values: torch.Tensor) -> bool:
-    """Whether every value is a whole number (NaN is not); numpy's ``trunc`` is faster."""
-    if not values.is_floating_point():
+    """Whether every value is a whole number that int64 holds exactly (NaN and inf are not);
+    numpy's ``trunc`` is faster than torch's."""
+    if not values.is_floating_point() or not len(values):
         return True
     if values.dtype in _NUMPY_FLOATS:
         array = values.numpy()
-        return bool(np.array_equal(np.trunc(array), array))
-    return bool((values == values.trunc()).all())
+        return bool(np.array_equal(np.trunc(array), array) and array.max() < 2.0**53)
+    return bool((values == values.trunc()).all() and values.max() < 2.0**53)
 
 
 def _nonzeros(x: torch.Tensor):

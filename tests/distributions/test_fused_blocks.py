@@ -121,3 +121,15 @@ def test_counts_that_require_grad_get_none_and_the_rates_their_gradient():
         torch.testing.assert_close(ll.detach(), zinb_log_likelihood(x, *params).detach())
     (grad,) = torch.autograd.grad(zinb_log_likelihood(counts, log_mu, theta, logits).sum(), log_mu)
     assert torch.isfinite(grad).all()
+
+
+def test_an_infinite_or_astronomical_count_takes_the_lgamma_route_not_the_tables():
+    x, log_mu, theta, logits = _inputs(7, "gene")
+    x[1, 5], x[2, 6] = float("inf"), 1e20  # beyond int64: the tables would read garbage
+    ll = nb_log_likelihood(x, log_mu.detach(), theta.detach())
+    assert not torch.isfinite(ll[1])
+    want = log_nb_positive(x[2], log_mu[2].detach().exp(), theta.detach(), eps=0.0).sum()
+    torch.testing.assert_close(ll[2], want)
+    others = torch.ones(13, dtype=torch.bool)
+    others[1] = False
+    assert torch.isfinite(ll[others]).all()
