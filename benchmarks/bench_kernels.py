@@ -2,9 +2,9 @@
 autograd formula (what scvi-tools runs) for scale.
 
 Run: python benchmarks/bench_kernels.py --cells 128 1024 --rounds 15
-On counts of the benchmark's simulated data (20k x 2,000 genes), with decoder-like rates. The
-contenders alternate within every round (the machine's drifts hit all alike); medians are
-printed with their ratio to the default block size (``BLOCK_BYTES``).
+On simulated counts (``--cells`` x 2,000 genes, the training benchmark's settings), with
+decoder-like rates. The contenders alternate within every round (the machine's drifts hit all
+alike); medians are printed with their ratio to the default block size (``BLOCK_BYTES``).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def test_overall_samples_and_per_sample_arrays_are_numpy(model):
     np.testing.assert_allclose(draws.mean(0), mean, rtol=1e-5, atol=1e-8)
 
 
-def test_rho_computed_in_the_result_equals_the_decoder_softmax(model):
+def test_rho_computed_in_the_result_equals_the_generic_path(model):
     """The default call writes each minibatch's logits into the result and normalises them
     there; selecting every gene takes the generic path (a temporary, then a copy)."""
     direct = model.get_normalized_expression(batch_size=64, return_numpy=True)
