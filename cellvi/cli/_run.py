@@ -186,6 +186,8 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
         outputs = config["outputs"]
         if outputs.get("latent"):
             adata.obsm["X_scVI"] = model.get_latent_representation()
+        if outputs.get("predictions"):
+            _add_predictions(model, adata.obs, adata.obsm)
         if outputs.get("normalized_expression"):
             adata.layers["cellvi_normalized"] = model.get_normalized_expression(return_numpy=True)
         if outputs.get("de") is not None and not state.done.get("de"):
@@ -213,6 +215,20 @@ def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:
     )
     query.obsm["X_scVI"] = query_model.get_latent_representation()
     if model_cls.__name__ == "SCANVI":
-        query.obs["cellvi_prediction"] = query_model.predict()
+        _add_predictions(query_model, query.obs, query.obsm)
     query_model.save(out / "query_model", overwrite=True)
     _write_atomically(out / "query_adata.h5ad", query.write_h5ad)
+
+
+def _add_predictions(model, obs, obsm) -> None:
+    """A SCANVI model's label of each cell (``obs["cellvi_prediction"]``, categorical over the
+    model's labels) and the probabilities behind it (``obsm["cellvi_prediction_probabilities"]``,
+    a DataFrame with a column per label)."""
+    import pandas as pd
+
+    probabilities = model.predict(soft=True)
+    labels = list(probabilities.columns)
+    best = probabilities.to_numpy().argmax(1)
+    obs["cellvi_prediction"] = pd.Categorical.from_codes(best, categories=labels)
+    probabilities.columns = [str(label) for label in labels]  # h5ad needs string names
+    obsm["cellvi_prediction_probabilities"] = probabilities

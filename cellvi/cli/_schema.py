@@ -82,6 +82,7 @@ SCHEMA: dict[str, dict[str, type]] = {
         "normalized_expression": bool,
         "de": dict,
         "save_model": bool,
+        "predictions": bool,
         "reference_mapping": dict,
     },
 }
@@ -201,6 +202,12 @@ def load_workflow(path: str | Path) -> dict:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{path}: {err}") from err
     outputs = config.setdefault("outputs", {})
+    if outputs.get("predictions") and model.get("name") != "SCANVI":
+        raise ConfigError(
+            f"{path}: [outputs].predictions needs a classifier: set [model].name = 'SCANVI' "
+            "(with [setup].labels_key and unlabeled_category), or drop predictions."
+        )
+    outputs.setdefault("predictions", model.get("name") == "SCANVI")
     mapping = outputs.get("reference_mapping")
     if mapping is not None:
         _check_section(
