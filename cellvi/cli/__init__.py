@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a workflow described in a TOML file")
     run.add_argument("workflow", help="path of the workflow .toml")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the workflow, its data, setup, model and requests; train nothing, "
+        "write nothing",
+    )
     val = sub.add_parser("validate", help="score and check a finished run's output folder")
     val.add_argument(
         "output_dir",
@@ -73,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from ._run import run_workflow
 
-            out = run_workflow(args.workflow, resume=args.resume)
-            print(f"Finished; outputs in {out}")
+            out = run_workflow(args.workflow, resume=args.resume, check=args.check)
+            if args.check:
+                print(f"Checked {args.workflow}: ready to run (outputs would go to {out}).")
+            else:
+                print(f"Finished; outputs in {out}")
         elif args.command == "validate":
             import json
 

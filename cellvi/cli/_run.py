@@ -131,13 +131,17 @@ def _last_checkpoint(runs: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def run_workflow(path: str | Path, *, resume: bool = False) -> Path:
-    """Run (or resume) the workflow in ``path``; returns the output directory."""
-    return run_config(load_workflow(path), source=str(path), resume=resume)
+def run_workflow(path: str | Path, *, resume: bool = False, check: bool = False) -> Path:
+    """Run (or resume) the workflow in ``path``; returns the output directory. With ``check``,
+    only the checks made before training: nothing is trained or written."""
+    return run_config(load_workflow(path), source=str(path), resume=resume, check=check)
 
 
-def run_config(config: dict, *, source: str = "<config>", resume: bool = False) -> Path:
-    """Run a validated workflow config (see :func:`~cellvi.cli._schema.load_workflow`)."""
+def run_config(
+    config: dict, *, source: str = "<config>", resume: bool = False, check: bool = False
+) -> Path:
+    """Run a validated workflow config (see :func:`~cellvi.cli._schema.load_workflow`);
+    ``check`` stops after the checks made before training (see :func:`run_workflow`)."""
     import cellvi
     from cellvi.analysis import check_de_request
     from cellvi.model import SCANVI, SCVI
@@ -166,6 +170,11 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
             model = model_cls.load(out / "model", adata=adata)
         else:
             model = model_cls(adata, **model_kwargs)
+        mapping = config["outputs"].get("reference_mapping")
+        if mapping and not state.done.get("reference_mapping"):
+            _check_query(model_cls, model, mapping["query"])  # before training, not after
+        if check:
+            return out
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -194,13 +203,26 @@ def run_config(config: dict, *, source: str = "<config>", resume: bool = False) 
             table = model.differential_expression(**outputs["de"])
             _write_atomically(out / "de.csv", table.to_csv)
             state.mark("de")
-        mapping = outputs.get("reference_mapping")
         if mapping and not state.done.get("reference_mapping"):
             _map_query(model_cls, model, mapping, out)
             state.mark("reference_mapping")
         _write_outputs(adata, out / "adata.h5ad")
         state.mark("outputs")
     return out
+
+
+def _check_query(model_cls, reference, path: str) -> None:
+    """The query can be mapped onto this reference (shared genes, known labels, readable
+    file); checked with the untrained reference, so that a mistake is not found only after
+    the reference has trained."""
+    import anndata
+
+    try:
+        query = anndata.read_h5ad(path)
+        model_cls.prepare_query_anndata(query, reference)
+        model_cls.load_query_data(query, reference)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"[outputs.reference_mapping].query = {path!r}: {err}") from err
 
 
 def _map_query(model_cls, reference, mapping: dict, out: Path) -> None:

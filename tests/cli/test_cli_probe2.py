@@ -94,3 +94,28 @@ def test_help_states_the_exit_statuses(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "Exit status: 0 done; 1 training failed" in capsys.readouterr().out
+
+
+def test_check_runs_the_checks_before_training_and_writes_nothing(tmp_path, capsys):
+    path = _workflow(tmp_path)
+    assert main(["run", str(path), "--check"]) == 0
+    assert "ready to run" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    path.write_text(path.read_text().replace('batch_key = "batch"', 'batch_key = "donor"'))
+    assert main(["run", str(path), "--check"]) == 2
+    assert "'donor'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_query_that_cannot_be_mapped_is_refused_before_training(tmp_path, capsys):
+    import anndata
+
+    query = anndata.read_h5ad(write_data(tmp_path / "query.h5ad", 50, 30))
+    query.var_names = [f"other_{i}" for i in range(query.n_vars)]  # no shared gene
+    query.write_h5ad(tmp_path / "query.h5ad")
+    mapping = f'reference_mapping = {{ query = "{(tmp_path / "query.h5ad").as_posix()}" }}'
+    path = _workflow(tmp_path, outputs=mapping)
+    assert main(["run", str(path)]) == 2  # it failed after training the reference
+    err = capsys.readouterr().err
+    assert "[outputs.reference_mapping].query = " in err and "None of the reference genes" in err
+    assert not (tmp_path / "out").exists()
