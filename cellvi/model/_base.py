@@ -63,6 +63,9 @@ class BaseModel(QueryMixin):
         # train(resume=True) and save(save_optimizer_state=True)
         self._optimizer_state: dict | None = None
         self._training_progress: tuple[int, int] = (0, 0)
+        # the KL warm-up that training used ({"n_epochs_kl_warmup": .., "n_steps_kl_warmup":
+        # ..}): train(resume=True) keeps it rather than fitting a new one to the longer run
+        self._kl_warmup: dict | None = None
         self.module: torch.nn.Module | None = None
 
     # ----------------------------------------------------------------- setup

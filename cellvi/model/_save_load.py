@@ -81,6 +81,8 @@ def save_model(
             )
         epochs, steps = model._training_progress
         optimizer = {"optimizer": model._optimizer_state, "epochs": epochs, "steps": steps}
+        if model._kl_warmup is not None:
+            optimizer["kl_warmup"] = dict(model._kl_warmup)
     if model.module is None:
         raise SetupError(
             f"This {type(model).__name__} has no module yet (created without data); train it "
@@ -350,6 +352,7 @@ def load_model(
     if saved is not None:
         model._optimizer_state = saved["optimizer"]
         model._training_progress = (int(saved["epochs"]), int(saved["steps"]))
+        model._kl_warmup = saved.get("kl_warmup")  # absent in files saved before it was kept
     if datamodule is not None:  # checked against the saved registry, then used for outputs
         model._attach_manager(datamodule.manager, "the data module")
     return model

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
@@ -388,8 +389,12 @@ def train_unsupervised(
         )
     splitter.setup("fit")
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
-    done = model._training_progress if resume else (0, 0)
-    _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch, done)
+    kept = None if user_set_warmup else _kept_kl_warmup(model, resume, ckpt_path)
+    if kept is not None:  # the warm-up goes on as it was, whatever the new run's length
+        plan_values.update(kept)
+    else:
+        done = model._training_progress if resume else (0, 0)
+        _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch, done)
     plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
     likelihood = getattr(getattr(model.module, "config", None), "gene_likelihood", None)
     if plan_cfg.compile and likelihood != "normal":  # the Gaussian takes any real value
@@ -423,7 +428,9 @@ def train_unsupervised(
         callbacks=callbacks + list(extra_callbacks or []) + reference_block_callbacks(model.module),
         ckpt_path=ckpt_path,
         run_dir=_run_dir_for(model, ckpt_path),
-        record=lambda result: _record(model, result, ckpt_path is not None, cfg.log_save_dir),
+        record=lambda result: _record(
+            model, result, ckpt_path is not None, cfg.log_save_dir, _warmup_of(plan_cfg)
+        ),
         save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
     )
@@ -448,8 +455,33 @@ def _check_resume(model, resume, ckpt_path) -> None:
         )
 
 
-def _record(model, result, resumed: bool, log_save_dir) -> None:
+def _warmup_of(plan_cfg) -> dict:
+    return {
+        "n_epochs_kl_warmup": plan_cfg.n_epochs_kl_warmup,
+        "n_steps_kl_warmup": plan_cfg.n_steps_kl_warmup,
+    }
+
+
+def _kept_kl_warmup(model, resume: bool, ckpt_path) -> dict | None:
+    """The KL warm-up of the training a run continues: the model's own (``resume=True``) or
+    the checkpoint's (``ckpt_path``); None for a fresh run or when it was not recorded."""
+    if resume:
+        return model._kl_warmup
+    if ckpt_path is None:
+        return None
+    try:  # an unreadable file is reported, with its remedy, when Lightning opens it
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the real load
+        return None
+    kept = checkpoint.get("cellvi_kl_warmup") if isinstance(checkpoint, dict) else None
+    return dict(kept) if isinstance(kept, dict) else None
+
+
+def _record(model, result, resumed: bool, log_save_dir, warmup: dict) -> None:
     """Fold a run into the model and, with ``log_save_dir``, write its history to disk."""
+    steps_before = model._training_progress
     model._record_run(result, resumed=resumed)
+    if model._training_progress != steps_before:  # it took steps with this warm-up
+        model._kl_warmup = warmup
     if log_save_dir is not None:
         save_history_log(log_save_dir, result)

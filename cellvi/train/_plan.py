@@ -464,6 +464,11 @@ class TrainingPlan(pl.LightningModule):
         # (epochs, steps) trained with the optimiser state saved alongside (``resume=True``)
         if self.progress is not None:
             checkpoint["cellvi_progress"] = list(self.progress)
+        # the warm-up in use, so that a run resumed with a longer max_epochs keeps it
+        checkpoint["cellvi_kl_warmup"] = {
+            "n_epochs_kl_warmup": self.config.n_epochs_kl_warmup,
+            "n_steps_kl_warmup": self.config.n_steps_kl_warmup,
+        }
         if self.lr_scheduler is not None:
             checkpoint["cellvi_lr_scheduler"] = self.lr_scheduler.state_dict()
 

@@ -118,3 +118,39 @@ def test_a_state_that_does_not_fit_the_model_is_refused_before_training():
     with pytest.raises(ValueError, match="does not match this model's"):
         _train(model, 1, resume=True)
     assert len(model.history["elbo_train"]) == 1
+
+
+def _train_default_warmup(model, epochs, **kwargs):
+    with cellvi.settings.override(progress_bar_style="none"):
+        model.train(max_epochs=epochs, **kwargs)
+
+
+def test_a_shortened_default_warmup_is_kept_by_resume_save_load_and_ckpt_path(tmp_path):
+    # 4 epochs shorten the default 400-epoch warm-up to 3; continuing for 4 more must not
+    # fit a new, longer warm-up to 8 epochs (the weight fell back from 1 to 0.667)
+    model = _scvi()
+    with cellvi.settings.override(logging_dir=tmp_path / "runs"):
+        _train_default_warmup(model, 4)
+    first = model.history["kl_weight"]["kl_weight"].tolist()
+    assert first == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    model.save(tmp_path / "m", save_optimizer_state=True)
+    _train_default_warmup(model, 4, resume=True, save_resume_checkpoint=False)
+    assert model.history["kl_weight"]["kl_weight"].tolist()[4:] == pytest.approx([1.0] * 4)
+    loaded = SCVI.load(tmp_path / "m", adata=model.adata)
+    _train_default_warmup(loaded, 2, resume=True, save_resume_checkpoint=False)
+    assert loaded.history["kl_weight"]["kl_weight"].tolist()[4:] == pytest.approx([1.0] * 2)
+    # a checkpoint continued with a larger max_epochs keeps the warm-up it was trained with
+    ckpt = next((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
+    fresh = _scvi(model.adata.copy())
+    _train_default_warmup(fresh, 6, ckpt_path=str(ckpt), save_resume_checkpoint=False)
+    assert fresh.history["kl_weight"]["kl_weight"].tolist() == pytest.approx(first + [1.0] * 2)
+    # a warm-up the user sets for the continued run is used as given
+    with pytest.warns(TrainingWarning, match="only reaches 0.5"):
+        _train_default_warmup(
+            model,
+            1,
+            resume=True,
+            save_resume_checkpoint=False,
+            plan_kwargs={"n_epochs_kl_warmup": 16},
+        )
+    assert model.history["kl_weight"]["kl_weight"].tolist()[-1] == pytest.approx(8 / 16)
