@@ -187,12 +187,15 @@ class TrainingPlan(pl.LightningModule):
         # counts are host numbers, so no host value travels to a GPU per step either. The loss
         # (a per-cell mean) is summed weighted by the minibatch's cells, so ``*_loss`` is the
         # mean over the epoch's cells, as Lightning's size-weighted epoch mean in scvi-tools
+        # (summed in float32 at least: with precision="16-true" an epoch's sums pass float16's
+        # largest value, 65504, and would read inf)
+        wide = torch.promote_types(out.loss.dtype, torch.float32)
         row = torch.stack(
             [
-                out.loss.detach() * out.n_obs,
-                out.reconstruction_loss.detach().sum(),
-                out.kl_local.detach().sum(),
-                out.kl_global.detach().to(out.loss.device),
+                out.loss.detach().to(wide) * out.n_obs,
+                out.reconstruction_loss.detach().to(wide).sum(),
+                out.kl_local.detach().to(wide).sum(),
+                out.kl_global.detach().to(out.loss.device, wide),
             ]
         )
         if split in self._stats:

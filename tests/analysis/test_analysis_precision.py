@@ -103,3 +103,21 @@ def test_training_again_at_the_default_precision_returns_the_weights_to_float32(
         model.train(max_epochs=1, precision="bf16-mixed", save_resume_checkpoint=False)
     assert {p.dtype for p in model.module.parameters()} == {torch.float32}
     assert np.isfinite(model.history["elbo_train"]["elbo_train"]).all()
+
+
+def test_float16_training_keeps_finite_epoch_metrics():
+    # an epoch's summed losses pass float16's largest value (65504) and read inf if they are
+    # added up in float16; early stopping then quit after epoch 1 ("became non-finite")
+    adata = cellvi.data.simulate(n_cells=1000, n_genes=100, n_batches=2, n_cell_types=3, seed=0)
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, n_latent=3)
+    with cellvi.settings.override(progress_bar_style="none"):
+        model.train(
+            max_epochs=3, precision="16-true", early_stopping=True, save_resume_checkpoint=False
+        )
+    history = model.history
+    assert len(history["elbo_train"]) == 3  # no early stop on a spurious inf
+    for key in ("train_loss", "elbo_train", "validation_loss", "elbo_validation"):
+        values = history[key][key].to_numpy()
+        assert np.isfinite(values).all() and (values > 0).all(), key
+    assert float(history["elbo_train"].iloc[0, 0]) * 900 > 65504  # the sum needs float32
