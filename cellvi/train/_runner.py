@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from .._settings import settings
 from ..errors import NonFiniteLossError
@@ -114,13 +116,29 @@ def _check_devices(accelerator, devices) -> None:
 
 
 def _validation_needed(
-    cfg: TrainerConfig, plan: TrainingPlan, checkpoint_monitor: str | None
+    cfg: TrainerConfig, plan: TrainingPlan, checkpoint_monitor: str | None, external: list
 ) -> int | None:
     if cfg.check_val_every_n_epoch is not None:
         return cfg.check_val_every_n_epoch
     if cfg.early_stopping or checkpoint_monitor or plan.config.reduce_lr_on_plateau:
         return 1
+    if any("validation" in metric for _, metric in external):
+        return 1
     return None
+
+
+def _lightning_monitors(cbs: list) -> list[tuple[str, str]]:
+    """``(what, metric)`` for the user's own Lightning callbacks that watch a metric
+    (``EarlyStopping``, ``ModelCheckpoint``), so that it is checked like cellvi's monitors."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    return [
+        (f"a {type(cb).__name__} in callbacks monitoring", cb.monitor)
+        for cb in cbs
+        if isinstance(cb, EarlyStopping | ModelCheckpoint)
+        and not isinstance(cb, BestModelCheckpoint)  # cellvi's own, checked as such
+        and getattr(cb, "monitor", None)
+    ]
 
 
 def _check_monitors(
@@ -130,34 +148,38 @@ def _check_monitors(
     every: int | None,
     checkpoint_monitor: str | None,
     max_epochs: int,
+    external: list,
 ):
     """Fail before training when a monitored metric would never be logged."""
     validating = every is not None and n_val > 0 and every <= max_epochs
     available = plan.metric_names(validation=validating)
-    wanted = []
+    wanted = [(f"{what} {metric!r}", metric) for what, metric in external]
     if cfg.early_stopping:
-        wanted.append(("early_stopping_monitor", cfg.early_stopping_monitor))
+        wanted.append(
+            (f"early_stopping_monitor={cfg.early_stopping_monitor!r}", cfg.early_stopping_monitor)
+        )
     if checkpoint_monitor:
-        wanted.append(("checkpointing_monitor", checkpoint_monitor))
+        wanted.append((f"checkpointing_monitor={checkpoint_monitor!r}", checkpoint_monitor))
     if plan.config.reduce_lr_on_plateau:
-        wanted.append(("lr_scheduler_metric", plan.config.lr_scheduler_metric))
+        metric = plan.config.lr_scheduler_metric
+        wanted.append((f"lr_scheduler_metric={metric!r}", metric))
     for arg, metric in wanted:
         if metric in available:
             continue
         if "validation" in metric and n_val == 0:
             raise ValueError(
-                f"{arg}={metric!r} needs a validation set, but it is empty. Use "
-                "train_size < 1 (e.g. train_size=0.9) or monitor a training metric such as "
-                "'elbo_train'."
+                f"{arg} needs a validation set, but it is empty (or limit_val_batches=0 "
+                "switched validation off). Use train_size < 1 (e.g. train_size=0.9) or "
+                "monitor a training metric such as 'elbo_train'."
             )
         if "validation" in metric and every is not None and every > max_epochs:
             raise ValueError(
-                f"{arg}={metric!r} is logged when validation runs, every "
+                f"{arg} is logged when validation runs, every "
                 f"check_val_every_n_epoch={every} epochs, but max_epochs={max_epochs}, so it "
                 f"never runs. Use check_val_every_n_epoch <= {max_epochs} (e.g. 1)."
             )
         raise ValueError(
-            f"{arg}={metric!r} is never logged by this model.{plan.why_not_logged(metric)} "
+            f"{arg} is never logged by this model.{plan.why_not_logged(metric)} "
             f"Metrics logged: {available}."
         )
 
@@ -194,14 +216,21 @@ def run_training(
     cbs: list = check_callbacks(callbacks) + check_callbacks(
         extra.pop("callbacks", None), "trainer_config's callbacks"
     )
+    if any(isinstance(cb, LearningRateMonitor) for cb in cbs):
+        # Lightning's monitor needs a logger; the plan records the same lr-<optimizer> column
+        cbs = [cb for cb in cbs if not isinstance(cb, LearningRateMonitor)]
+        cfg = dataclasses.replace(cfg, learning_rate_monitor=True)
+    external = _lightning_monitors(cbs)
+    if extra.get("limit_val_batches") == 0:  # validation switched off in Lightning's terms
+        n_val = 0
     supplied = [cb for cb in cbs if isinstance(cb, BestModelCheckpoint)]
     if supplied:
         checkpoint_monitor = supplied[0].monitor
     else:
         checkpoint_monitor = cfg.checkpointing_monitor if cfg.enable_checkpointing else None
     plan.observe_split(datamodule)
-    every = _validation_needed(cfg, plan, checkpoint_monitor)
-    _check_monitors(cfg, plan, n_val, every, checkpoint_monitor, max_epochs)
+    every = _validation_needed(cfg, plan, checkpoint_monitor, external)
+    _check_monitors(cfg, plan, n_val, every, checkpoint_monitor, max_epochs, external)
     match_weights_to_precision(plan.module, cfg.precision)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, plan, datamodule, max_epochs)

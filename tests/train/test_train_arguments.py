@@ -183,3 +183,25 @@ def test_a_failed_run_leaves_the_untrained_module_in_train_mode(sim_tiny):
         model.train(max_epochs=3, callbacks=[FailAtEpoch1()])
     assert model.module.training
     assert not model.is_trained
+
+
+# ------------------------------------------------------------------ Lightning's own callbacks
+def test_lightnings_learning_rate_monitor_records_the_rate_in_the_history(sim_tiny):
+    model = _model(sim_tiny)  # Lightning's monitor alone needs a logger, which cellvi turns off
+    model.train(max_epochs=2, callbacks=[pl.callbacks.LearningRateMonitor()])
+    assert model.history["lr-Adam"]["lr-Adam"].tolist() == pytest.approx([1e-3, 1e-3])
+
+
+def test_lightning_monitors_in_callbacks_are_checked_and_get_their_validation(sim_tiny):
+    model = _model(sim_tiny)
+    stopper = pl.callbacks.EarlyStopping(monitor="elbo_validation", patience=50)
+    with pytest.raises(ValueError, match="EarlyStopping in callbacks monitoring 'elbo_valid"):
+        model.train(max_epochs=2, train_size=1.0, callbacks=[stopper])
+    with pytest.raises(ValueError, match="ModelCheckpoint in callbacks monitoring 'elbo_x'"):
+        model.train(max_epochs=2, callbacks=[pl.callbacks.ModelCheckpoint(monitor="elbo_x")])
+    with pytest.raises(ValueError, match="limit_val_batches=0"):
+        model.train(max_epochs=2, early_stopping=True, limit_val_batches=0)
+    assert _untouched(model)
+    # without early_stopping=True, validation runs every epoch for the callback's metric
+    model.train(max_epochs=2, callbacks=[stopper])
+    assert len(model.history["elbo_validation"]) == 2
