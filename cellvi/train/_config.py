@@ -362,6 +362,14 @@ def config_to_kwargs(config: Any, name: str) -> dict:
     )
 
 
+# scvi-tools settings cellvi knows but does not offer, with the reason given in the error
+_NOT_SUPPORTED = {
+    "update_only_decoder": (
+        "it trains on minified, latent-only data, which cellvi does not read; train on the counts"
+    ),
+}
+
+
 def build_dataclass(cls, values: Mapping, name: str):
     """Instantiate ``cls`` from ``values``, naming unknown keys with a 'did you mean'."""
     import difflib
@@ -372,7 +380,12 @@ def build_dataclass(cls, values: Mapping, name: str):
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, valid, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            why = _NOT_SUPPORTED.get(k)
+            hints.append(
+                f"{k!r}"
+                + (f" (did you mean {close[0]!r}?)" if close and not why else "")
+                + (f" ({why})" if why else "")
+            )
         raise TypeError(
             f"{name} got unknown argument(s) {', '.join(hints)}. Valid: {', '.join(valid)}."
         )

@@ -492,8 +492,22 @@ class TrainingPlan(pl.LightningModule):
 
 def _continue_optimizer(optimizer, state: dict, cfg: TrainingPlanConfig) -> None:
     """Load an earlier run's optimiser state: its moments and step counts go on, while the
-    learning rate, eps and weight decay are this run's (a custom optimiser keeps its own)."""
-    optimizer.load_state_dict(state)
+    learning rate, eps and weight decay are this run's (a custom optimiser keeps its own).
+
+    Raises
+    ------
+    ValueError
+        When the state belongs to another kind of optimiser (e.g. Adam's, resumed with SGD).
+    """
+    optimizer.load_state_dict(state)  # (fills in settings newer torch versions added)
+    missing = sorted({k for g in optimizer.param_groups for k in optimizer.defaults if k not in g})
+    if missing:  # torch would fail deep inside step() on the first missing setting
+        raise ValueError(
+            f"resume=True: the kept optimiser state is not {type(optimizer).__name__}'s (it "
+            f"lacks {', '.join(missing)}): the earlier training used another optimiser. "
+            "Resume with that optimiser, or train without resume=True (a fresh optimiser "
+            "state)."
+        )
     if cfg.optimizer != "Custom":
         for group in optimizer.param_groups:
             group.update(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)

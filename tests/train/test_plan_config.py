@@ -172,3 +172,10 @@ def test_the_tqdm_style_is_a_setting_and_unknown_styles_are_refused():
         cellvi.settings.progress_bar_style = "fancy"
     with pytest.raises(ValueError, match="style='none'"):
         EpochProgress(style="none")
+
+
+def test_scvi_tools_settings_cellvi_does_not_offer_say_why():
+    from cellvi.train._config import TrainingPlanConfig, build_dataclass
+
+    with pytest.raises(TypeError, match="update_only_decoder' \\(it trains on minified"):
+        build_dataclass(TrainingPlanConfig, {"update_only_decoder": True}, "plan_kwargs")

@@ -154,3 +154,21 @@ def test_a_shortened_default_warmup_is_kept_by_resume_save_load_and_ckpt_path(tm
             plan_kwargs={"n_epochs_kl_warmup": 16},
         )
     assert model.history["kl_weight"]["kl_weight"].tolist()[-1] == pytest.approx(8 / 16)
+
+
+def test_resuming_with_another_kind_of_optimiser_says_so():
+    model = _scvi()
+    _train(model, 1)
+    sgd = {"optimizer": "Custom", "optimizer_creator": lambda p: torch.optim.SGD(p, lr=1e-3)}
+    with pytest.raises(ValueError, match="not SGD's .*lacks dampening, momentum"):
+        with cellvi.settings.override(progress_bar_style="none"):
+            model.train(max_epochs=1, resume=True, plan_kwargs=sgd, save_resume_checkpoint=False)
+    # AdamW keeps Adam's moments: accepted
+    with cellvi.settings.override(progress_bar_style="none"):
+        model.train(
+            max_epochs=1,
+            resume=True,
+            plan_kwargs={"optimizer": "AdamW", "n_epochs_kl_warmup": 2},
+            save_resume_checkpoint=False,
+        )
+    assert model.history["kl_weight"]["kl_weight"].tolist() == pytest.approx([0.0, 0.5])
