@@ -77,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         elif args.command == "run":
-            from ._run import run_workflow
+            from ._run import run_workflow, secondary_rank
 
             out = run_workflow(args.workflow, resume=args.resume, check=args.check)
-            if args.check:
+            if secondary_rank():
+                pass  # rank 0 reports
+            elif args.check:
                 print(f"Checked {args.workflow}: ready to run (outputs would go to {out}).")
             else:
                 print(f"Finished; outputs in {out}")

@@ -77,6 +77,14 @@ def _load_input(config: dict):
         ) from err
 
 
+def secondary_rank() -> bool:
+    """Whether this is a DDP process other than rank 0 (``devices=2``: Lightning runs the
+    command again in a second process, which trains its share and then stops)."""
+    import os
+
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("RANK", "LOCAL_RANK"))
+
+
 def _write_outputs(adata, path: Path) -> None:
     """The AnnData with its results; counts read from disk are not copied into it."""
     import anndata
@@ -189,6 +197,8 @@ def run_config(
         if not trained:
             ckpt = _last_checkpoint(out / "runs") if resume else None
             model.train(**train_cfg, ckpt_path=str(ckpt) if ckpt else None)
+            if secondary_rank():  # a DDP process Lightning started: rank 0 writes the outputs
+                return out
             if config["outputs"].get("save_model", True):
                 model.save(out / "model", overwrite=True)
             state.mark("train")

@@ -363,8 +363,12 @@ def train_unsupervised(
             f"pass them to train() directly (e.g. train({sorted(taken)[0]}=...))."
         )
     strategy = cfg.strategy
-    distributed = (isinstance(strategy, str) and "ddp" in strategy) or (
-        not isinstance(strategy, str) and "DDP" in type(strategy).__name__
+    distributed = (
+        (isinstance(strategy, str) and "ddp" in strategy)
+        or (not isinstance(strategy, str) and "DDP" in type(strategy).__name__)
+        # several devices with strategy="auto": Lightning starts DDP processes, which must
+        # each get their own share of the cells rather than all of them
+        or (strategy == "auto" and _device_count(accelerator, devices) > 1)
     )
     if datasplitter_kwargs and "seed" in datasplitter_kwargs:  # the user's name for split_seed
         from_module.pop("split_seed", None)
@@ -434,6 +438,17 @@ def train_unsupervised(
         save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
     )
+
+
+def _device_count(accelerator, devices) -> int:
+    """How many processes ``devices`` asks Lightning for (1 when it cannot tell)."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if devices == -1 and accelerator in ("gpu", "cuda", "auto"):
+        return torch.cuda.device_count()
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) else 1
 
 
 def _check_resume(model, resume, ckpt_path) -> None:

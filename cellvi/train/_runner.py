@@ -96,6 +96,8 @@ def _check_devices(accelerator, devices) -> None:
     count = devices if isinstance(devices, int) and devices > 0 else None
     if isinstance(devices, list | tuple):
         count = len(devices)
+    if isinstance(accelerator, str):
+        _check_accelerator_name(accelerator)
     if accelerator in ("gpu", "cuda"):
         available = torch.cuda.device_count()
         if available == 0:
@@ -112,6 +114,31 @@ def _check_devices(accelerator, devices) -> None:
         raise ValueError(
             f"devices={devices!r} asks for {count} CPU processes but the machine has "
             f"{os.cpu_count()} cores; use at most that many."
+        )
+
+
+_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def _check_accelerator_name(accelerator: str) -> None:
+    """A known accelerator whose backend this machine has (Lightning would otherwise fail
+    inside its Trainer, after the run folder exists)."""
+    import importlib.util
+
+    if accelerator not in _ACCELERATORS:
+        raise ValueError(
+            f"accelerator={accelerator!r} is not one of {', '.join(map(repr, _ACCELERATORS))}; "
+            "'auto' picks a GPU when there is one."
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            "accelerator='mps' but this machine has no Apple-silicon GPU; use accelerator="
+            "'cpu' (or 'auto')."
+        )
+    if accelerator == "tpu" and importlib.util.find_spec("torch_xla") is None:
+        raise ValueError(
+            "accelerator='tpu' needs torch_xla, which is not installed; use accelerator='cpu' "
+            "(or 'auto')."
         )
 
 

@@ -4,6 +4,7 @@ checked before the run folder exists, key names in every message, the seed recor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import pytest
 import torch
@@ -56,13 +57,20 @@ def test_an_interruption_exits_as_the_signal_and_says_how_to_resume():
         ("train_size = 1.5", "[train]: train_size=1.5 must be in (0, 1]"),
         ("validation_size = 0.5", "[train]: train_size + validation_size = 0.9 + 0.5"),
         ('accelerator = "gpu"', "[train]: accelerator='gpu' but this machine has no CUDA"),
+        ('accelerator = "gpus"', "[train]: accelerator='gpus' is not one of 'auto', 'cpu'"),
+        ('accelerator = "tpu"', "[train]: accelerator='tpu' needs torch_xla"),
+        ('accelerator = "mps"', "[train]: accelerator='mps' but this machine has no Apple"),
     ],
 )
 def test_seed_split_and_device_are_refused_before_the_run_folder_exists(
     tmp_path, capsys, train, message
 ):
-    if "gpu" in train and torch.cuda.is_available():
+    if '"gpu"' in train and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    if "mps" in train and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    if "tpu" in train and importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("this machine has torch_xla")
     assert main(["run", str(_workflow(tmp_path, train=train))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # it was created, then training refused

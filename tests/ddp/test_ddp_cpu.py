@@ -230,6 +230,34 @@ def test_torchrun_launch_path(tmp_path):
     np.testing.assert_allclose(z0, z1, rtol=1e-5, atol=1e-6)  # same weights on both ranks
 
 
+def test_devices_2_without_a_strategy_shares_the_cells_between_the_processes(tmp_path):
+    # Lightning's strategy="auto" starts DDP for devices=2; each process used to train on all
+    # the cells (the whole job done twice)
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, cellvi
+        from cellvi.model import SCVI
+        with cellvi.settings.override(progress_bar_style="none", logging_dir={str(tmp_path)!r}):
+            adata = cellvi.data.simulate(n_cells=600, n_genes=40, n_de_genes_per_type=5, seed=0)
+            SCVI.setup_anndata(adata, batch_key="batch")
+            model = SCVI(adata, n_hidden=16, n_latent=3)
+            model.train(max_epochs=1, accelerator="cpu", devices=2, batch_size=100,
+                        plan_kwargs={{"on_step": True}})
+            rank = os.environ.get("LOCAL_RANK", "0")
+            steps = len(model.history["train_loss_step"])
+            open({str(tmp_path)!r} + f"/steps{{rank}}", "w").write(str(steps))
+    """)
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 540 training cells: 270 per process in minibatches of 100 is 3 steps (all: 6)
+    assert [(tmp_path / f"steps{r}").read_text() for r in range(2)] == ["3", "3"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_request_without_gpu_is_a_clear_error():
     model = SCVI(_data(), n_hidden=8, n_latent=2)
