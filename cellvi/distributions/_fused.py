@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..errors import InvalidDataError
+
 __all__ = ["zinb_log_likelihood", "nb_log_likelihood", "poisson_log_likelihood"]
 
 TABLE_COUNTS = 32
@@ -111,6 +113,12 @@ def _from_tables(x_nz, counts, theta, cols, need_grad: bool):
     beyond the table are patched in."""
     n_genes = theta.shape[0]
     top = int(counts.max()) if len(counts) else 0
+    if len(counts) and int(counts.min()) < 0:  # would index before the tables' start
+        raise InvalidDataError(
+            f"The counts hold negative values (as low as {int(counts.min())}); counts must be "
+            ">= 0. Was the registered matrix changed after setup_anndata? Register raw counts "
+            "(setup_anndata(adata, layer='counts') if X was transformed)."
+        )
     k = min(top, TABLE_COUNTS)
     steps = theta.double() + torch.arange(k, dtype=torch.float64).unsqueeze(1)  # θ + j
     log_fact = torch.lgamma(torch.arange(1, k + 2, dtype=torch.float64)).unsqueeze(1)

@@ -133,3 +133,12 @@ def test_an_infinite_or_astronomical_count_takes_the_lgamma_route_not_the_tables
     others = torch.ones(13, dtype=torch.bool)
     others[1] = False
     assert torch.isfinite(ll[others]).all()
+
+
+def test_negative_counts_are_a_clear_error_not_an_index_error():
+    from cellvi.errors import InvalidDataError
+
+    x, log_mu, theta, logits = _inputs(0, "gene")
+    x[2, 5] = -5.0  # e.g. the registered matrix edited after setup_anndata
+    with pytest.raises(InvalidDataError, match="negative values \\(as low as -5\\)"):
+        zinb_log_likelihood(x, log_mu, theta, logits)
