@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from .._constants import REGISTRY_KEYS
 from ..errors import check_count
 from ._batches import eval_mode, inference_batches
 
@@ -91,7 +92,8 @@ def get_latent_library_size(
 
     ``give_mean=True`` needs a learned library (``use_observed_lib_size=False``) and returns
     the mean ``exp(μ_l + σ_l² / 2)`` of its log-normal posterior; ``give_mean=False`` returns
-    ``exp(l)``: the observed total count (or size factor), or one posterior draw.
+    ``exp(l)``: the observed total count (also for a model with size factors, whose ``l``
+    is the size factor), or one posterior draw.
     """
     module = model.module
     if give_mean and module.config.use_observed_lib_size:
@@ -101,8 +103,16 @@ def get_latent_library_size(
             "for each cell's observed total."
         )
     out = []
+    # with size factors the model's library is the size factor; the observed total is what
+    # this reports (as scvi-tools does, whose library is always the total)
+    totals = getattr(module, "use_size_factor_key", False)
     with eval_mode(module):
         for batch in inference_batches(model, adata, indices, batch_size, sparse_x=True):
+            if totals and not give_mean:
+                x = batch[REGISTRY_KEYS.X_KEY]
+                rows = x.row_sums() if hasattr(x, "row_sums") else x.sum(1, keepdim=True)
+                out.append(rows.float().cpu())
+                continue
             inf = module.inference(batch)
             if give_mean:
                 out.append(torch.exp(inf["ql_m"] + 0.5 * inf["ql_v"]).cpu())

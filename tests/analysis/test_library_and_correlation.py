@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import cellvi
+from cellvi.errors import CellviWarning
 from cellvi.model import SCVI
 
 
@@ -33,6 +34,17 @@ def test_observed_library_is_the_total_count(sim):
     np.testing.assert_allclose(lib, totals, rtol=1e-5)
     with pytest.raises(ValueError, match="use_observed_lib_size=True"):
         model.get_latent_library_size(give_mean=True)
+
+
+def test_with_size_factors_the_observed_library_is_still_the_total_count(sim):
+    adata = sim.copy()
+    totals = np.asarray(adata.X.sum(1)).reshape(-1, 1)
+    adata.obs["sf"] = totals.ravel() / totals.mean()
+    SCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf")
+    model = SCVI(adata, n_latent=4)  # untrained: the totals do not depend on the weights
+    with pytest.warns(CellviWarning, match="has not been trained"):
+        lib = model.get_latent_library_size(give_mean=False, indices=np.arange(30))
+    np.testing.assert_allclose(lib, totals[:30], rtol=1e-5)  # it returned the size factors
 
 
 def test_learned_library_mean_tracks_the_total_count(sim):
