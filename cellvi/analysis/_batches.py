@@ -51,6 +51,11 @@ def resolve_indices(indices, n_obs: int, name: str = "indices", also: str = "") 
     if indices is None:
         return np.arange(n_obs, dtype=np.int64)
     idx = np.asarray(indices)
+    if idx.ndim == 0 and idx.dtype == bool:  # indices=True: np.asarray gives a 0-d array
+        raise TypeError(
+            f"{name}={indices!r}: give a boolean mask with one value per cell or integer "
+            f"positions{also}, not a single True/False."
+        )
     if idx.dtype == bool:
         if idx.shape[0] != n_obs:
             raise ValueError(

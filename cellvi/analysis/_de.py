@@ -89,6 +89,17 @@ def _query_mask(obs: pd.DataFrame, query: str, arg: str) -> np.ndarray:
     return mask.fillna(False).to_numpy(dtype=bool)
 
 
+def _check_pseudocounts(pseudocounts) -> None:
+    """None (estimated) or a finite number >= 0: a negative one makes log ratios NaN."""
+    if pseudocounts is None:
+        return
+    if not _is_real(pseudocounts) or not np.isfinite(pseudocounts) or pseudocounts < 0:
+        raise ValueError(
+            f"pseudocounts={pseudocounts!r} must be a finite number >= 0 (e.g. 1e-4), or None "
+            "to estimate it from the lowly expressed genes."
+        )
+
+
 def _check_choices(mode, test_mode, delta, fdr_target, weights) -> None:
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode={mode!r}: use 'vanilla' or 'change'.")
@@ -243,6 +254,7 @@ def check_de_request(adata, **kwargs) -> None:
     args = {name: p.default for name, p in params.items() if name not in ("model", "adata")}
     args.update(kwargs)
     _check_choices(*(args[k] for k in ("mode", "test_mode", "delta", "fdr_target", "weights")))
+    _check_pseudocounts(args["pseudocounts"])
     check_count(args["n_samples_overall"], "n_samples_overall")
     _threshold(args["threshold_counts"])
     _check_idx2(args["idx1"], args["idx2"])
@@ -410,6 +422,7 @@ def differential_expression(
     vectorised over genes and samples.
     """
     _check_choices(mode, test_mode, delta, fdr_target, weights)
+    _check_pseudocounts(pseudocounts)
     check_custom_functions(change_fn, m1_domain_fn)
     _check_idx2(idx1, idx2)
     opts = _Options(

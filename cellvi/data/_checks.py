@@ -178,7 +178,9 @@ def check_count_matrix(matrix, location: str, *, allow_empty_rows: bool = False)
     fix = "Pass the raw count matrix instead, e.g. setup_anndata(adata, layer='counts')."
     if n_nan:
         raise InvalidDataError(
-            f"{location} contains {n_nan} NaN or infinite values; counts must be finite. {fix}"
+            f"{location} contains {n_nan} NaN or infinite values; counts must be finite. {fix} "
+            "(After anndata.concat(..., join='outer'), genes missing from a data set are NaN "
+            "in a dense matrix: pass fill_value=0, or use join='inner'.)"
         )
     if n_neg:
         raise InvalidDataError(

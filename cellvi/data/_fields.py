@@ -332,8 +332,8 @@ class CategoricalObsField(BaseField):
         if unseen and not extend_categories:
             raise InvalidDataError(
                 f"{what} {self.obs_key!r} has {len(unseen)} value(s) the model has not seen: "
-                f"{unseen[:5]}. Map them onto known ones "
-                f"({list(mapping)[:5]}), or add them to the model with "
+                f"{_shown(unseen)}. Map them onto known ones ({_shown(list(mapping))}), or "
+                "add them to the model with "
                 "Model.load_query_data(...), which uses extend_categories=True."
             )
         return list(mapping) + _sorted(unseen)
@@ -445,3 +445,9 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
             )
         self._encode(adata_target, column, mapping)
         return self._state(mapping)
+
+
+def _shown(values: list, n: int = 8) -> str:
+    """The first ``n`` values, and how many more there are."""
+    head = ", ".join(repr(v) for v in values[:n])
+    return f"[{head}" + (f", ... ({len(values) - n} more)]" if len(values) > n else "]")

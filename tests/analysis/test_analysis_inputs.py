@@ -45,6 +45,11 @@ def test_sample_counts_delta_and_fdr_target_are_checked(model):
         model.differential_expression(**de, mode="change", fdr_target=2)
     with pytest.raises(ValueError, match="library_size='foo'"):
         model.get_normalized_expression(library_size="foo")
+    for bad in (-1, float("nan")):  # all-NaN LFCs or proba_de 0 everywhere, silently
+        with pytest.raises(ValueError, match="pseudocounts=.* must be a finite number >= 0"):
+            model.differential_expression(**de, mode="change", pseudocounts=bad)
+    with pytest.raises(TypeError, match="indices=True: give a boolean mask"):
+        model.get_latent_representation(indices=True)  # was an IndexError
 
 
 def test_lone_names_are_one_name_not_a_list_of_letters(model):
@@ -141,6 +146,7 @@ def test_a_de_request_is_checked_without_a_model_as_the_call_would(model):
         ({"groupby": "cell_type", "group1": "t0"}, ValueError, "are 't0'"),
         ({"groupby": "cell_type", "grop1": "type_0"}, TypeError, r"unknown argument\(s\)"),
         ({"groupby": "cell_type", "fdr_target": 2}, ValueError, "fdr_target=2"),
+        ({"groupby": "cell_type", "pseudocounts": -1}, ValueError, "pseudocounts=-1"),
         ({"idx1": "cell_type == 'type_0'", "idx2": [10**6]}, IndexError, "idx2"),
     ]
     for kwargs, error, message in bad:

@@ -44,7 +44,9 @@ def test_setup_rejects_nan_and_inf_counts(value):
     adata = _adata(sparse=False)
     adata.X[0, 0] = value
     adata.X[5, 1] = value
-    with pytest.raises(InvalidDataError, match="contains 2 NaN or infinite values.*layer="):
+    with pytest.raises(
+        InvalidDataError, match="contains 2 NaN or infinite values.*layer=.*fill_value=0"
+    ):
         SCVI.setup_anndata(adata)
 
 
@@ -267,3 +269,19 @@ def test_count_check_reads_backed_data_in_row_chunks(tmp_path, monkeypatch, fmt)
             check_count_matrix(backed.X, "adata.X")
     finally:
         backed.file.close()
+
+
+def test_an_unseen_category_message_lists_the_known_ones_or_says_how_many_more():
+    from cellvi.data._fields import CategoricalObsField
+
+    obs = pd.DataFrame(
+        {"donor": [f"d{i % 10}" for i in range(40)]}, index=list(map(str, range(40)))
+    )
+    adata = anndata.AnnData(np.ones((40, 3), np.float32), obs=obs)
+    field = CategoricalObsField("batch", "donor")
+    state = field.register_field(adata)
+    query = adata.copy()
+    query.obs["donor"] = ["new"] * 40
+    known = r"\(\['d0', 'd1', 'd2', 'd3', 'd4', 'd5', 'd6', 'd7', \.\.\. \(2 more\)\]"
+    with pytest.raises(InvalidDataError, match=r"\['new'\]\. Map them onto known ones " + known):
+        field.transfer_field(state, query)
