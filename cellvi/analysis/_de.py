@@ -184,6 +184,13 @@ def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple
     codes = column.cat.codes.to_numpy().astype(np.int64)  # -1: missing, only ever "Rest"
     used = np.bincount(codes[codes >= 0], minlength=len(column.cat.categories)) > 0
     present = [(i, v) for i, v in enumerate(column.cat.categories) if used[i]]
+    if group2 is not None and not pd.api.types.is_scalar(group2):
+        raise ValueError(
+            f"group2={group2!r}: give one value of obs[{groupby!r}] (or None for all other "
+            f"cells); for several categories together use idx2, e.g. "
+            f"idx2=\"{groupby} in ['a', 'b']\"."
+        )
+    second = None if group2 is None else _find_group(present, group2, groupby)
     if group1 is None:
         if len(present) < 2:
             what = (
@@ -194,7 +201,8 @@ def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple
             raise ValueError(
                 f"groupby={groupby!r} has {what}; one-vs-rest needs at least two categories."
             )
-        firsts = present
+        # every category against the rest, or against group2 (group2 itself left out)
+        firsts = [p for p in present if second is None or p[0] != second[0]]
     else:
         names = as_name_list(group1)
         if not names:
@@ -203,13 +211,6 @@ def _group_plan(adata, groupby, group1, group2) -> tuple[np.ndarray, list, tuple
                 f"obs[{groupby!r}], or group1=None to compare every category with the rest."
             )
         firsts = [_find_group(present, g, groupby) for g in names]
-    if group2 is not None and not pd.api.types.is_scalar(group2):
-        raise ValueError(
-            f"group2={group2!r}: give one value of obs[{groupby!r}] (or None for all other "
-            f"cells); for several categories together use idx2, e.g. "
-            f"idx2=\"{groupby} in ['a', 'b']\"."
-        )
-    second = None if group2 is None else _find_group(present, group2, groupby)
     if second is not None and second[0] in {code for code, _ in firsts}:
         raise ValueError(
             f"group1 and group2 both name {second[1]!r} of obs[{groupby!r}]: a group compared "
@@ -407,7 +408,8 @@ def differential_expression(
 ) -> pd.DataFrame:
     """Compare two groups of cells gene by gene on posterior samples of ρ (``analysis.md`` §4).
 
-    ``groupby`` with ``group1=None`` compares every category with the rest. ``idx1``/``idx2``
+    ``groupby`` with ``group1=None`` compares every category with the rest, or, with
+    ``group2``, every other category with ``group2``. ``idx1``/``idx2``
     (masks, positions or ``obs.query`` strings) override the groups. ``mode="vanilla"``
     returns ``P(ρ1 > ρ2)`` and its log odds; ``mode="change"`` returns ``P(|LFC| ≥ δ)``,
     LFC summaries (with highest-density intervals at ``cred_interval_lvls``) and

@@ -104,6 +104,11 @@ def test_de_groups_numeric_labels_masks_and_missing_values(model):
     adata.obs["partial"] = with_nan
     table = model.differential_expression(adata, groupby="partial")
     assert set(table["group1"]) == {"type_0", "type_1", "type_2"}  # no 'nan' group
+    # group2 alone: every other category against it (it was refused as compared with itself)
+    against = model.differential_expression(groupby="cell_type", group2="type_1")
+    assert sorted(set(against["comparison"])) == ["type_0 vs type_1", "type_2 vs type_1"]
+    with pytest.raises(ValueError, match="group1 and group2 both name 'type_1'"):
+        model.differential_expression(groupby="cell_type", group1="type_1", group2="type_1")
     mask = np.zeros(adata.n_obs, dtype=bool)
     with pytest.raises(ValueError, match="idx1 is a boolean mask of length 100"):
         model.differential_expression(idx1=mask[:100])
