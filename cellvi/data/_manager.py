@@ -231,6 +231,14 @@ class AnnDataManager:
         """
         if self.adata is None:
             raise SetupError("This manager holds no data; call register_fields(adata) first.")
+        registered = self.summary_stats.get("n_cells"), self.summary_stats.get("n_vars")
+        if (self.adata.n_obs, self.adata.n_vars) != registered and None not in registered:
+            raise SetupError(
+                f"The AnnData has {self.adata.n_obs} cells x {self.adata.n_vars} genes but was "
+                f"registered with {registered[0]} x {registered[1]}: it was subset or extended "
+                "in place since setup_anndata. Run setup_anndata on it again and build a new "
+                "model, or pass the data to the call (e.g. adata=...) instead."
+            )
         if self.adata.uns.get(MANAGER_UUID_KEY) == self._manager_uuid:
             return
         adata, source, kwargs = self.adata, self._source_registry, self._transfer_kwargs

@@ -161,6 +161,12 @@ def resolve_trainer_config(
             "use_distributed_sampler is set by cellvi (its data splitter shards the cells "
             "across processes when the strategy is DDP); remove it from the train() arguments."
         )
+    if extra.get("overfit_batches"):
+        raise ValueError(
+            f"overfit_batches={extra['overfit_batches']!r} is not supported: Lightning replaces "
+            "the training loader's sampler for it, and cellvi's loaders draw their own "
+            "minibatches. To fit a few cells, train on a small AnnData (adata[:256].copy())."
+        )
     values.update({k: v for k, v in explicit.items() if v is not UNSET})
     values["extra_kwargs"] = extra
     return build_dataclass(TrainerConfig, values, "trainer_config")

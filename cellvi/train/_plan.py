@@ -403,9 +403,10 @@ class TrainingPlan(pl.LightningModule):
             x_text = f" Largest count in it: {float(x.max()):.6g}."
             if not math.isfinite(float(x.sum())):
                 x_text += " The input itself contains NaN/inf."
-        where = f"step {self.global_step} (minibatch {batch_idx} of the epoch)"
+        # counted from 1, as the epoch is
+        where = f"step {self.global_step + 1} of the run (minibatch {batch_idx + 1} of the epoch)"
         if phase == "validation":
-            where = f"validation minibatch {batch_idx}"
+            where = f"validation minibatch {batch_idx + 1}"
         raise NonFiniteLossError(
             f"The {phase} {what} became NaN/inf in epoch {self.current_epoch + 1} (history "
             f"index {self.current_epoch}), "

@@ -182,7 +182,9 @@ def test_interrupted_then_resumed_gpu_run_matches_the_uninterrupted_run(sim_tiny
 def test_a_nan_on_the_gpu_is_caught_at_its_step_and_weights_roll_back(sim_tiny):
     model = _model(sim_tiny)
     poison = PoisonAt(epoch=1)
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 .*not raw counts"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"epoch 2 \(history index 1\), step 3 .*not raw counts"
+    ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison], **GPU)
     poison.assert_rolled_back(model)
     assert model.device.type == "cuda"

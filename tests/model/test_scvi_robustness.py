@@ -69,7 +69,8 @@ def test_nan_loss_is_caught_at_its_step_and_weights_roll_back(sim_tiny):
     poison = PoisonAt(epoch=1, batch_idx=0)
     with pytest.raises(
         NonFiniteLossError,
-        match=r"in epoch 2 \(history index 1\), step 2 .*Batch categories in it: "
+        match=r"in epoch 2 \(history index 1\), step 3 of the run \(minibatch 1 of the "
+        r"epoch\)\..*Batch categories in it: "
         r"\['batch_0', 'batch_1'\].*not raw counts",
     ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison])
@@ -103,7 +104,8 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught_and_weights_roll_back(sim_
     poison = NanGradientAt(epoch=1, batch_idx=1)
     with pytest.raises(
         NonFiniteLossError,
-        match=r"training gradient became NaN/inf in epoch 2 \(history index 1\), step 3 ",
+        match=r"training gradient became NaN/inf in epoch 2 \(history index 1\), step 4 of "
+        r"the run \(minibatch 2 of the epoch\)",
     ):
         model.train(max_epochs=3, batch_size=96, callbacks=[poison])
     poison.assert_rolled_back(model)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellvi.errors import TrainingWarning
+from cellvi.errors import CellviWarning, SetupError, TrainingWarning
 from cellvi.model import SCVI
 from cellvi.train import TrainerConfig
 
@@ -205,3 +205,16 @@ def test_lightning_monitors_in_callbacks_are_checked_and_get_their_validation(si
     # without early_stopping=True, validation runs every epoch for the callback's metric
     model.train(max_epochs=2, callbacks=[stopper])
     assert len(model.history["elbo_validation"]) == 2
+
+
+def test_overfit_batches_and_an_anndata_subset_in_place_are_clear_errors(sim_tiny):
+    model = _model(sim_tiny.copy())
+    with pytest.raises(ValueError, match="overfit_batches=1 is not supported"):
+        model.train(max_epochs=1, overfit_batches=1)  # was a TypeError deep in the loader
+    model.adata._inplace_subset_obs(np.arange(50))
+    with pytest.raises(SetupError, match="has 50 cells x .* registered with"):
+        model.train(max_epochs=1)  # was an IndexError from the gather
+    with pytest.raises(SetupError, match="subset or extended in place"):
+        with pytest.warns(CellviWarning, match="not been trained"):
+            model.get_latent_representation()
+    assert _untouched(model)
