@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 
@@ -468,6 +469,11 @@ class TrainingPlan(pl.LightningModule):
         # (epochs, steps) trained with the optimiser state saved alongside (``resume=True``)
         if self.progress is not None:
             checkpoint["cellvi_progress"] = list(self.progress)
+        # what a resume compares with its own model and settings (see check_resume_checkpoint)
+        checkpoint["cellvi_module_config"] = module_settings(self.module)
+        checkpoint["cellvi_optimizer_settings"] = {
+            k: getattr(self.config, k) for k in ("optimizer", "lr", "eps", "weight_decay")
+        }
         # the warm-up in use, so that a run resumed with a longer max_epochs keeps it
         checkpoint["cellvi_kl_warmup"] = {
             "n_epochs_kl_warmup": self.config.n_epochs_kl_warmup,
@@ -512,3 +518,17 @@ def _continue_optimizer(optimizer, state: dict, cfg: TrainingPlanConfig) -> None
     if cfg.optimizer != "Custom":
         for group in optimizer.param_groups:
             group.update(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def module_settings(module) -> dict:
+    """A module's architecture settings (its ``config`` dataclass) as plain values: text,
+    numbers, booleans and None, other values as their ``repr``."""
+    config = getattr(module, "config", None)
+    if not dataclasses.is_dataclass(config):
+        return {}
+    plain = (str, int, float, bool, type(None))
+    return {
+        f.name: value if isinstance(value, plain) else repr(value)
+        for f in dataclasses.fields(config)
+        for value in [getattr(config, f.name)]
+    }

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingWarning
-from ._plan import TrainingPlan, without_aliases
+from ._plan import TrainingPlan, module_settings, without_aliases
 
 __all__ = ["check_resume_checkpoint"]
 
@@ -73,6 +73,7 @@ def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule, max_epoch
             f"set: {'; '.join(problems[:3])}{more}. Resume with a model built as the one that "
             "wrote it (same genes, batches, covariates and architecture arguments)."
         )
+    _compare_settings(path, state, plan)
     split = state.get(type(datamodule).__name__) or {}
     n_obs = getattr(datamodule, "n_obs", None)
     kept = [split[k] for k in ("train_idx", "val_idx", "test_idx") if split.get(k) is not None]
@@ -90,4 +91,34 @@ def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule, max_epoch
             f"checkpoint's weights and history. Pass max_epochs > {n_done} to train on.",
             TrainingWarning,
             stacklevel=5,
+        )
+
+
+def _compare_settings(path: Path, state: dict, plan: TrainingPlan) -> None:
+    """The checkpoint's architecture settings must be this model's (same tensor shapes can
+    hide another likelihood or latent distribution); optimiser settings that differ are
+    named, since the checkpoint's optimiser state, with its own, is what resumes."""
+    theirs = state.get("cellvi_module_config") or {}
+    ours = module_settings(plan.module)
+    differ = [k for k in sorted(set(theirs) & set(ours)) if theirs[k] != ours[k]]
+    if differ:
+        shown = "; ".join(f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in differ[:4])
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was written by a model built with other settings: "
+            f"{shown}. Resume with a model built as the one that wrote it."
+        )
+    saved = state.get("cellvi_optimizer_settings") or {}
+    changed = [
+        k
+        for k in ("optimizer", "lr", "eps", "weight_decay")
+        if k in saved and saved[k] != getattr(plan.config, k)
+    ]
+    if changed:
+        shown = ", ".join(f"{k}={saved[k]!r} (not {getattr(plan.config, k)!r})" for k in changed)
+        warnings.warn(
+            f"ckpt_path= resumes the checkpoint's optimiser state, with its settings: {shown}. "
+            "To continue with new optimiser settings, load the saved model and train it with "
+            "resume=True and plan_kwargs instead.",
+            TrainingWarning,
+            stacklevel=6,
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _callbacks import NanGradientAt, PoisonAt, SignalAtEpoch, resume_checkpoint
 
-from cellvi.errors import NonFiniteLossError, TrainingError
+from cellvi.errors import NonFiniteLossError, TrainingError, TrainingWarning
 from cellvi.model import SCVI
 
 
@@ -149,6 +149,16 @@ def test_a_checkpoint_this_model_cannot_resume_from_is_refused_before_training(s
         fewer.train(max_epochs=3, ckpt_path=str(ckpt))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _model(sim_tiny.copy()).train(max_epochs=3, ckpt_path=str(tmp_path / "nope.ckpt"))
+    # same tensor shapes, other settings: accepted before the settings were stored
+    for setting in ({"gene_likelihood": "nb"}, {"latent_distribution": "ln"}):
+        other = sim_tiny.copy()
+        SCVI.setup_anndata(other, batch_key="batch")
+        name, value = next(iter(setting.items()))
+        with pytest.raises(ValueError, match=f"other settings: {name}=.* there, '{value}' here"):
+            SCVI(other, n_hidden=16, n_latent=4, **setting).train(max_epochs=3, ckpt_path=str(ckpt))
+    # optimiser settings come from the checkpoint's state: a new lr is named, not ignored
+    with pytest.warns(TrainingWarning, match=r"its settings: lr=0.001 \(not 0.05\)"):
+        _model(sim_tiny.copy()).train(max_epochs=3, ckpt_path=str(ckpt), plan_kwargs={"lr": 0.05})
 
 
 def test_a_checkpoint_with_the_old_forward_alias_still_resumes(sim_tiny, tmp_path):
