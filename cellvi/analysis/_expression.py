@@ -292,7 +292,10 @@ def _importance_weighted(
     unknown = sorted(set(kwargs) - set(_IMPORTANCE_KWARGS))
     if unknown:
         raise TypeError(
-            f"Unknown argument(s) {unknown}; importance weighting takes {list(_IMPORTANCE_KWARGS)}."
+            f"Unknown argument(s) {unknown}; the extra keyword arguments of this call are "
+            f"importance-weighting options (with weights='importance'): "
+            f"{list(_IMPORTANCE_KWARGS)}. cellvi's inference has no data-loader options "
+            "(num_workers, pin_memory, ...): minibatches are gathered in memory."
         )
     if weights != "importance":
         raise ValueError(f"{sorted(kwargs)} need weights='importance'.")

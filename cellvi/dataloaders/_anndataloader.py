@@ -307,6 +307,7 @@ class AnnDataLoader(torch.utils.data.DataLoader):
             bad = positions[(positions < 0) | (positions >= n_obs)][0]
             raise IndexError(f"indices holds position {bad}; cells are numbered 0 to {n_obs - 1}.")
         self.indices = positions
+        self.adata_manager = adata_manager  # outputs take the loader: model.get_...(dataloader=)
         dtypes = _key_dtypes(adata_manager, data_and_attributes)
         store = TensorStore.from_manager(
             adata_manager, [k for k in dtypes if k != REGISTRY_KEYS.INDICES_KEY]

@@ -168,11 +168,13 @@ class BaseModel(QueryMixin):
                 "Choose cells in the loader instead of indices=: "
                 "dm.inference_dataloader(indices=...)."
             )
-        manager = getattr(dataloader, "manager", None)
+        # a data module's inference loader, or an AnnDataLoader (as in scvi-tools): the cells
+        # it holds are computed in cellvi's own minibatches
+        manager = getattr(dataloader, "manager", None) or getattr(dataloader, "adata_manager", None)
         if manager is None or not hasattr(dataloader, "indices"):
             raise TypeError(
-                "dataloader= takes a data module's loader, dm.inference_dataloader(); got "
-                f"{type(dataloader).__name__}."
+                "dataloader= takes a data module's loader, dm.inference_dataloader(), or a "
+                f"cellvi.dataloaders.AnnDataLoader; got {type(dataloader).__name__}."
             )
         self._attach_manager(manager, "the dataloader's data")
         return manager.adata, dataloader.indices

@@ -48,6 +48,8 @@ def test_sample_counts_delta_and_fdr_target_are_checked(model):
     for bad in (-1, float("nan")):  # all-NaN LFCs or proba_de 0 everywhere, silently
         with pytest.raises(ValueError, match="pseudocounts=.* must be a finite number >= 0"):
             model.differential_expression(**de, mode="change", pseudocounts=bad)
+    with pytest.raises(TypeError, match="has no data-loader options"):
+        model.get_normalized_expression(data_loader_kwargs={"num_workers": 0})
     with pytest.raises(TypeError, match="indices=True: give a boolean mask"):
         model.get_latent_representation(indices=True)  # was an IndexError
 

@@ -213,3 +213,18 @@ def test_bad_arguments_give_clear_errors(manager):
         AnnDataLoader(manager, indices=[0.5])
     with pytest.raises(ValueError, match="collate_fn"):
         AnnDataLoader(manager, iter_ndarray=True, collate_fn=list)
+
+
+def test_a_model_output_takes_the_loader_like_scvi_tools():
+    adata = cellvi.data.simulate(n_cells=120, n_genes=30, n_de_genes_per_type=5, seed=0)
+    cellvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvi.model.SCVI(adata, n_hidden=8, n_latent=2)
+    with cellvi.settings.override(progress_bar_style="none"):
+        model.train(max_epochs=1, save_resume_checkpoint=False)
+    cells = np.array([5, 0, 17, 3])
+    loader = AnnDataLoader(model.adata_manager, indices=cells, batch_size=3)
+    np.testing.assert_array_equal(  # it was refused as not a data module's loader
+        model.get_latent_representation(dataloader=loader),
+        model.get_latent_representation(indices=cells),
+    )
+    assert model.get_normalized_expression(dataloader=loader).shape == (4, 30)
