@@ -3,6 +3,7 @@ likelihood parameters (``analysis.md`` §3)."""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 
@@ -117,6 +118,11 @@ def get_normalized_expression(
     (``importance_weighting_kwargs``: ``max_cells``, ``truncation``, ``n_mc_samples``,
     ``n_mc_samples_per_pass``; see :mod:`cellvi.analysis._importance`). Results for several
     ``transform_batch`` values are averaged.
+
+    The posterior draws of ``z`` come from a stream seeded with ``seed`` (0): a call returns
+    the same values every time, whatever the global random state, which it leaves as it was.
+    ``seed=None`` draws from the global torch stream instead (a new draw at each call, as in
+    scvi-tools).
     """
     if weights not in (None, "uniform", "importance"):
         raise ValueError(f"weights={weights!r}: use 'uniform' (or None) or 'importance'.")
@@ -151,7 +157,10 @@ def get_normalized_expression(
     shape = (n_samples, len(cell_idx), n_genes) if per_sample else (len(cell_idx), n_genes)
     result = np.empty(shape, dtype=np.float32)
     start = 0
-    with private_rng(model.device), eval_mode(module):
+    # a seed gives the same draws at every call and leaves the caller's streams as they were;
+    # seed=None draws from (and advances) the global torch stream
+    streams = private_rng(model.device) if seed is not None else contextlib.nullcontext()
+    with streams, eval_mode(module):
         if seed is not None:
             torch.manual_seed(seed)
         per_cell = module.n_input * n_samples

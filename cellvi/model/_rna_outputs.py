@@ -53,8 +53,9 @@ class RNAOutputsMixin:
         """Decoded expression per cell; see :func:`cellvi.analysis.get_normalized_expression`.
 
         ``importance_weighting_kwargs`` (with ``weights="importance"``): ``max_cells``,
-        ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass``. ``silent`` is accepted
-        for scvi-tools compatibility: cellvi shows no per-minibatch progress for this call.
+        ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass``; also ``seed`` (0: the
+        same values at every call; None: fresh draws from the global torch stream). ``silent``
+        is accepted for scvi-tools compatibility: cellvi shows no per-minibatch progress.
         """
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_normalized_expression(

@@ -265,3 +265,17 @@ def test_a_groupby_column_without_two_categories_is_named_for_what_it_has(model)
         model.differential_expression(adata, groupby="missing")
     with pytest.raises(ValueError, match=r"'one' has a single category \('x'\)"):
         model.differential_expression(adata, groupby="one")
+
+
+def test_normalized_expression_is_seeded_unless_seed_is_none(model):
+    first = model.get_normalized_expression(return_numpy=True, indices=np.arange(20))
+    state = torch.get_rng_state()
+    again = model.get_normalized_expression(return_numpy=True, indices=np.arange(20))
+    np.testing.assert_array_equal(first, again)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream left as it was
+    fresh = [
+        model.get_normalized_expression(return_numpy=True, indices=np.arange(20), seed=None)
+        for _ in range(2)
+    ]  # the restored global state used to give the same "fresh" draw twice
+    assert not np.array_equal(*fresh)
+    assert not torch.equal(torch.get_rng_state(), state)
