@@ -225,12 +225,16 @@ def _check_query(model_cls, reference, path: str) -> None:
     """The query can be mapped onto this reference (shared genes, known labels, readable
     file); checked with the untrained reference, so that a mistake is not found only after
     the reference has trained."""
+    import warnings
+
     import anndata
 
     try:
-        query = anndata.read_h5ad(path)
-        model_cls.prepare_query_anndata(query, reference)
-        model_cls.load_query_data(query, reference)
+        with warnings.catch_warnings():  # said once, when the query is mapped for real
+            warnings.simplefilter("ignore")
+            query = anndata.read_h5ad(path)
+            model_cls.prepare_query_anndata(query, reference)
+            model_cls.load_query_data(query, reference)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"[outputs.reference_mapping].query = {path!r}: {err}") from err
 

@@ -224,9 +224,9 @@ class BaseModel(QueryMixin):
     def _tensor_store(self, manager: AnnDataManager):
         """The registered arrays of ``manager`` as contiguous tensors.
 
-        Built once and reused while the arrays are the same objects at the same memory, so a
-        matrix assigned after training (``adata.X = ...``, a replaced obs column) is read
-        anew, as scvi-tools reads its AnnData at every call.
+        Built once and reused while the registered arrays are unchanged, so a count matrix
+        assigned after training (``adata.X = ...``, a new layer) is read anew, as scvi-tools
+        reads its AnnData at every call. (Covariates are copies made at setup, there as here.)
         """
         from ..dataloaders import TensorStore
 

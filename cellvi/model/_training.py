@@ -491,7 +491,7 @@ def _kept_kl_warmup(model, resume: bool, ckpt_path) -> dict | None:
     if ckpt_path is None:
         return None
     try:  # an unreadable file is reported, with its remedy, when Lightning opens it
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any failure here is reported by the real load
         return None
     kept = checkpoint.get("cellvi_kl_warmup") if isinstance(checkpoint, dict) else None
