@@ -136,6 +136,9 @@ class TrainingPlan(pl.LightningModule):
                 f"match this model's {len(params)} trainable ones (their number or shapes "
                 "differ: the model was changed since); train without resume=True."
             )
+        # loaded once into a throwaway optimiser now, so that the state of another kind of
+        # optimiser is refused before training starts (not inside Lightning)
+        _continue_optimizer(self._new_optimizer(), optimizer_state, self.config)
         self._continued_state = optimizer_state
         self._offsets = (int(epochs), int(steps))
 
@@ -419,20 +422,21 @@ class TrainingPlan(pl.LightningModule):
         )
 
     # -------------------------------------------------------------- optimiser
-    def configure_optimizers(self):
+    def _new_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
         params = [p for p in self.module.parameters() if p.requires_grad]
         if cfg.optimizer == "Custom":
-            optimizer = cfg.optimizer_creator(params)
-        else:
-            cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
-            # the fused kernel updates all parameters in one pass (same maths, less overhead)
-            fused = bool(params) and all(
-                p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params
-            )
-            optimizer = cls(
-                params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
-            )
+            return cfg.optimizer_creator(params)
+        cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
+        # the fused kernel updates all parameters in one pass (same maths, less overhead)
+        fused = bool(params) and all(
+            p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params
+        )
+        return cls(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+
+    def configure_optimizers(self):
+        cfg = self.config
+        optimizer = self._new_optimizer()
         if self._continued_state is not None:
             _continue_optimizer(optimizer, self._continued_state, cfg)
         self.lr_scheduler = None
