@@ -255,9 +255,9 @@ def _check_run_settings(path: Path, train: dict) -> None:
         except ValueError as err:
             raise ConfigError(f"{path}: [train]: {err}") from err
     if "accelerator" in train or "devices" in train:
-        from ..train._runner import _check_devices
+        from ..train._devices import check_devices
 
         try:
-            _check_devices(train.get("accelerator", "auto"), train.get("devices", "auto"))
+            check_devices(train.get("accelerator", "auto"), train.get("devices", "auto"))
         except ValueError as err:
             raise ConfigError(f"{path}: [train]: {err}") from err

@@ -33,6 +33,7 @@ from ..train._checks import check_callbacks, check_datamodule
 from ._base import seed_torch
 from ._history_log import check_log_save_dir, save_history_log
 from ._query import reference_block_callbacks
+from ._warmup import adapt_kl_warmup, kept_kl_warmup, warmup_of
 
 __all__ = ["default_max_epochs", "resolve_trainer_config", "train_unsupervised"]
 
@@ -201,58 +202,6 @@ def _fields_set_in(config: Any, name: str = "plan_config") -> set[str]:
     return set(config_to_kwargs(config, name))
 
 
-def _adapt_kl_warmup(
-    plan_values: dict,
-    user_set: bool,
-    max_epochs: int,
-    n_steps_per_epoch: int,
-    done: tuple[int, int] = (0, 0),
-) -> None:
-    """Make sure the KL weight can reach its maximum within the run (or say it won't).
-
-    ``done``: the epochs and steps of earlier training a ``resume=True`` run continues (its
-    warm-up counts them)."""
-    n_epochs = plan_values.get("n_epochs_kl_warmup", 400)
-    n_steps = plan_values.get("n_steps_kl_warmup")
-    total_steps = max_epochs * n_steps_per_epoch + done[1]
-    max_epochs = max_epochs + done[0]
-    if n_epochs:
-        too_long, unit, total = n_epochs > max_epochs, "epochs", max_epochs
-        length = n_epochs
-    elif n_steps:
-        too_long, unit, total = n_steps > total_steps, "steps", total_steps
-        length = n_steps
-    else:
-        return
-    if not too_long:
-        return
-    if user_set:
-        reached = (
-            plan_values.get("min_kl_weight", 0.0)
-            + (plan_values.get("max_kl_weight", 1.0) - plan_values.get("min_kl_weight", 0.0))
-            * (total - 1)
-            / length
-        )
-        warnings.warn(
-            f"The KL warm-up lasts {length} {unit} but training runs {total} {unit}, so the KL "
-            f"weight only reaches {reached:.3g}. Shorten the warm-up (plan_kwargs="
-            f"{{'n_{unit}_kl_warmup': ...}}) or train longer.",
-            TrainingWarning,
-            stacklevel=4,
-        )
-        return
-    adapted = max(1, math.floor(0.75 * total))
-    plan_values[f"n_{unit}_kl_warmup"] = adapted
-    logger.info(
-        "KL warm-up shortened from %d to %d %s so the KL weight reaches its maximum within "
-        "max_epochs=%d.",
-        length,
-        adapted,
-        unit,
-        max_epochs,
-    )
-
-
 def _check_integer_counts(manager) -> None:
     """Compiled training evaluates the count likelihoods for whole-number counts only.
 
@@ -399,12 +348,12 @@ def train_unsupervised(
         )
     splitter.setup("fit")
     steps_per_epoch = max(1, math.ceil(len(splitter.train_idx) / batch_size))
-    kept = None if user_set_warmup else _kept_kl_warmup(model, resume, ckpt_path)
+    kept = None if user_set_warmup else kept_kl_warmup(model, resume, ckpt_path)
     if kept is not None:  # the warm-up goes on as it was, whatever the new run's length
         plan_values.update(kept)
     else:
         done = model._training_progress if resume else (0, 0)
-        _adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch, done)
+        adapt_kl_warmup(plan_values, user_set_warmup, max_epochs, steps_per_epoch, done)
     plan_cfg = build_dataclass(TrainingPlanConfig, plan_values, "plan_kwargs")
     likelihood = getattr(getattr(model.module, "config", None), "gene_likelihood", None)
     if plan_cfg.compile and likelihood != "normal":  # the Gaussian takes any real value
@@ -439,7 +388,7 @@ def train_unsupervised(
         ckpt_path=ckpt_path,
         run_dir=_run_dir_for(model, ckpt_path),
         record=lambda result: _record(
-            model, result, ckpt_path is not None, cfg.log_save_dir, _warmup_of(plan_cfg)
+            model, result, ckpt_path is not None, cfg.log_save_dir, warmup_of(plan_cfg)
         ),
         save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
@@ -474,28 +423,6 @@ def _check_resume(model, resume, ckpt_path) -> None:
             f"{type(model).__name__} holds none: train it first, or load a model saved with "
             "model.save(..., save_optimizer_state=True)."
         )
-
-
-def _warmup_of(plan_cfg) -> dict:
-    return {
-        "n_epochs_kl_warmup": plan_cfg.n_epochs_kl_warmup,
-        "n_steps_kl_warmup": plan_cfg.n_steps_kl_warmup,
-    }
-
-
-def _kept_kl_warmup(model, resume: bool, ckpt_path) -> dict | None:
-    """The KL warm-up of the training a run continues: the model's own (``resume=True``) or
-    the checkpoint's (``ckpt_path``); None for a fresh run or when it was not recorded."""
-    if resume:
-        return model._kl_warmup
-    if ckpt_path is None:
-        return None
-    try:  # an unreadable file is reported, with its remedy, when Lightning opens it
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any failure here is reported by the real load
-        return None
-    kept = checkpoint.get("cellvi_kl_warmup") if isinstance(checkpoint, dict) else None
-    return dict(kept) if isinstance(kept, dict) else None
 
 
 def _record(model, result, resumed: bool, log_save_dir, warmup: dict) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 
@@ -15,6 +14,7 @@ from ..errors import NonFiniteLossError
 from ..module import LossOutput
 from ._checks import check_loss_kwargs
 from ._config import TrainingPlanConfig
+from ._optim import continue_optimizer, module_settings, without_aliases
 
 __all__ = ["TrainingPlan"]
 
@@ -23,12 +23,6 @@ logger = logging.getLogger("cellvi")
 # Sums kept per split during an epoch: loss x cells, reconstruction, kl_local, kl_global,
 # minibatches, cells (summed across ranks under DDP, so every ratio is over all cells)
 _N_STATS = 6
-
-
-def without_aliases(state_dict: dict) -> dict:
-    """``state_dict`` without the ``_forward.*`` copies of the module's tensors that older
-    cellvi checkpoints hold (the forward alias used to be a registered submodule)."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("_forward.")}
 
 
 class TrainingPlan(pl.LightningModule):
@@ -138,7 +132,7 @@ class TrainingPlan(pl.LightningModule):
             )
         # loaded once into a throwaway optimiser now, so that the state of another kind of
         # optimiser is refused before training starts (not inside Lightning)
-        _continue_optimizer(self._new_optimizer(), optimizer_state, self.config)
+        continue_optimizer(self._new_optimizer(), optimizer_state, self.config)
         self._continued_state = optimizer_state
         self._offsets = (int(epochs), int(steps))
 
@@ -438,7 +432,7 @@ class TrainingPlan(pl.LightningModule):
         cfg = self.config
         optimizer = self._new_optimizer()
         if self._continued_state is not None:
-            _continue_optimizer(optimizer, self._continued_state, cfg)
+            continue_optimizer(optimizer, self._continued_state, cfg)
         self.lr_scheduler = None
         if cfg.reduce_lr_on_plateau:
             self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -499,40 +493,3 @@ class TrainingPlan(pl.LightningModule):
         rng = checkpoint.get("cellvi_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
-
-
-def _continue_optimizer(optimizer, state: dict, cfg: TrainingPlanConfig) -> None:
-    """Load an earlier run's optimiser state: its moments and step counts go on, while the
-    learning rate, eps and weight decay are this run's (a custom optimiser keeps its own).
-
-    Raises
-    ------
-    ValueError
-        When the state belongs to another kind of optimiser (e.g. Adam's, resumed with SGD).
-    """
-    optimizer.load_state_dict(state)  # (fills in settings newer torch versions added)
-    missing = sorted({k for g in optimizer.param_groups for k in optimizer.defaults if k not in g})
-    if missing:  # torch would fail deep inside step() on the first missing setting
-        raise ValueError(
-            f"resume=True: the kept optimiser state is not {type(optimizer).__name__}'s (it "
-            f"lacks {', '.join(missing)}): the earlier training used another optimiser. "
-            "Resume with that optimiser, or train without resume=True (a fresh optimiser "
-            "state)."
-        )
-    if cfg.optimizer != "Custom":
-        for group in optimizer.param_groups:
-            group.update(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-def module_settings(module) -> dict:
-    """A module's architecture settings (its ``config`` dataclass) as plain values: text,
-    numbers, booleans and None, other values as their ``repr``."""
-    config = getattr(module, "config", None)
-    if not dataclasses.is_dataclass(config):
-        return {}
-    plain = (str, int, float, bool, type(None))
-    return {
-        f.name: value if isinstance(value, plain) else repr(value)
-        for f in dataclasses.fields(config)
-        for value in [getattr(config, f.name)]
-    }

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingWarning
-from ._plan import TrainingPlan, module_settings, without_aliases
+from ._optim import module_settings, without_aliases
+from ._plan import TrainingPlan
 
 __all__ = ["check_resume_checkpoint"]
 
