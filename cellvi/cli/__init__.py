@@ -151,6 +151,13 @@ def _message(err: BaseException, args: argparse.Namespace) -> str:
     from .. import errors
 
     text = str(err)
+    if isinstance(err, errors.InvalidDataError) and args.command == "run":
+        # the advice is Python (e.g. adata.var_names_make_unique()): the data file is fixed
+        # once, outside the workflow
+        return (
+            f"{text}\nThe workflow reads the file as it is: apply the fix in Python, write the "
+            "result (adata.write_h5ad('fixed.h5ad')) and point [input].path at it."
+        )
     if not isinstance(err, errors.TrainingError):
         return text
     notes = [n for n in getattr(err, "__notes__", []) if not n.startswith("To resume")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -127,3 +128,17 @@ def test_a_query_that_cannot_be_mapped_is_refused_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert "[outputs.reference_mapping].query = " in err and "None of the reference genes" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_problem_says_how_to_fix_the_file_the_workflow_reads(tmp_path, capsys):
+    import anndata
+
+    data = tmp_path / "data.h5ad"
+    adata = anndata.read_h5ad(write_data(data, 120, 30))
+    with warnings.catch_warnings():  # anndata's own notice of the duplicate, as it reads
+        warnings.simplefilter("ignore", UserWarning)
+        adata.var_names = ["gene_0"] * 2 + list(adata.var_names[2:])  # a duplicated name
+        adata.write_h5ad(data)
+        assert main(["run", str(_workflow(tmp_path)), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "var_names_make_unique" in err and "point [input].path at it" in err
