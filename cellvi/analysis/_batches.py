@@ -12,6 +12,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
+from ..dataloaders._sparse import cached_blocks
 from ..errors import CellviWarning, check_count
 
 __all__ = [
@@ -108,7 +109,7 @@ def eval_mode(module: torch.nn.Module):
     if half is not None:
         module.float()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cached_blocks():
             yield
     finally:
         if half is not None:

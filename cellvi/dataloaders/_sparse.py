@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 
@@ -16,10 +17,27 @@ __all__ = ["SparseRows"]
 # indices. On a GPU the product stays one pass: the blocking was measured on CPUs only.
 CPU_BAG_COLUMNS = 64
 
-# a weight's column blocks, kept while the weight is unchanged: inference multiplies every
-# minibatch by the same first-layer weight (copying its blocks cost 4 % of a latent pass)
+# a weight's column blocks, kept for the minibatches of one output call (inside
+# :func:`cached_blocks`): inference multiplies every minibatch by the same first-layer weight
+# (copying its blocks cost 4 % of a latent pass). Not across calls: torch's fused optimisers
+# update weights without bumping their version counters, so a cache kept from one call to
+# the next would serve weights from before the training in between.
 # (keyed by id: tensors compare elementwise, so they cannot be dictionary keys themselves)
 _BLOCKS: dict[int, tuple] = {}
+_CACHING = [0]  # depth of open cached_blocks() scopes
+
+
+@contextlib.contextmanager
+def cached_blocks():
+    """Reuse a weight's column blocks across the minibatches of the enclosed call; forget
+    them when the outermost such scope closes."""
+    _CACHING[0] += 1
+    try:
+        yield
+    finally:
+        _CACHING[0] -= 1
+        if not _CACHING[0]:
+            _BLOCKS.clear()
 
 
 class SparseRows:
@@ -156,7 +174,7 @@ def _column_blocks(table: torch.Tensor, owner: torch.Tensor | None) -> list[torc
     until ``owner`` changes in place or the table's shape changes."""
     width = CPU_BAG_COLUMNS if table.device.type == "cpu" else table.shape[1]
     # (an inference-mode tensor has no version counter to tell a change)
-    cacheable = owner is not None and not owner.is_inference()
+    cacheable = _CACHING[0] > 0 and owner is not None and not owner.is_inference()
     cacheable = cacheable and not (torch.is_grad_enabled() and owner.requires_grad)
     state = (owner._version, tuple(table.shape), table.stride()) if cacheable else None
     if cacheable:
