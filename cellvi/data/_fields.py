@@ -397,6 +397,15 @@ class LabelsWithUnlabeledObsField(CategoricalObsField):
     def register_field(self, adata) -> dict:
         column = self._column(adata)
         mapping = self._categories(column)
+        unlabeled = self.unlabeled_category
+        same_text = [c for c in mapping if str(c) == str(unlabeled) and c != unlabeled]
+        if unlabeled not in mapping and same_text:  # e.g. "-1" for the integer label -1
+            raise InvalidDataError(
+                f"unlabeled_category={unlabeled!r} ({type(unlabeled).__name__}) is not a value "
+                f"of obs[{self.obs_key!r}], but {same_text[0]!r} "
+                f"({type(same_text[0]).__name__}) is: pass unlabeled_category="
+                f"{same_text[0]!r}, or those cells count as a class of their own."
+            )
         if self.unlabeled_category in mapping:
             i = mapping.index(self.unlabeled_category)
             mapping[i], mapping[-1] = mapping[-1], mapping[i]

@@ -112,14 +112,32 @@ def read_model_file(
             "model file, or it may be malicious. Only if you trust its source, pass "
             f"allow_pickle=True. ({str(err).splitlines()[0]})"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ModelFileError(f"{path} is corrupt or truncated: {err}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        # (a file that is not a zip archive reaches torch's legacy reader, which can fail with
+        # a bare KeyError on its first bytes)
+        raise ModelFileError(
+            f"{path} is not a readable model file (corrupt or truncated): {err!r}"
+        ) from err
     if not isinstance(content, dict) or "model_state_dict" not in content:
         raise ModelFileError(f"{path} is not a cellvi model file (no model_state_dict).")
-    version = str(content.get("format_version", "0.0"))
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+    version = content.get("format_version")
+    major = _major(version)
+    if major != _major(FORMAT_VERSION):
+        if major is not None and major > _major(FORMAT_VERSION):
+            advice = "it was written by a newer cellvi: upgrade (pip install -U cellvi)"
+        elif version is None:
+            advice = "it has no format version, so it was not written by cellvi's save"
+        else:  # an older major version, or a value that is not a version
+            advice = "it is not a file this cellvi writes (an old format, or edited by hand)"
         raise ModelFileError(
-            f"{path} has format version {version}; this cellvi reads {FORMAT_VERSION}. Upgrade "
-            "cellvi (pip install -U cellvi) to read newer files."
+            f"{path} has format version {version!r}; this cellvi reads {FORMAT_VERSION}: {advice}."
         )
     return content
+
+
+def _major(version) -> int | None:
+    """The major number of a ``"major.minor"`` format version, None when it is not one."""
+    try:
+        return int(str(version).split(".")[0]) if version is not None else None
+    except ValueError:
+        return None

@@ -18,6 +18,7 @@ from ..io import from_plain, read_model_file
 from ..nn import CovariateLinear
 from ._query_api import prepare_query_anndata
 from ._registry import _data_keys
+from ._save_load import init_kwargs
 
 __all__ = [
     "prepare_query_anndata",
@@ -69,7 +70,7 @@ def _covariate_layouts(cls, registry: dict, init: dict, module) -> dict[str, lis
     memory, no data) from its registry.
     """
     with torch.device("meta"):
-        reference = cls(None, registry=registry, **init["non_kwargs"], **init.get("kwargs", {}))
+        reference = cls(None, registry=registry, **init_kwargs(init))
     # every covariate layer: one whose covariates all had one category has no table yet
     old = {
         n: m.n_cat_list
@@ -259,7 +260,7 @@ def load_query_data(
             f"The reference is a {ref_registry.get('model_name')} model; use "
             f"cellvi.model.{ref_registry.get('model_name')}.load_query_data."
         )
-    kwargs = {**init["non_kwargs"], **init.get("kwargs", {})}
+    kwargs = init_kwargs(init)
     if adata is not None:
         manager = _register_query(
             cls, adata, ref_registry, transfer_batch, inplace_subset_query_vars, check_var_names

@@ -139,6 +139,9 @@ def _take_rows(value, rows: np.ndarray, ref_names: pd.Index):
     if isinstance(value, pd.DataFrame):
         out = value.reset_index(drop=True).reindex(rows)
         out.index = ref_names.copy()
+        if (rows < 0).any():  # padded genes: keep each column writable to .h5ad
+            for col in value.columns:
+                out[col] = _with_missing(out[col], value[col].dtype)
         return out
     present = rows >= 0
     if sp.issparse(value):
@@ -152,6 +155,19 @@ def _take_rows(value, rows: np.ndarray, ref_names: pd.Index):
     out = np.full((len(rows), *value.shape[1:]), fill, dtype=value.dtype)
     out[present] = value[rows[present]]
     return out
+
+
+def _with_missing(column: pd.Series, dtype) -> pd.Series:
+    """A reindexed column with missing values in a dtype that holds them and that h5ad
+    writes: booleans and integers as pandas' nullable types (not object or float), text as
+    a categorical (an object column mixing text and NaN cannot be written)."""
+    if pd.api.types.is_bool_dtype(dtype):
+        return column.astype("boolean")
+    if pd.api.types.is_integer_dtype(dtype):
+        return column.astype("Int64")
+    if pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
+        return column.astype("category")
+    return column
 
 
 class QueryMixin:

@@ -316,8 +316,7 @@ def load_model(
         model = cls(
             adata if adata is not False else None,
             registry=None if adata is not False else registry,
-            **init["non_kwargs"],
-            **init.get("kwargs", {}),
+            **init_kwargs(init),
         )
     except TypeError as err:  # init params of another version or a hand-edited file
         raise ModelFileError(
@@ -366,3 +365,16 @@ def _allowed_classes(names) -> set[str]:
             f'allowed_classes_names_list={names!r} must be a list of class names, e.g. ["SCVI"].'
         )
     return set(names)
+
+
+def init_kwargs(init: Mapping) -> dict:
+    """The constructor arguments of ``init_params_``: its named ones and its ``**kwargs``,
+    stored flat or, as scvi-tools and persistence.md lay them out, under the name of the
+    variadic parameter (``{"kwargs": {"kwargs": {...}}}``)."""
+    out = dict(init["non_kwargs"])
+    for name, value in (init.get("kwargs") or {}).items():
+        if name == "kwargs" and isinstance(value, Mapping):
+            out.update(value)
+        else:
+            out[name] = value
+    return out

@@ -20,6 +20,7 @@ from ..train import UNSET, SemiSupervisedTrainingPlan, config_to_kwargs
 from ..train._checks import check_datamodule
 from ..train._config import check_classification_ratio
 from ._base import seed_torch
+from ._save_load import init_kwargs
 from ._scvi import SCVI
 from ._training import _fields_set_in, default_max_epochs, train_unsupervised
 
@@ -436,7 +437,7 @@ def _check_same_covariates(source: dict, target: dict) -> None:
 
 def _architecture_of(scvi_model: SCVI) -> dict:
     init = scvi_model.init_params_
-    return {**init["non_kwargs"], **init.get("kwargs", {})}
+    return init_kwargs(init)
 
 
 def _drop_repeated_architecture(scvi_model: SCVI, given: dict) -> None:

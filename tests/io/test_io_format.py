@@ -121,13 +121,29 @@ def test_allow_pickle_warns(tmp_path):
         read_model_file(tmp_path / "m", allow_pickle=True)
 
 
-def test_unknown_major_version_asks_for_upgrade(tmp_path):
+@pytest.mark.parametrize(
+    ("version", "advice"),
+    [
+        ("9.0", "written by a newer cellvi: upgrade"),
+        (None, "no format version, so it was not written by cellvi"),
+        ("0.3", "not a file this cellvi writes"),
+        ("abc", "not a file this cellvi writes"),  # all four used to say "Upgrade"
+    ],
+)
+def test_a_format_version_this_cellvi_cannot_read_gets_the_right_advice(tmp_path, version, advice):
     (tmp_path / "m").mkdir()
-    torch.save(
-        {"model_state_dict": {}, "attr_dict": {}, "format_version": "9.0"},
-        tmp_path / "m" / "model.pt",
-    )
-    with pytest.raises(ModelFileError, match="format version 9.0.*Upgrade cellvi"):
+    content = {"model_state_dict": {}, "attr_dict": {}}
+    if version is not None:
+        content["format_version"] = version
+    torch.save(content, tmp_path / "m" / "model.pt")
+    with pytest.raises(ModelFileError, match=f"format version .*{advice}"):
+        read_model_file(tmp_path / "m")
+
+
+def test_a_file_that_is_not_a_torch_archive_is_a_model_file_error(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.pt").write_text("hello")  # was a bare KeyError: 101
+    with pytest.raises(ModelFileError, match="not a readable model file"):
         read_model_file(tmp_path / "m")
 
 

@@ -150,6 +150,22 @@ def test_padded_genes_of_a_dense_query_are_sparse(ref_and_query):
     np.testing.assert_array_equal(shuffled.X, query.X.toarray())
 
 
+def test_a_padded_query_keeps_its_gene_annotations_writable(ref_and_query, tmp_path):
+    import anndata
+
+    ref, query = ref_and_query
+    reference = _scvi(ref)
+    part = query[:, 5:].copy()
+    part.var["note"] = [f"n{i}" for i in range(part.n_vars)]
+    part.var["count"] = np.arange(part.n_vars)
+    out = SCVI.prepare_query_anndata(part, reference, inplace=False)
+    assert out.var["is_de"].dtype == "boolean" and out.var["count"].dtype == "Int64"
+    assert out.var["is_de"].iloc[:5].isna().all() and not out.var["is_de"].iloc[5:].isna().any()
+    out.write_h5ad(tmp_path / "q.h5ad")  # the padded rows made bool/text columns object
+    back = anndata.read_h5ad(tmp_path / "q.h5ad")
+    assert back.var["note"].iloc[5] == "n0" and back.var["count"].iloc[6] == 1
+
+
 def test_prepare_query_with_counts_only_in_a_layer(ref_and_query):
     ref, query = ref_and_query
     ref.layers["counts"] = ref.X.copy()

@@ -76,3 +76,17 @@ def test_viewing_the_setup_of_unregistered_data_is_an_error_and_registers_nothin
         model.view_anndata_setup(other)
     assert not any(c.startswith("_cellvi") for c in other.obs)
     model.view_anndata_setup()  # its own data still prints
+
+
+def test_init_params_in_the_specs_nested_layout_load(model, tmp_path):
+    import torch
+
+    model.save(tmp_path / "m")
+    path = tmp_path / "m" / "model.pt"
+    content = torch.load(path, weights_only=True)
+    init = content["attr_dict"]["init_params_"]
+    # persistence.md / scvi-tools: **kwargs stored under the variadic parameter's name
+    init["kwargs"] = {"kwargs": {"n_latent": init["non_kwargs"].pop("n_latent")}}
+    torch.save(content, path)
+    loaded = SCVI.load(tmp_path / "m", adata=model.adata)  # "unexpected keyword 'kwargs'"
+    assert loaded.module.config.n_latent == model.module.config.n_latent

@@ -179,3 +179,15 @@ def test_a_labeled_minibatch_of_one_cell_does_not_break_batch_norm(n_labeled):
         )
     assert len(model.history["train_accuracy"]) == 2
     assert np.isfinite(model.history["elbo_train"].to_numpy()).all()
+
+
+def test_an_unlabeled_category_of_the_wrong_type_is_refused(labeled_sim):
+    adata, _ = labeled_sim
+    adata = adata.copy()
+    codes = adata.obs["cell_type"].astype("category").cat.codes.to_numpy().astype(int)
+    codes[::3] = -1  # integer labels, -1 for unlabelled cells
+    adata.obs["lab"] = codes
+    with pytest.raises(InvalidDataError, match=r"unlabeled_category='-1' \(str\).*but -1 \(int\)"):
+        SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category="-1")
+    SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category=-1)
+    assert SCANVI(adata, n_hidden=8, n_latent=2).n_classes == 4  # -1 is not a class
