@@ -11,7 +11,7 @@ from ._expression import (
     posterior_predictive_sample,
 )
 from ._importance import get_importance_weights, pairwise_log_likelihood
-from ._latent import get_latent_library_size, get_latent_representation
+from ._latent import get_batch_representation, get_latent_library_size, get_latent_representation
 from ._metrics import (
     adjusted_rand_index,
     batch_mixing,
@@ -37,6 +37,7 @@ __all__ = [
     "get_feature_correlation_matrix",
     "get_importance_weights",
     "pairwise_log_likelihood",
+    "get_batch_representation",
     "get_latent_library_size",
     "get_likelihood_parameters",
     "get_marginal_ll",

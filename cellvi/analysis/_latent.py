@@ -9,9 +9,13 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from ..errors import check_count
-from ._batches import eval_mode, inference_batches
+from ._batches import eval_mode, inference_batches, resolve_indices
 
-__all__ = ["get_latent_representation"]
+__all__ = [
+    "get_batch_representation",
+    "get_latent_library_size",
+    "get_latent_representation",
+]
 
 
 def get_latent_representation(
@@ -119,3 +123,31 @@ def get_latent_library_size(
             else:
                 out.append(torch.exp(inf["library"]).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
+
+
+def get_batch_representation(model, adata=None, indices=None, batch_size: int | None = None):
+    """Each cell's learned batch embedding, shape ``(n_cells, batch_embedding_dim)``, for a
+    model built with ``batch_representation="embedding"`` (scvi-tools'
+    ``get_batch_representation``). ``batch_size`` is accepted for compatibility: the
+    embeddings are one table lookup.
+
+    Raises
+    ------
+    ValueError
+        For a model with one-hot batches, which have no learned representation.
+    """
+    module = model.module
+    table = getattr(module, "batch_embedding", None)
+    if not getattr(module, "use_batch_embedding", False) or table is None:
+        raise ValueError(
+            "get_batch_representation needs a model built with batch_representation="
+            "'embedding'; this one encodes batches one-hot, which learns no representation."
+        )
+    if batch_size is not None:
+        check_count(batch_size, "batch_size")
+    manager = model._manager_for(adata)
+    idx = resolve_indices(indices, manager.summary_stats["n_cells"])
+    codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).reshape(-1)[idx]
+    weight = table.weight.detach()
+    rows = weight[torch.as_tensor(codes, dtype=torch.int64, device=weight.device)]
+    return rows.float().cpu().numpy()

@@ -117,6 +117,11 @@ class RNAOutputsMixin:
         adata, indices = self._data_source(adata, indices, dataloader)
         return analysis.get_latent_library_size(self, adata, indices, give_mean, batch_size)
 
+    def get_batch_representation(self, adata=None, indices=None, batch_size=None):
+        """Each cell's learned batch embedding; see
+        :func:`cellvi.analysis.get_batch_representation`."""
+        return analysis.get_batch_representation(self, adata, indices, batch_size)
+
     def get_feature_correlation_matrix(
         self,
         adata=None,

@@ -77,3 +77,25 @@ def test_markers_of_one_type_correlate_more_than_markers_of_two(sim, kind):
     assert within > 0 and within > across + 0.05
     with pytest.raises(ValueError, match="correlation_type='kendall'"):
         model.get_feature_correlation_matrix(correlation_type="kendall")
+
+
+def test_batch_representation_is_each_cells_learned_batch_embedding(sim):
+    adata = sim.copy()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(
+        adata,
+        n_latent=4,
+        batch_representation="embedding",
+        batch_embedding_kwargs={"embedding_dim": 3},
+    )
+    with cellvi.settings.override(progress_bar_style="none"):
+        model.train(max_epochs=2, save_resume_checkpoint=False)
+    rep = model.get_batch_representation(indices=np.arange(40))
+    codes = adata.obs["batch"].cat.codes.to_numpy()[:40]
+    table = model.module.batch_embedding.weight.detach().numpy()
+    assert rep.shape == (40, 3)
+    np.testing.assert_array_equal(rep, table[codes])
+    assert not np.allclose(table[0], table[1])  # the two batches differ
+    one_hot = _trained(sim)
+    with pytest.raises(ValueError, match="batch_representation='embedding'"):
+        one_hot.get_batch_representation()
