@@ -193,10 +193,24 @@ def test_scanvi_labeled_and_validation_cells_are_sharded_across_ranks(tmp_path):
     assert set(model.history["validation_accuracy"]["validation_accuracy"]) <= {0.0, 1.0}
 
 
-def test_torchrun_launch_path(tmp_path):
+def _run_script(tmp_path, body: str, *launcher: str) -> None:
+    """Write ``body`` (a training script) to ``tmp_path/train.py`` and run it in a fresh
+    Python (through ``launcher``, e.g. torchrun's module), one thread per process."""
     script = tmp_path / "train.py"
-    script.write_text(
-        textwrap.dedent(f"""
+    script.write_text(textwrap.dedent(body))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, *launcher, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchrun_launch_path(tmp_path):
+    body = f"""
         import os, numpy as np, cellvi
         from cellvi.model import SCVI
         with cellvi.settings.override(progress_bar_style="none", logging_dir={str(tmp_path)!r}):
@@ -206,26 +220,9 @@ def test_torchrun_launch_path(tmp_path):
             model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp")
             rank = int(os.environ["RANK"])
             np.save({str(tmp_path)!r} + f"/latent{{rank}}.npy", model.get_latent_representation())
-    """)
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(script),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
+    _run_script(tmp_path, body, *torchrun)
     z0, z1 = np.load(tmp_path / "latent0.npy"), np.load(tmp_path / "latent1.npy")
     np.testing.assert_allclose(z0, z1, rtol=1e-5, atol=1e-6)  # same weights on both ranks
 
@@ -233,9 +230,7 @@ def test_torchrun_launch_path(tmp_path):
 def test_devices_2_without_a_strategy_shares_the_cells_between_the_processes(tmp_path):
     # Lightning's strategy="auto" starts DDP for devices=2; each process used to train on all
     # the cells (the whole job done twice)
-    script = tmp_path / "train.py"
-    script.write_text(
-        textwrap.dedent(f"""
+    body = f"""
         import os, cellvi
         from cellvi.model import SCVI
         with cellvi.settings.override(progress_bar_style="none", logging_dir={str(tmp_path)!r}):
@@ -247,13 +242,8 @@ def test_devices_2_without_a_strategy_shares_the_cells_between_the_processes(tmp
             rank = os.environ.get("LOCAL_RANK", "0")
             steps = len(model.history["train_loss_step"])
             open({str(tmp_path)!r} + f"/steps{{rank}}", "w").write(str(steps))
-    """)
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """
+    _run_script(tmp_path, body)
     # 540 training cells: 270 per process in minibatches of 100 is 3 steps (all: 6)
     assert [(tmp_path / f"steps{r}").read_text() for r in range(2)] == ["3", "3"]
 
