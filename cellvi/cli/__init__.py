@@ -80,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             from ._run import run_workflow, secondary_rank
 
             out = run_workflow(args.workflow, resume=args.resume, check=args.check)
-            if secondary_rank():
-                pass  # rank 0 reports
-            elif args.check:
+            if args.check:
                 print(f"Checked {args.workflow}: ready to run (outputs would go to {out}).")
-            else:
+            elif not secondary_rank():  # a DDP process Lightning started: rank 0 reports
                 print(f"Finished; outputs in {out}")
         elif args.command == "validate":
             import json

@@ -112,10 +112,10 @@ def _from_tables(x_nz, counts, theta, cols, need_grad: bool):
     from ``(k + 1, genes)`` tables, ``k`` the largest count up to ``TABLE_COUNTS``; counts
     beyond the table are patched in."""
     n_genes = theta.shape[0]
-    top = int(counts.max()) if len(counts) else 0
-    if len(counts) and int(counts.min()) < 0:  # would index before the tables' start
+    top, low = (int(counts.max()), int(counts.min())) if len(counts) else (0, 0)
+    if low < 0:  # would index before the tables' start
         raise InvalidDataError(
-            f"The counts hold negative values (as low as {int(counts.min())}); counts must be "
+            f"The counts hold negative values (as low as {low}); counts must be "
             ">= 0. Was the registered matrix changed after setup_anndata? Register raw counts "
             "(setup_anndata(adata, layer='counts') if X was transformed)."
         )

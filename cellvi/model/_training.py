@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
@@ -30,10 +29,11 @@ from ..train import (
     run_training,
 )
 from ..train._checks import check_callbacks, check_datamodule
+from ..train._devices import device_count
 from ._base import seed_torch
 from ._history_log import check_log_save_dir, save_history_log
 from ._query import reference_block_callbacks
-from ._warmup import adapt_kl_warmup, kept_kl_warmup, warmup_of
+from ._warmup import adapt_kl_warmup, kept_kl_warmup
 
 __all__ = ["default_max_epochs", "resolve_trainer_config", "train_unsupervised"]
 
@@ -323,7 +323,7 @@ def train_unsupervised(
         or (not isinstance(strategy, str) and "DDP" in type(strategy).__name__)
         # several devices with strategy="auto": Lightning starts DDP processes, which must
         # each get their own share of the cells rather than all of them
-        or (strategy == "auto" and _device_count(accelerator, devices) > 1)
+        or (strategy == "auto" and (device_count(accelerator, devices) or 1) > 1)
     )
     if datasplitter_kwargs and "seed" in datasplitter_kwargs:  # the user's name for split_seed
         from_module.pop("split_seed", None)
@@ -388,22 +388,11 @@ def train_unsupervised(
         ckpt_path=ckpt_path,
         run_dir=_run_dir_for(model, ckpt_path),
         record=lambda result: _record(
-            model, result, ckpt_path is not None, cfg.log_save_dir, warmup_of(plan_cfg)
+            model, result, ckpt_path is not None, cfg.log_save_dir, plan_cfg.kl_warmup()
         ),
         save_fn=lambda path: _save_checkpoint_model(model, path),
         load_fn=model._load_weights_from,
     )
-
-
-def _device_count(accelerator, devices) -> int:
-    """How many processes ``devices`` asks Lightning for (1 when it cannot tell)."""
-    if isinstance(devices, list | tuple):
-        return len(devices)
-    if devices == -1 and accelerator in ("gpu", "cuda", "auto"):
-        return torch.cuda.device_count()
-    if isinstance(devices, str) and devices.isdigit():
-        return int(devices)
-    return devices if isinstance(devices, int) and not isinstance(devices, bool) else 1
 
 
 def _check_resume(model, resume, ckpt_path) -> None:

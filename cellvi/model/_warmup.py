@@ -10,7 +10,7 @@ import torch
 
 from ..errors import TrainingWarning
 
-__all__ = ["adapt_kl_warmup", "kept_kl_warmup", "warmup_of"]
+__all__ = ["adapt_kl_warmup", "kept_kl_warmup"]
 
 logger = logging.getLogger("cellvi")
 
@@ -65,13 +65,6 @@ def adapt_kl_warmup(
         unit,
         max_epochs,
     )
-
-
-def warmup_of(plan_cfg) -> dict:
-    return {
-        "n_epochs_kl_warmup": plan_cfg.n_epochs_kl_warmup,
-        "n_steps_kl_warmup": plan_cfg.n_steps_kl_warmup,
-    }
 
 
 def kept_kl_warmup(model, resume: bool, ckpt_path) -> dict | None:

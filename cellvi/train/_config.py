@@ -147,6 +147,18 @@ class TrainingPlanConfig:
         """Field values as a dict (``loss_kwargs`` kept as one entry)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def kl_warmup(self) -> dict:
+        """The KL warm-up settings, as a run records them for the training that continues it
+        (``train(resume=True)``, a saved optimiser state, a checkpoint)."""
+        return {
+            "n_epochs_kl_warmup": self.n_epochs_kl_warmup,
+            "n_steps_kl_warmup": self.n_steps_kl_warmup,
+        }
+
+    def optimizer_settings(self) -> dict:
+        """The settings a resumed optimiser state carries with it (see ``ckpt_path``)."""
+        return {k: getattr(self, k) for k in ("optimizer", "lr", "eps", "weight_decay")}
+
 
 @dataclass(frozen=True)
 class SemiSupervisedTrainingPlanConfig(TrainingPlanConfig):

@@ -6,14 +6,26 @@ import os
 
 import torch
 
-__all__ = ["check_devices"]
+__all__ = ["check_devices", "device_count"]
+
+
+def device_count(accelerator, devices) -> int | None:
+    """How many processes ``devices`` asks Lightning for; None when it leaves that to
+    Lightning (``"auto"``)."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if devices == -1 and accelerator in ("gpu", "cuda", "auto"):
+        return torch.cuda.device_count()
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        return devices
+    return None
 
 
 def check_devices(accelerator, devices) -> None:
     """Refuse device requests that cannot be met, before any process starts."""
-    count = devices if isinstance(devices, int) and devices > 0 else None
-    if isinstance(devices, list | tuple):
-        count = len(devices)
+    count = device_count(accelerator, devices)
     if isinstance(accelerator, str):
         _check_accelerator_name(accelerator)
     if accelerator in ("gpu", "cuda"):

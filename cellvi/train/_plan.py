@@ -469,14 +469,9 @@ class TrainingPlan(pl.LightningModule):
             checkpoint["cellvi_progress"] = list(self.progress)
         # what a resume compares with its own model and settings (see check_resume_checkpoint)
         checkpoint["cellvi_module_config"] = module_settings(self.module)
-        checkpoint["cellvi_optimizer_settings"] = {
-            k: getattr(self.config, k) for k in ("optimizer", "lr", "eps", "weight_decay")
-        }
+        checkpoint["cellvi_optimizer_settings"] = self.config.optimizer_settings()
         # the warm-up in use, so that a run resumed with a longer max_epochs keeps it
-        checkpoint["cellvi_kl_warmup"] = {
-            "n_epochs_kl_warmup": self.config.n_epochs_kl_warmup,
-            "n_steps_kl_warmup": self.config.n_steps_kl_warmup,
-        }
+        checkpoint["cellvi_kl_warmup"] = self.config.kl_warmup()
         if self.lr_scheduler is not None:
             checkpoint["cellvi_lr_scheduler"] = self.lr_scheduler.state_dict()
 

@@ -109,13 +109,10 @@ def _compare_settings(path: Path, state: dict, plan: TrainingPlan) -> None:
             f"{shown}. Resume with a model built as the one that wrote it."
         )
     saved = state.get("cellvi_optimizer_settings") or {}
-    changed = [
-        k
-        for k in ("optimizer", "lr", "eps", "weight_decay")
-        if k in saved and saved[k] != getattr(plan.config, k)
-    ]
+    now = plan.config.optimizer_settings()
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
     if changed:
-        shown = ", ".join(f"{k}={saved[k]!r} (not {getattr(plan.config, k)!r})" for k in changed)
+        shown = ", ".join(f"{k}={saved[k]!r} (not {now[k]!r})" for k in changed)
         warnings.warn(
             f"ckpt_path= resumes the checkpoint's optimiser state, with its settings: {shown}. "
             "To continue with new optimiser settings, load the saved model and train it with "
