@@ -1,5 +1,6 @@
 """Downstream analyses on fitted models: latent space, expression, DE, diagnostics."""
 
+from ._abundance import differential_abundance, get_aggregated_posterior, mixture_log_prob
 from ._batches import eval_mode, inference_batch_size, inference_batches, resolve_indices
 from ._correlation import get_feature_correlation_matrix
 from ._de import check_de_request, differential_expression
@@ -23,6 +24,9 @@ from ._metrics import (
 from ._outliers import robust_inliers
 
 __all__ = [
+    "differential_abundance",
+    "get_aggregated_posterior",
+    "mixture_log_prob",
     "adjusted_rand_index",
     "kmeans",
     "normalized_mutual_info",

@@ -122,6 +122,30 @@ class RNAOutputsMixin:
         :func:`cellvi.analysis.get_batch_representation`."""
         return analysis.get_batch_representation(self, adata, indices, batch_size)
 
+    def get_aggregated_posterior(
+        self, adata=None, indices=None, batch_size=None, dof: float | None = 3.0, dataloader=None
+    ):
+        """The cells' aggregated posterior, a ``torch.distributions`` mixture; see
+        :func:`cellvi.analysis.get_aggregated_posterior`."""
+        adata, indices = self._data_source(adata, indices, dataloader)
+        return analysis.get_aggregated_posterior(self, adata, indices, batch_size, dof)
+
+    def differential_abundance(
+        self,
+        adata=None,
+        sample_key: str | None = None,
+        batch_size: int | None = 128,
+        num_cells_posterior: int | None = None,
+        dof: float | None = None,
+        seed: int | None = 0,
+    ):
+        """Log density of each cell under each sample's aggregated posterior (DataFrame, also
+        in ``adata.obsm["da_log_probs"]``); see :func:`cellvi.analysis.differential_abundance`.
+        """
+        return analysis.differential_abundance(
+            self, adata, sample_key, batch_size, num_cells_posterior, dof, seed
+        )
+
     def get_feature_correlation_matrix(
         self,
         adata=None,
