@@ -12,6 +12,7 @@ import torch
 
 from .._settings import settings
 from ..errors import InvalidDataError, TrainingWarning, check_count
+from ._identity import data_identity
 from ._loader import make_dataloader
 from ._tensors import TensorStore
 
@@ -310,7 +311,16 @@ class DataSplitter(pl.LightningDataModule):
             "train_idx": torch.as_tensor(self.train_idx),
             "val_idx": torch.as_tensor(self.val_idx),
             "test_idx": torch.as_tensor(self.test_idx),
+            # the data these positions refer to (a resume refuses other data)
+            "data_identity": self._data_identity(),
         }
+
+    def _data_identity(self) -> dict:
+        """:func:`data_identity` of the manager, computed once (a checkpoint is written every
+        epoch; the data do not change during a run)."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = data_identity(self.manager)
+        return self._identity
 
     def load_state_dict(self, state: dict) -> None:
         if not state:

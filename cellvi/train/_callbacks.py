@@ -15,6 +15,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 
+from ..errors import TrainingWarning
+
 __all__ = [
     "HistoryWriter",
     "LoudEarlyStopping",
@@ -132,7 +134,19 @@ class LoudEarlyStopping(EarlyStopping):
         self.checks_seen = state_dict.pop("checks_seen", 0)
         self.best_epoch = state_dict.pop("best_epoch", None)
         self.stop_reason = state_dict.pop("stop_reason", None)
+        # Lightning restores the checkpoint's patience too; this run's own (an explicit
+        # early_stopping_patience, or the default) is the one it continues with
+        patience = self.patience
         super().load_state_dict(state_dict)
+        if state_dict.get("patience", patience) != patience:
+            warnings.warn(
+                f"The resumed checkpoint's early stopping had patience="
+                f"{state_dict['patience']}; this run continues with patience={patience} "
+                f"(its {self.wait_count} check(s) without improvement so far count).",
+                TrainingWarning,
+                stacklevel=2,
+            )
+        self.patience = patience
 
     def on_train_start(self, trainer, pl_module):
         # resumed (ckpt_path) from a checkpoint written after this callback decided to stop,

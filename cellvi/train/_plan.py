@@ -467,6 +467,9 @@ class TrainingPlan(pl.LightningModule):
         # (epochs, steps) trained with the optimiser state saved alongside (``resume=True``)
         if self.progress is not None:
             checkpoint["cellvi_progress"] = list(self.progress)
+        # the epochs and steps of earlier runs this one continues (resume=True): a resume of
+        # this checkpoint continues the warm-up and the progress count after them too
+        checkpoint["cellvi_offsets"] = list(self._offsets)
         # what a resume compares with its own model and settings (see check_resume_checkpoint)
         checkpoint["cellvi_module_config"] = module_settings(self.module)
         checkpoint["cellvi_optimizer_settings"] = self.config.optimizer_settings()
@@ -485,6 +488,9 @@ class TrainingPlan(pl.LightningModule):
             iter(checkpoint.get("lr_schedulers") or []), None
         )
         self._lr_scheduler_state = state if self.config.reduce_lr_on_plateau else None
+        offsets = checkpoint.get("cellvi_offsets")
+        if offsets is not None:
+            self._offsets = (int(offsets[0]), int(offsets[1]))
         rng = checkpoint.get("cellvi_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..dataloaders._identity import data_identity, identity_differences
 from ..errors import TrainingWarning
 from ._optim import module_settings, without_aliases
 from ._plan import TrainingPlan
@@ -76,6 +77,16 @@ def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule, max_epoch
         )
     _compare_settings(path, state, plan)
     split = state.get(type(datamodule).__name__) or {}
+    manager = getattr(datamodule, "manager", None)
+    saved_identity = split.get("data_identity") or {}
+    differ = manager is not None and identity_differences(saved_identity, data_identity(manager))
+    if differ:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} was written for other data: {'; '.join(differ)}. Its "
+            "weights and its train/validation split belong to the cells and genes it trained "
+            "on: resume on that AnnData (same cells, genes and categories, in the same order), "
+            "or start a new training run."
+        )
     n_obs = getattr(datamodule, "n_obs", None)
     kept = [split[k] for k in ("train_idx", "val_idx", "test_idx") if split.get(k) is not None]
     largest = max((int(t.max()) for t in kept if len(t)), default=-1)
