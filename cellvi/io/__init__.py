@@ -3,7 +3,7 @@
 from ._atomic import atomic_directory, atomic_file
 from ._backup import check_sha256, fetch_backup
 from ._codec import from_plain, to_plain
-from ._format import FORMAT_VERSION, read_model_file, write_model_dir
+from ._format import FORMAT_VERSION, h5ad_stamp, read_model_file, stamp_h5ad, write_model_dir
 
 __all__ = [
     "FORMAT_VERSION",
@@ -12,7 +12,9 @@ __all__ = [
     "check_sha256",
     "fetch_backup",
     "from_plain",
+    "h5ad_stamp",
     "read_model_file",
+    "stamp_h5ad",
     "to_plain",
     "write_model_dir",
 ]

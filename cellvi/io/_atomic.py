@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from ..errors import ModelFileError
 
-__all__ = ["atomic_directory", "atomic_file"]
+__all__ = ["atomic_directory", "atomic_file", "interrupted_swaps"]
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
 
 
 def _fsync_tree(path: Path) -> None:
@@ -29,9 +36,12 @@ def atomic_directory(
 
     ``owned`` names the files this kind of write produces (e.g. ``model.pt`` and
     ``adata.h5ad``): those of an earlier write that this one does not produce are stale and
-    removed. A new directory, or one holding only such files, is replaced in one rename: an
-    exception (or a kill) at any point leaves either the previous complete directory or the
-    new complete one, never a half-written one. A directory that also holds other files
+    removed. A new directory, or one holding only such files, is put in place in one step (a
+    rename, or on Linux an atomic exchange with the previous directory): an exception (or a
+    kill) at any point leaves either the previous complete directory or the new complete
+    one, never a half-written one. (Where no atomic exchange exists, the previous directory
+    is renamed aside first; a kill between the two renames leaves both beside the target,
+    see :func:`interrupted_swaps`.) A directory that also holds other files
     (another ``prefix``'s model, the user's own files), or that is the working directory or
     above it, keeps them: each new file replaces its namesake in one rename. The temporary
     directory is removed either way.
@@ -64,7 +74,11 @@ def atomic_directory(
                     (target / name).unlink()
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        if target.exists():
+        if target.exists() and _exchange(tmp, target):
+            # one atomic step: the new directory is in place, the previous one at ``tmp``
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if target.exists():  # no atomic exchange here: two renames, a moment apart
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
         os.replace(tmp, target)
@@ -76,6 +90,39 @@ def atomic_directory(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2`` with ``RENAME_EXCHANGE``);
+    False where the system or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (e.g. glibc < 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def interrupted_swaps(target: str | os.PathLike) -> list[Path]:
+    """The previous (``.old-``) and new (``.tmp-``) copies of ``target`` that a save killed
+    between its two renames left beside it (where no atomic exchange was available)."""
+    target = Path(os.path.abspath(target))
+    if not target.parent.is_dir():
+        return []
+    found = [
+        *target.parent.glob(f".{target.name}.old-*"),
+        *target.parent.glob(f".{target.name}.tmp-*"),
+    ]
+    return sorted(p for p in found if p.is_dir())
 
 
 def _holds_cwd(folder: Path) -> bool:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CellviWarning, ModelFileError
-from ._atomic import atomic_directory
+from ._atomic import atomic_directory, interrupted_swaps
 
-__all__ = ["FORMAT_VERSION", "write_model_dir", "read_model_file"]
+__all__ = ["FORMAT_VERSION", "write_model_dir", "read_model_file", "stamp_h5ad", "h5ad_stamp"]
 
 FORMAT_VERSION = "1.0"
 
@@ -28,6 +28,7 @@ def write_model_dir(
     extra_files: dict[str, Callable[[Path], None]] | None = None,
     save_kwargs: dict | None = None,
     optimizer_state: dict | None = None,
+    save_id: str | None = None,
 ) -> Path:
     """Write a model directory atomically.
 
@@ -53,6 +54,9 @@ def write_model_dir(
         Passed to ``torch.save``.
     optimizer_state
         Stored as ``optimizer_state`` when given (tensors and plain values, like the rest).
+    save_id
+        Stored as ``save_id``: a token the save's other files carry too, so that a load can
+        tell files of one save from a mix (see :func:`~cellvi.io.stamp_h5ad`).
     """
     from .. import __version__
 
@@ -65,6 +69,8 @@ def write_model_dir(
     }
     if optimizer_state is not None:
         content["optimizer_state"] = optimizer_state
+    if save_id is not None:
+        content["save_id"] = str(save_id)
     owned = {f"{prefix or ''}{name}" for name in ("model.pt", "adata.h5ad")}
     with atomic_directory(dir_path, overwrite, owned | set(extra_files or ())) as tmp:
         torch.save(content, tmp / f"{prefix or ''}model.pt", **(save_kwargs or {}))
@@ -91,7 +97,7 @@ def read_model_file(
         where = (
             f"the directory contains {contents}" if contents is not None else "no such directory"
         )
-        raise ModelFileError(f"No model file at {path} ({where}). Is prefix= right?")
+        raise ModelFileError(f"No model file at {path} ({where}). {_missing_advice(dir_path)}")
     if path.stat().st_size == 0:
         raise ModelFileError(
             f"{path} is empty (0 bytes): the save that wrote it did not finish, or the file was "
@@ -133,6 +139,50 @@ def read_model_file(
             f"{path} has format version {version!r}; this cellvi reads {FORMAT_VERSION}: {advice}."
         )
     return content
+
+
+_SAVE_ID_ATTR = "cellvi_save_id"
+
+
+def stamp_h5ad(path, save_id: str) -> None:
+    """Mark an ``.h5ad`` file as written by the save ``save_id`` (an attribute of its root
+    group, which anndata does not read)."""
+    import h5py
+
+    with h5py.File(path, "a") as fh:
+        fh.attrs[_SAVE_ID_ATTR] = save_id
+
+
+def h5ad_stamp(path) -> str | None:
+    """The save token of an ``.h5ad`` file (None: unstamped, or not readable as HDF5)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            value = fh.attrs.get(_SAVE_ID_ATTR)
+    except OSError:
+        return None
+    return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
+
+
+def _missing_advice(dir_path) -> str:
+    """What to do about a missing model file: a save killed between two renames, a training
+    checkpoint or run directory given instead of a model directory, or another prefix."""
+    left = interrupted_swaps(dir_path)
+    if left and not Path(dir_path).exists():
+        return (
+            f"A save into it was interrupted and left {[str(p) for p in left]}: each is a "
+            "complete model directory (the previous save, .old-, or the new one, .tmp-); rename "
+            "the one you want to that name."
+        )
+    folder = Path(dir_path)
+    if folder.suffix == ".ckpt" or (folder / "checkpoints" / "last.ckpt").exists():
+        return (
+            "This is a training checkpoint or run directory, not a saved model: continue it "
+            "with model.train(ckpt_path='<run_dir>/checkpoints/last.ckpt'), or load a "
+            "directory written by model.save."
+        )
+    return "Is prefix= right?"
 
 
 def _major(version) -> int | None:

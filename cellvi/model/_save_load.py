@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,15 @@ import torch
 from ..data import is_on_disk
 from ..data._manager import UUID_KEY
 from ..errors import CellviWarning, ModelFileError, SetupError
-from ..io import fetch_backup, from_plain, read_model_file, to_plain, write_model_dir
+from ..io import (
+    fetch_backup,
+    from_plain,
+    h5ad_stamp,
+    read_model_file,
+    stamp_h5ad,
+    to_plain,
+    write_model_dir,
+)
 from ..train._callbacks import current_checkpoint_run
 from ._history import append_history, run_history
 
@@ -94,6 +103,7 @@ def save_model(
     if run is not None:  # a best-model checkpoint: the history and split of this run so far
         attrs.update(_checkpoint_attributes(model, run))
     extra = {}
+    save_id = uuid.uuid4().hex
     if save_anndata:
         if model.adata is None:
             warnings.warn(
@@ -112,7 +122,12 @@ def save_model(
         else:
             adata = model.adata
             kwargs = dict(anndata_write_kwargs or {})
-            extra[f"{prefix or ''}adata.h5ad"] = lambda path: adata.write_h5ad(path, **kwargs)
+
+            def write_adata(path):
+                adata.write_h5ad(path, **kwargs)
+                stamp_h5ad(path, save_id)  # the model file carries the same token
+
+            extra[f"{prefix or ''}adata.h5ad"] = write_adata
     var_names = model.registry_["field_registries"]["X"]["state_registry"]["column_names"]
     state = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
     return write_model_dir(
@@ -125,6 +140,7 @@ def save_model(
         extra_files=extra or None,
         save_kwargs=save_kwargs,
         optimizer_state=optimizer,
+        save_id=save_id if extra else None,
     )
 
 
@@ -227,6 +243,13 @@ def _checked_attributes(content: dict, dir_path) -> dict:
 
     if not isinstance(content.get("model_state_dict"), Mapping):
         raise broken("model_state_dict is not a dictionary of tensors")
+    bad = [
+        name
+        for name, value in content["model_state_dict"].items()
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:  # training never ends on such weights (its guardrail rolls them back)
+        raise broken(f"its weights hold NaN or inf values ({', '.join(bad[:3])})")
     if not isinstance(content.get("attr_dict"), Mapping):
         raise broken("it has no attr_dict")
     try:
@@ -294,6 +317,7 @@ def load_model(
         if path.exists():
             import anndata
 
+            _check_same_save(path, content)
             adata = anndata.read_h5ad(path)
         elif registry.get("setup_method_name") == "setup_datamodule":
             adata = False  # trained on a data module: outputs take dataloader=
@@ -355,6 +379,19 @@ def load_model(
     if datamodule is not None:  # checked against the saved registry, then used for outputs
         model._attach_manager(datamodule.manager, "the data module")
     return model
+
+
+def _check_same_save(adata_path: Path, content: dict) -> None:
+    """Refuse a saved AnnData that another save wrote than the model file's (a save into a
+    folder shared with other files, killed between its per-file renames, or files copied
+    together from different saves)."""
+    ours, theirs = content.get("save_id"), h5ad_stamp(adata_path)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ModelFileError(
+            f"{adata_path} was written by another save than the model file beside it (an "
+            "interrupted save, or files copied from different saves). Save the model again, "
+            "or load it with the AnnData you mean: Model.load(dir_path, adata=...)."
+        )
 
 
 def _allowed_classes(names) -> set[str]:
