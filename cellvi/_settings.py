@@ -27,7 +27,8 @@ class Settings:
     ----------
     seed
         Seed for splits, samplers and parameter initialisation (default 0). ``None`` draws
-        fresh randomness every call, which makes runs irreproducible.
+        fresh randomness every call, which makes runs irreproducible. Assigning a seed also
+        seeds torch's, NumPy's and Python's global generators (as scvi-tools does).
     verbosity
         Logging level name (``"debug"``, ``"info"``, ``"warning"``, ``"error"``), default
         ``"info"``. At ``"warning"`` and above, progress bars are off.
@@ -85,6 +86,12 @@ class Settings:
             import torch
 
             torch.set_num_threads(value)
+        if name == "seed" and value is not None and self.__dict__.get("_ready"):
+            _seed_everything(value)
+
+    def __post_init__(self) -> None:
+        # from now on an assigned seed also seeds the global generators (not at import)
+        object.__setattr__(self, "_ready", True)
 
     @property
     def show_progress(self) -> bool:
@@ -102,6 +109,19 @@ class Settings:
         finally:
             for name, value in old.items():
                 setattr(self, name, value)
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch (CPU and GPUs), NumPy's and Python's global generators, as scvi-tools'
+    ``settings.seed`` does: unseeded draws (e.g. ``posterior_predictive_sample``) repeat."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _validate(name: str, value):

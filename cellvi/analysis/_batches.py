@@ -12,6 +12,7 @@ import torch
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
+from ..data._backed import close_disk_sources
 from ..dataloaders._sparse import cached_blocks
 from ..errors import CellviWarning, check_count
 
@@ -167,10 +168,13 @@ def inference_batches(
     accepts = sparse_x and getattr(model.module, "accepts_sparse_x", False)
     sparse_keys = (REGISTRY_KEYS.X_KEY,) if accepts else ()
     dtype = _module_float_dtype(model.module)
-    for start in range(0, len(idx), size):
-        chunk = torch.as_tensor(idx[start : start + size])
-        batch = store.gather(chunk, sparse_keys)
-        yield {k: _to_module(v, device, dtype) for k, v in batch.items()}
+    try:
+        for start in range(0, len(idx), size):
+            chunk = torch.as_tensor(idx[start : start + size])
+            batch = store.gather(chunk, sparse_keys)
+            yield {k: _to_module(v, device, dtype) for k, v in batch.items()}
+    finally:  # counts read from disk: their files are not held open after the call
+        close_disk_sources(manager.adata)
 
 
 def _module_float_dtype(module: torch.nn.Module) -> torch.dtype:

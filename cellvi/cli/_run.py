@@ -165,7 +165,8 @@ def run_config(
         # data, setup, DE request and model are checked before the folder is created
         adata = _load_input(config)
         setup = dict(config["setup"])
-        if config["input"].get("layer"):
+        # (read_collection reads the layer into X; a single file keeps it in layers)
+        if config["input"].get("layer") and "paths" not in config["input"]:
             setup["layer"] = config["input"]["layer"]
         model_cls.setup_anndata(adata, **setup)
         if config["outputs"].get("de") is not None and not state.done.get("de"):

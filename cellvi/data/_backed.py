@@ -97,6 +97,9 @@ class RowSource(anndata.abc.CSRDataset):
         parts = [self.read_rows(r) for r in _row_chunks(self._shape[0])]
         return sparse.vstack(parts, format="csr") if parts else self.read_rows([])
 
+    def close(self) -> None:
+        """Close the files this matrix reads (they are opened again when next read)."""
+
     def row_sums(self) -> np.ndarray:
         """Total counts of every row, computed in row chunks (bounded memory)."""
         totals = [
@@ -113,6 +116,20 @@ class RowSource(anndata.abc.CSRDataset):
 
     def describe(self) -> str:
         return ""
+
+
+def _register_with_anndata() -> None:
+    """``AnnData.to_memory()`` loads these matrices as scipy CSR, as it does anndata's own
+    backed matrices (through anndata's ``to_memory`` dispatch; skipped if that moved)."""
+    try:
+        from anndata._core.file_backing import to_memory
+    except ImportError:  # pragma: no cover - another anndata layout
+        return
+    if hasattr(to_memory, "register"):
+        to_memory.register(RowSource)(lambda x, *, copy=False: x.to_memory())
+
+
+_register_with_anndata()
 
 
 def _row_chunks(n_rows: int):
@@ -222,12 +239,15 @@ class DiskCSR(RowSource):
     """
 
     def __init__(self, path, key: str = "X", cache_bytes: int = CHUNK_CACHE_BYTES):
-        self.path = str(Path(path))
+        # absolute: workers and later reopenings must read this file, whatever the working
+        # directory is then
+        self.path = os.path.abspath(str(Path(path)))
         self.key = key.strip("/")
         self.cache_bytes = int(cache_bytes)
         self._zarr = Path(self.path).is_dir() or self.path.rstrip("/").endswith(".zarr")
         self._handles = None
         self._pid = None
+        self._identity = self._file_identity()
         group = self._open()[0]
         encoding = group.attrs.get("encoding-type") if hasattr(group, "attrs") else None
         where = f"{self.path} [{self.key}]"
@@ -242,9 +262,37 @@ class DiskCSR(RowSource):
         self._shape = tuple(int(v) for v in group.attrs["shape"])
         self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
         self._dtype = np.dtype(group["data"].dtype)
+        self.close()  # open only while cellvi reads it (see close_disk_sources)
+
+    def _file_identity(self) -> tuple | None:
+        """Inode, size and modification time of the file (of the matrix's folder in a
+        ``.zarr`` store): what tells a file replaced or rewritten since it was opened."""
+        where = Path(self.path) / self.key if self._zarr else Path(self.path)
+        try:
+            st = os.stat(where)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def close(self) -> None:
+        """Close the file (it is opened again when next read), e.g. before rewriting it."""
+        if self._handles is not None and self._pid == os.getpid():
+            handle = self._handles[1]
+            if handle is not None:
+                handle.close()
+        self._handles = None
+        self._pid = None
 
     def _open(self):
         if self._handles is None or self._pid != os.getpid():
+            now = self._file_identity()
+            if now is not None and self._identity is not None and now != self._identity:
+                # the row pointer read at opening would index another file's rows
+                raise InvalidDataError(
+                    f"{self.path} changed on disk since it was opened (it was replaced or "
+                    "rewritten), so the row index read then no longer fits it. Open it again "
+                    "with cellvi.data.read_backed / read_collection and set the new AnnData up."
+                )
             try:
                 if self._zarr:
                     import zarr
@@ -308,6 +356,17 @@ class DiskCSR(RowSource):
         return totals
 
 
+def close_disk_sources(adata) -> None:
+    """Close the files behind ``adata``'s on-disk count matrices (``X`` and layers). cellvi
+    calls this when setup, a training run or an output call is done: the files are held open
+    only while they are read, so they can be rewritten between calls."""
+    if adata is None:
+        return
+    for matrix in (getattr(adata, "X", None), *getattr(adata, "layers", {}).values()):
+        if isinstance(matrix, RowSource):
+            matrix.close()
+
+
 def is_on_disk(matrix) -> bool:
     """Whether ``matrix`` is read from disk (a row source, a backed anndata or h5py/zarr array)."""
     if isinstance(matrix, RowSource | anndata.abc.CSRDataset | anndata.abc.CSCDataset):
@@ -334,6 +393,12 @@ def as_row_source(matrix, location: str = "the count matrix") -> RowSource:
         store_root = getattr(getattr(group, "store", None), "root", None)
         if store_root is not None:
             return DiskCSR(str(store_root), group.path)
+    group = getattr(matrix, "group", None)
+    if group is None and hasattr(matrix, "file"):  # an h5py dataset (a dense backed matrix)
+        group = matrix
+    filename = getattr(getattr(group, "file", None), "filename", None)
+    if filename is not None:
+        location = f"{location} (in {filename})"
     raise InvalidDataError(
         f"{location} is on disk as {type(matrix).__name__}; cellvi reads disk-backed counts "
         "by row blocks from CSR matrices in .h5ad/.zarr files. Rewrite it with a "

@@ -45,6 +45,11 @@ class CollectionCSR(RowSource):
     def describe(self) -> str:
         return f"{len(self.parts)} files"
 
+    def close(self) -> None:
+        """Close every file of the collection (each is opened again when next read)."""
+        for part in self.parts:
+            part.close()
+
     def part_of(self, rows) -> np.ndarray:
         """Index of the file holding each row position."""
         return np.searchsorted(self.offsets, np.asarray(rows), side="right") - 1
@@ -114,13 +119,19 @@ def _joined_categorical(columns: list[pd.Series]) -> pd.Categorical:
 
 
 def _default_keys(paths: list[str]) -> list[str]:
-    """File names without their ``.h5ad``/``.zarr`` suffix (whole names if that repeats one)."""
+    """File names without their ``.h5ad``/``.zarr`` suffix (whole names if that repeats one,
+    the paths as given if even those repeat)."""
     names = [Path(p).name for p in paths]
     stems = [
         n[: -len(suffix)] if (suffix := Path(n).suffix) in (".h5ad", ".zarr", ".h5") else n
         for n in names
     ]
-    return stems if len(set(stems)) == len(stems) else names
+    if len(set(stems)) == len(stems):
+        return stems
+    if len(set(names)) == len(names):
+        return names
+    # equal names in different folders (e.g. each sample's filtered.h5ad): the paths
+    return [str(Path(p)) for p in paths]
 
 
 def read_collection(
@@ -147,7 +158,7 @@ def read_collection(
         ``obs`` column naming each cell's file (a natural ``batch_key``); ``None``: no column.
     keys
         Names of the files in ``label`` (default: file names without their ``.h5ad``/``.zarr``
-        suffix; the whole names when that makes two equal).
+        suffix; the whole names when that makes two equal, the paths when those are equal).
     layer
         Read counts from ``layers[layer]`` of every file instead of ``X``.
 

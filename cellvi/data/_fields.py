@@ -136,9 +136,16 @@ class LayerField(BaseField):
     def validate_field(self, adata) -> int:
         """Check the matrix; returns how many values are not whole numbers."""
         if self.layer is not None and self.layer not in adata.layers:
+            collection = "cellvi_collection" in getattr(adata, "uns", {})
+            hint = (
+                " A collection from read_collection(..., layer=) holds that layer's counts in X:"
+                " set it up with layer=None."
+                if collection
+                else ""
+            )
             raise MissingKeyError(
                 f"layer {self.layer!r} not found. Available layers: {list(adata.layers.keys())}"
-                " (or layer=None for adata.X)."
+                f" (or layer=None for adata.X).{hint}"
             )
         if self.get_field_data(adata) is None:
             raise InvalidDataError(f"{self.location} is empty; put the counts there first.")

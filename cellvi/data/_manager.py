@@ -8,6 +8,7 @@ import warnings
 
 from .._constants import CELLVI_PREFIX
 from ..errors import CellviWarning, MissingKeyError, SetupError
+from ._backed import close_disk_sources
 from ._checks import plain
 from ._fields import BaseField
 
@@ -149,6 +150,7 @@ class AnnDataManager:
         self.adata = adata
         self._source_registry = source_registry
         self._transfer_kwargs = dict(transfer_kwargs)
+        close_disk_sources(adata)  # the checks read the counts; the files need not stay open
         return self
 
     def _register_each(self, adata, source_registry, transfer_kwargs) -> dict:

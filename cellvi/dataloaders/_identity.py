@@ -15,13 +15,17 @@ def _digest(text: str) -> str:
 def data_identity(manager) -> dict:
     """``{"n_obs", "obs_names", "fields"}``: the number of cells, a digest of their names in
     order, and one digest per registered field of what it records (gene names in order,
-    categories in code order, covariate columns). Plain values, so a checkpoint holding them
-    loads with ``weights_only``."""
-    out: dict = {"n_obs": int(manager.summary_stats["n_cells"])}
+    categories in code order, covariate columns); what the manager does not have is left
+    out. Plain values, so a checkpoint holding them loads with ``weights_only``."""
+    out: dict = {}
+    n_cells = (getattr(manager, "summary_stats", None) or {}).get("n_cells")
+    if n_cells is not None:
+        out["n_obs"] = int(n_cells)
     names = getattr(getattr(manager, "adata", None), "obs_names", None)
     if names is not None:
         out["obs_names"] = _digest("\n".join(map(str, names)))
-    registries = manager.registry["field_registries"]
+    # (a duck-typed manager, e.g. a test double, may keep no registry)
+    registries = (getattr(manager, "registry", None) or {}).get("field_registries", {})
     out["fields"] = {}
     for key, reg in registries.items():
         # what the field records of the data (the cell count is checked on its own; the

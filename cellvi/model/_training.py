@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 
 from .._constants import REGISTRY_KEYS
 from .._settings import settings
+from ..data._backed import close_disk_sources
 from ..dataloaders import DataSplitter
 from ..errors import SetupError, TrainingWarning, check_count
 from ..train import (
@@ -377,22 +378,27 @@ def train_unsupervised(
         )
     if ckpt_path is None:
         seed_torch()  # dropout and reparameterisation draws (a resume restores its own RNG)
-    run_training(
-        plan,
-        splitter,
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        config=cfg,
-        callbacks=callbacks + list(extra_callbacks or []) + reference_block_callbacks(model.module),
-        ckpt_path=ckpt_path,
-        run_dir=_run_dir_for(model, ckpt_path),
-        record=lambda result: _record(
-            model, result, ckpt_path is not None, cfg.log_save_dir, plan_cfg.kl_warmup()
-        ),
-        save_fn=lambda path: _save_checkpoint_model(model, path),
-        load_fn=model._load_weights_from,
-    )
+    try:
+        run_training(
+            plan,
+            splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            config=cfg,
+            callbacks=callbacks
+            + list(extra_callbacks or [])
+            + reference_block_callbacks(model.module),
+            ckpt_path=ckpt_path,
+            run_dir=_run_dir_for(model, ckpt_path),
+            record=lambda result: _record(
+                model, result, ckpt_path is not None, cfg.log_save_dir, plan_cfg.kl_warmup()
+            ),
+            save_fn=lambda path: _save_checkpoint_model(model, path),
+            load_fn=model._load_weights_from,
+        )
+    finally:  # counts read from disk: their files are not held open after the run
+        close_disk_sources(getattr(splitter.manager, "adata", None))
 
 
 def _check_resume(model, resume, ckpt_path) -> None:

@@ -69,8 +69,11 @@ def test_read_collection_of_one_path_and_of_dotted_file_names(sim, tmp_path):
     for path, part in zip(same, (sim[:50].copy(), sim[50:].copy())):
         path.parent.mkdir()
         part.write_h5ad(path)
-    with pytest.raises(ValueError, match="distinct names"):
-        cellvi.data.read_collection(same)
+    # equal file names in different folders: the paths name them
+    coll = cellvi.data.read_collection(same)
+    assert list(coll.obs["dataset"].cat.categories) == [str(p) for p in same]
+    with pytest.raises(ValueError, match="distinct names"):  # one file twice
+        cellvi.data.read_collection([same[0], same[0]])
 
 
 def test_split_sizes_never_promise_more_cells_than_remain(manager):
