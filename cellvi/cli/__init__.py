@@ -153,8 +153,9 @@ def _message(err: BaseException, args: argparse.Namespace) -> str:
         # the advice is Python (e.g. adata.var_names_make_unique()): the data file is fixed
         # once, outside the workflow
         return (
-            f"{text}\nThe workflow reads the file as it is: apply the fix in Python, write the "
-            "result (adata.write_h5ad('fixed.h5ad')) and point [input].path at it."
+            f"{text}\nIn a workflow, setup_anndata arguments go in [setup] (layer in [input]); "
+            "a fix to the data itself is applied in Python to the file: write the result "
+            "(adata.write_h5ad('fixed.h5ad')) and point [input].path at it."
         )
     if not isinstance(err, errors.TrainingError):
         return text

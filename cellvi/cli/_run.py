@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from pathlib import Path
 
+from ..errors import InvalidDataError
 from ._schema import load_workflow
 
 __all__ = ["run_workflow", "versions"]
@@ -56,7 +58,10 @@ def _load_input(config: dict):
 
     inp = config["input"]
     if "simulate" in inp:
-        return cellvi.data.simulate(**inp["simulate"])
+        try:
+            return cellvi.data.simulate(**inp["simulate"])
+        except (InvalidDataError, TypeError) as err:  # fixed in the workflow, not in a file
+            raise ValueError(f"[input.simulate]: {err}") from None
     if "paths" in inp:  # several files, counts left on disk
         return cellvi.data.read_collection(
             inp["paths"],
@@ -128,15 +133,56 @@ def _check_output_dir(out: Path, resume: bool) -> None:
         or _last_checkpoint(out / "runs") is not None
     )
     if progress:
+        done = json.loads(state.read_text()) if state.exists() else {}
+        steps = [k for k, v in done.items() if v is True] or ["none (training was interrupted)"]
         raise FileExistsError(
-            f"{out} is not empty; use --resume to continue that run, or set another "
+            f"{out} is not empty: it holds a run (finished steps: {', '.join(steps)}). "
+            "To continue it, use --resume (`cellvi run WORKFLOW.toml --resume`); or set another "
             "[outputs].dir (or delete the folder) to start over."
+        )
+
+
+# what --resume may change: training then stops at the new epoch count, as ckpt_path= does
+_RESUMABLE_EDITS = {("train", "max_epochs")}
+
+
+def _check_same_workflow(out: Path, config: dict) -> None:
+    """``--resume`` continues the run its folder records: a workflow edited since (other than
+    ``[train].max_epochs``) would leave outputs that its recorded settings do not describe."""
+    recorded = out / "config.resolved.json"
+    if not recorded.exists():
+        return
+    before = json.loads(recorded.read_text()).get("config") or {}
+    now = json.loads(json.dumps(config))
+    differ = []
+    for section in sorted(set(before) | set(now)):
+        old, new = before.get(section) or {}, now.get(section) or {}
+        for key in sorted(set(old) | set(new), key=str):
+            if (section, key) in _RESUMABLE_EDITS:
+                continue
+            if old.get(key) != new.get(key):
+                differ.append(f"[{section}].{key} ({old.get(key)!r} there, {new.get(key)!r} now)")
+    if differ:
+        raise ValueError(
+            f"--resume continues the run recorded in {recorded}, and the workflow was edited "
+            f"since: {'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}. Restore "
+            "those settings to resume, or set another [outputs].dir for a new run."
         )
 
 
 def _last_checkpoint(runs: Path) -> Path | None:
     candidates = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
+
+
+def _training_checkpoint(out: Path, state: _State) -> Path | None:
+    """The checkpoint ``--resume`` continues the model's training from: that of its own run
+    once it finished (later runs in the folder, e.g. a query's, are not it), else the newest
+    (the interrupted training)."""
+    own = state.done.get("train_run")
+    if own and (Path(own) / "checkpoints" / "last.ckpt").exists():
+        return Path(own) / "checkpoints" / "last.ckpt"
+    return None if state.done.get("train") else _last_checkpoint(out / "runs")
 
 
 def run_workflow(path: str | Path, *, resume: bool = False, check: bool = False) -> Path:
@@ -156,6 +202,8 @@ def run_config(
 
     out = Path(config["outputs"]["dir"])
     _check_output_dir(out, resume)
+    if resume:
+        _check_same_workflow(out, config)
     state = _State(out / "state.json")
     train_cfg = dict(config["train"])
     seed = train_cfg.pop("seed", 0)
@@ -196,12 +244,16 @@ def run_config(
             json.dumps({"workflow": source, "config": config, "versions": versions()}, indent=2),
         )
         if not trained:
-            ckpt = _last_checkpoint(out / "runs") if resume else None
-            model.train(**train_cfg, ckpt_path=str(ckpt) if ckpt else None)
+            ckpt = _training_checkpoint(out, state) if resume else None
+            with warnings.catch_warnings():
+                # a finished training (not saved: save_model = false) is taken back whole
+                warnings.filterwarnings("ignore", message=".*already holds .* finished epochs")
+                model.train(**train_cfg, ckpt_path=str(ckpt) if ckpt else None)
             if secondary_rank():  # a DDP process Lightning started: rank 0 writes the outputs
                 return out
             if config["outputs"].get("save_model", True):
                 model.save(out / "model", overwrite=True)
+            state.mark("train_run", str(model.run_dir_))
             state.mark("train")
         outputs = config["outputs"]
         if outputs.get("latent"):

@@ -47,7 +47,7 @@ SCHEMA: dict[str, dict[str, type]] = {
         "size_factor_key": str,
         "categorical_covariate_keys": list,
         "continuous_covariate_keys": list,
-        "unlabeled_category": str,
+        "unlabeled_category": (str, int),  # integer labels take an integer category
     },
     "train": {
         "max_epochs": int,
@@ -99,13 +99,14 @@ def _check_section(name: str, values: dict, allowed: dict[str, type], where: str
         expected = allowed[key]
         if expected is _ANY:
             continue
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
             raise ConfigError(
-                f"{where}: [{name}].{key} must be {expected.__name__}, got {value!r} "
-                f"({type(value).__name__})."
+                f"{where}: [{name}].{key} must be {names}, got {value!r} ({type(value).__name__})."
             )
 
 
@@ -151,6 +152,8 @@ def load_workflow(path: str | Path) -> dict:
             raise ConfigError(f"{path}: [input].{key} applies to paths = [...] only.")
     if inp.get("join", "inner") not in ("inner", "outer"):
         raise ConfigError(f"{path}: [input].join must be 'inner' or 'outer'.")
+    if not all(isinstance(p, str) for p in inp.get("paths", [])):
+        raise ConfigError(f"{path}: [input].paths must be a list of file names (strings).")
     _check_files(path, "[input]", [inp["path"]] if "path" in inp else inp.get("paths", []))
     on_disk = inp.get("backed", False) or "paths" in inp
     if on_disk and config.get("outputs", {}).get("normalized_expression"):
@@ -206,6 +209,11 @@ def load_workflow(path: str | Path) -> dict:
         raise ConfigError(
             f"{path}: [outputs].predictions needs a classifier: set [model].name = 'SCANVI' "
             "(with [setup].labels_key and unlabeled_category), or drop predictions."
+        )
+    if model.get("name", "SCVI") == "SCVI" and "unlabeled_category" in config.get("setup", {}):
+        raise ConfigError(
+            f"{path}: [setup].unlabeled_category is a SCANVI setting; set [model].name = "
+            "'SCANVI' (or drop it for SCVI)."
         )
     outputs.setdefault("predictions", model.get("name") == "SCANVI")
     mapping = outputs.get("reference_mapping")

@@ -1,0 +1,137 @@
+"""Script mode, third probe: resuming a run whose model was not saved, an edited workflow on
+--resume, integer unlabeled categories, and advice that fits a workflow."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import anndata
+import numpy as np
+import pytest
+
+import cellvi
+from cellvi.cli import main
+
+
+def _mapping_workflow(tmp_path, extra_outputs=""):
+    full = cellvi.data.simulate(
+        n_cells=400, n_genes=60, n_batches=3, n_cell_types=2, n_de_genes_per_type=8, seed=9
+    )
+    full[full.obs["batch"] != "batch_2"].copy().write_h5ad(tmp_path / "ref.h5ad")
+    full[full.obs["batch"] == "batch_2"].copy().write_h5ad(tmp_path / "query.h5ad")
+    workflow = tmp_path / "map.toml"
+    workflow.write_text(f"""
+[input]
+path = "{(tmp_path / "ref.h5ad").as_posix()}"
+[setup]
+batch_key = "batch"
+[model]
+n_hidden = 16
+n_latent = 4
+[train]
+max_epochs = 3
+seed = 3
+[outputs]
+dir = "{(tmp_path / "out").as_posix()}"
+latent = true
+save_model = false
+reference_mapping = {{ query = "{(tmp_path / "query.h5ad").as_posix()}", max_epochs = 2 }}
+{extra_outputs}""")
+    return workflow
+
+
+def test_a_run_without_a_saved_model_resumes_after_its_query_was_interrupted(tmp_path):
+    workflow = _mapping_workflow(tmp_path)
+    assert main(["run", str(workflow)]) == 0
+    out = tmp_path / "out"
+    first = anndata.read_h5ad(out / "adata.h5ad").obsm["X_scVI"]
+    # as if stopped during the query's training: the reference's steps are done
+    state = json.loads((out / "state.json").read_text())
+    for step in ("reference_mapping", "outputs"):
+        state.pop(step)
+    (out / "state.json").write_text(json.dumps(state))
+    (out / "adata.h5ad").unlink()
+    assert main(["run", str(workflow), "--resume"]) == 0
+    # the reference comes back from its own checkpoint (not the query's), not retrained
+    np.testing.assert_array_equal(anndata.read_h5ad(out / "adata.h5ad").obsm["X_scVI"], first)
+    assert (out / "query_adata.h5ad").exists()
+
+
+def test_resume_refuses_an_edited_workflow(tmp_path, capsys):
+    workflow = _mapping_workflow(tmp_path)
+    assert main(["run", str(workflow)]) == 0
+    recorded = (tmp_path / "out" / "config.resolved.json").read_text()
+    workflow.write_text(workflow.read_text().replace("seed = 3", "seed = 4"))
+    assert main(["run", str(workflow), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "workflow was edited since: [train].seed (3 there, 4 now)" in err
+    assert (tmp_path / "out" / "config.resolved.json").read_text() == recorded
+
+
+def _labels_workflow(tmp_path, unlabeled, model="SCANVI"):
+    adata = cellvi.data.simulate(
+        n_cells=200, n_genes=40, n_batches=2, n_cell_types=2, n_de_genes_per_type=5, seed=0
+    )
+    codes = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    codes[::4] = -1
+    adata.obs["cluster"] = codes
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    workflow = tmp_path / "wf.toml"
+    workflow.write_text(f"""
+[input]
+path = "{(tmp_path / "d.h5ad").as_posix()}"
+[setup]
+batch_key = "batch"
+labels_key = "cluster"
+unlabeled_category = {unlabeled}
+[model]
+name = "{model}"
+n_hidden = 16
+n_latent = 4
+[train]
+max_epochs = 2
+[outputs]
+dir = "{(tmp_path / "out").as_posix()}"
+predictions = {"true" if model == "SCANVI" else "false"}
+""")
+    return workflow
+
+
+def test_an_integer_unlabeled_category_sets_up_integer_labels(tmp_path):
+    assert main(["run", str(_labels_workflow(tmp_path, -1))]) == 0
+    predicted = anndata.read_h5ad(tmp_path / "out" / "adata.h5ad").obs["cellvi_prediction"]
+    assert set(map(str, predicted.unique())) <= {"0", "1"}
+
+
+def test_a_string_for_integer_labels_says_what_to_write(tmp_path, capsys):
+    assert main(["run", str(_labels_workflow(tmp_path, '"-1"'))]) == 2
+    err = capsys.readouterr().err
+    assert "pass unlabeled_category=-1" in err
+    assert "setup_anndata arguments go in [setup]" in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (
+            lambda w: w.replace('name = "SCANVI"', 'name = "SCVI"').replace("= true", "= false"),
+            "is a SCANVI setting",
+        ),
+        (
+            lambda w: w.replace('path = "', 'paths = [3]\n# "'),
+            "[input].paths must be a list of file names",
+        ),
+        (
+            lambda w: re.sub(r'\[input\]\npath = "[^"]*"', "[input.simulate]\nn_batches = 0", w),
+            "[input.simulate]: n_batches=0 is invalid",
+        ),
+    ],
+)
+def test_workflow_mistakes_are_named_in_workflow_terms(tmp_path, capsys, edit, said):
+    workflow = _labels_workflow(tmp_path, -1)
+    workflow.write_text(edit(workflow.read_text()))
+    assert main(["run", str(workflow)]) == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert "write the result" not in err  # no advice to fix a data file
