@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import warnings
@@ -231,6 +232,11 @@ def run_config(
         if mapping and not state.done.get("reference_mapping"):
             _check_query(model_cls, model, mapping["query"])  # before training, not after
         if check:
+            if not trained:  # train()'s own checks, up to its Lightning trainer
+                from ..train._checks import ChecksPassed, checks_only
+
+                with checks_only(), contextlib.suppress(ChecksPassed):
+                    model.train(**train_cfg)
             return out
         try:
             out.mkdir(parents=True, exist_ok=True)

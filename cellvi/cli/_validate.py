@@ -130,7 +130,7 @@ def _check_finished(out: Path) -> None:
                 "check; run it again with save_model = true to validate it."
             )
     if missing or (state_file.exists() and not done.get("outputs")):
-        finished = ", ".join(sorted(done)) or "none"
+        finished = ", ".join(sorted(k for k, v in done.items() if v is True)) or "none"
         raise ValueError(
             f"{out} holds no finished run (missing: {', '.join(missing) or 'the final outputs'};"
             f" finished steps: {finished}). Finish it with `cellvi run WORKFLOW.toml --resume`"

@@ -328,7 +328,18 @@ def train_unsupervised(
     )
     if datasplitter_kwargs and "seed" in datasplitter_kwargs:  # the user's name for split_seed
         from_module.pop("split_seed", None)
-    splitter = (splitter_cls or DataSplitter)(
+    splitter_cls = splitter_cls or DataSplitter
+    known = set()
+    for cls in splitter_cls.__mro__:  # a subclass passes **kwargs on to DataSplitter
+        if cls is DataSplitter or (isinstance(cls, type) and issubclass(cls, DataSplitter)):
+            known |= set(inspect.signature(cls).parameters) - {"kwargs"}
+    unknown = sorted(set(datasplitter_kwargs or {}) - known)
+    if unknown:
+        raise ValueError(
+            f"datasplitter_kwargs has argument(s) {unknown} that {splitter_cls.__name__} does "
+            f"not take; it takes {sorted(known - {'manager', 'self'} - _SPLIT_ARGUMENTS)}."
+        )
+    splitter = splitter_cls(
         manager,
         **(splitter_kwargs or {}),
         train_size=train_size,

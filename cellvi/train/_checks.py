@@ -3,15 +3,20 @@ run before any training starts."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import lightning.pytorch as pl
 import torch
 
 __all__ = [
+    "ChecksPassed",
     "check_callbacks",
+    "checks_only",
+    "only_checking",
     "check_datamodule",
     "check_loss_kwargs",
     "match_weights_to_precision",
@@ -125,3 +130,28 @@ def match_weights_to_precision(module: torch.nn.Module, precision) -> None:
             "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes)),
             name,
         )
+
+
+_CHECKS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("checks_only", default=False)
+
+
+class ChecksPassed(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a training run under :func:`checks_only` once every check made before
+    training has passed (its Lightning trainer built, nothing trained or written)."""
+
+
+@contextlib.contextmanager
+def checks_only() -> Iterator[None]:
+    """Inside this block ``train()`` runs its checks (arguments, data, devices, strategy,
+    precision, monitors, callbacks) and then raises :class:`ChecksPassed` instead of
+    training: what ``cellvi run --check`` uses."""
+    token = _CHECKS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CHECKS_ONLY.reset(token)
+
+
+def only_checking() -> bool:
+    """Whether a run should stop after its checks (see :func:`checks_only`)."""
+    return _CHECKS_ONLY.get()

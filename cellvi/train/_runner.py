@@ -20,7 +20,7 @@ from .._settings import settings
 from ..errors import NonFiniteLossError
 from . import _callbacks
 from ._callbacks import BestModelCheckpoint, HistoryWriter, LoudEarlyStopping, ResumeCheckpoint
-from ._checks import check_callbacks, match_weights_to_precision
+from ._checks import ChecksPassed, check_callbacks, match_weights_to_precision, only_checking
 from ._config import TrainerConfig
 from ._devices import check_devices
 from ._interrupts import InterruptGuard, TrainingInterrupted
@@ -287,7 +287,9 @@ def run_training(
     )
     try:
         plan.check_rank_shares(datamodule, trainer.world_size)  # before any process starts
-    except ValueError:
+        if only_checking():  # `cellvi run --check`: every check passed, nothing is trained
+            raise ChecksPassed
+    except (ValueError, ChecksPassed):
         _restore_levels(quiet, old_levels)
         raise
 

@@ -135,3 +135,32 @@ def test_workflow_mistakes_are_named_in_workflow_terms(tmp_path, capsys, edit, s
     err = capsys.readouterr().err
     assert said in err
     assert "write the result" not in err  # no advice to fix a data file
+
+
+@pytest.mark.parametrize(
+    ("train", "said"),
+    [
+        ("datasplitter_kwargs = { numworkers = 1 }", "datasplitter_kwargs has argument(s)"),
+        ('strategy = "ddpp"', "invalid strategy name"),
+        ('precision = "17"', "Precision '17' is invalid"),
+        (
+            'early_stopping = true\nearly_stopping_monitor = "elbo_valdation"',
+            "'elbo_valdation' is never logged",
+        ),
+        ("plan_kwargs = { loss_kwargs = { bogus = 1 } }", "['bogus']"),
+    ],
+)
+def test_check_runs_the_training_checks_and_writes_nothing(tmp_path, capsys, train, said):
+    workflow = _labels_workflow(tmp_path, -1)
+    workflow.write_text(workflow.read_text().replace("max_epochs = 2", f"max_epochs = 2\n{train}"))
+    assert main(["run", str(workflow), "--check"]) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cellvi_log").exists()
+
+
+def test_check_passes_a_good_workflow_without_training(tmp_path, capsys):
+    workflow = _labels_workflow(tmp_path, -1)
+    assert main(["run", str(workflow), "--check"]) == 0
+    assert "ready to run" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
