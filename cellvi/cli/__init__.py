@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 __all__ = ["main"]
 
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from ._run import run_workflow, secondary_rank
 
-            out = run_workflow(args.workflow, resume=args.resume, check=args.check)
+            with _stop_on_sigterm():
+                out = run_workflow(args.workflow, resume=args.resume, check=args.check)
             if args.check:
                 print(f"Checked {args.workflow}: ready to run (outputs would go to {out}).")
             elif not secondary_rank():  # a DDP process Lightning started: rank 0 reports
@@ -112,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             adata.write_h5ad(args.output)
             print(f"Wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.output}")
+    except (KeyboardInterrupt, _Stopped) as err:  # outside training (e.g. during DE)
+        signum = getattr(err, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        resume = (
+            f" `cellvi run {args.workflow} --resume` finishes it." if args.command == "run" else ""
+        )
+        print(
+            f"cellvi {args.command}: interrupted by {name}; the steps finished so far are "
+            f"kept.{resume}",
+            file=sys.stderr,
+        )
+        return 128 + int(signum)
     except Exception as err:
         code = _exit_code(err)
         if code is None:  # not a user error: the traceback is the useful report
@@ -119,6 +135,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cellvi {args.command}: error: {_message(err, args)}", file=sys.stderr)
         return code
     return 0
+
+
+class _Stopped(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """A termination signal that arrived outside training (training has its own guard)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's stop) ends the command with a message, not silently; training
+    installs its own handler meanwhile, which stops at a batch boundary."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _USER_ERRORS = (

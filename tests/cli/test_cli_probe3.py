@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
 
 import anndata
 import numpy as np
@@ -164,3 +167,34 @@ def test_check_passes_a_good_workflow_without_training(tmp_path, capsys):
     assert main(["run", str(workflow), "--check"]) == 0
     assert "ready to run" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_after_training_ends_with_a_message_and_resume_finishes(
+    tmp_path, capsys, monkeypatch, signum, code
+):
+    from cellvi.model import SCVI
+
+    workflow = _mapping_workflow(tmp_path)
+    workflow.write_text(
+        workflow.read_text()
+        .replace("save_model = false", "save_model = true")
+        .replace("latent = true", 'latent = true\nde = { groupby = "batch" }')
+    )
+    real = SCVI.differential_expression
+
+    def stopped(self, *args, **kwargs):  # the signal arrives while DE runs
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SCVI, "differential_expression", stopped)
+    assert main(["run", str(workflow)]) == code
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert f"interrupted by {name}; the steps finished so far are kept" in err
+    assert "--resume` finishes it" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was removed
+    monkeypatch.undo()
+    assert main(["run", str(workflow), "--resume"]) == 0
+    assert (tmp_path / "out" / "de.csv").exists()
