@@ -208,6 +208,7 @@ def run_config(
     state = _State(out / "state.json")
     train_cfg = dict(config["train"])
     seed = train_cfg.pop("seed", 0)
+    train_cfg.update(train_cfg.pop("trainer_kwargs", {}))  # Lightning's, passed through
     model_cls = SCANVI if config["model"].get("name") == "SCANVI" else SCVI
     model_kwargs = {k: v for k, v in config["model"].items() if k != "name"}
     with cellvi.settings.override(seed=seed, logging_dir=out / "runs"):

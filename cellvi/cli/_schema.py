@@ -75,6 +75,11 @@ SCHEMA: dict[str, dict[str, type]] = {
         "seed": int,
         "plan_kwargs": dict,
         "datasplitter_kwargs": dict,
+        "num_nodes": int,
+        "save_resume_checkpoint": bool,
+        "enable_progress_bar": bool,
+        # further Lightning Trainer arguments (max_steps, log_every_n_steps, ...)
+        "trainer_kwargs": dict,
     },
     "outputs": {
         "dir": str,
@@ -130,7 +135,9 @@ def load_workflow(path: str | Path) -> dict:
     )
     schema = dict(SCHEMA, model=_model_keys(name))
     if name == "SCANVI":  # SCANVI.train also takes n_samples_per_label (labelled cells per class)
-        schema["train"] = dict(SCHEMA["train"], n_samples_per_label=int)
+        schema["train"] = dict(
+            SCHEMA["train"], n_samples_per_label=int, adversarial_classifier=bool
+        )
     for section, values in config.items():
         if section not in schema:
             close = difflib.get_close_matches(section, list(schema), n=1)

@@ -313,6 +313,9 @@ class DataSplitter(pl.LightningDataModule):
             "test_idx": torch.as_tensor(self.test_idx),
             # the data these positions refer to (a resume refuses other data)
             "data_identity": self._data_identity(),
+            # what a resume with other values is told about
+            "batch_size": int(self.batch_size),
+            "train_size": float(self.train_size),
         }
 
     def _data_identity(self) -> dict:

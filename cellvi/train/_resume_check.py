@@ -87,6 +87,7 @@ def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule, max_epoch
             "on: resume on that AnnData (same cells, genes and categories, in the same order), "
             "or start a new training run."
         )
+    _compare_split_settings(path, split, datamodule)
     n_obs = getattr(datamodule, "n_obs", None)
     kept = [split[k] for k in ("train_idx", "val_idx", "test_idx") if split.get(k) is not None]
     largest = max((int(t.max()) for t in kept if len(t)), default=-1)
@@ -103,6 +104,34 @@ def check_resume_checkpoint(ckpt_path, plan: TrainingPlan, datamodule, max_epoch
             f"checkpoint's weights and history. Pass max_epochs > {n_done} to train on.",
             TrainingWarning,
             stacklevel=5,
+        )
+
+
+def _compare_split_settings(path: Path, split: dict, datamodule) -> None:
+    """A resume keeps the checkpoint's split, and its minibatches follow this run's batch
+    size: other values than the checkpoint's run used are named (the run is then not the
+    one the interrupted run would have been, or the new split setting does not apply)."""
+    notes = []
+    saved, now = split.get("batch_size"), getattr(datamodule, "batch_size", None)
+    if saved is not None and now is not None and int(saved) != int(now):
+        notes.append(
+            f"batch_size={now} (the checkpoint's run used {saved}): its remaining epochs "
+            "take other minibatches, so the result is not the one the interrupted run would "
+            "have given"
+        )
+    saved, now = split.get("train_size"), getattr(datamodule, "train_size", None)
+    explicit = not getattr(datamodule, "train_size_is_default", True)
+    if saved is not None and now is not None and explicit and float(saved) != float(now):
+        n_train = len(split.get("train_idx", []))
+        notes.append(
+            f"train_size={now} is not applied: the checkpoint's split ({n_train} training "
+            f"cells, train_size={saved}) is kept"
+        )
+    if notes:
+        warnings.warn(
+            f"ckpt_path={str(path)!r} resumes with " + "; ".join(notes) + ".",
+            TrainingWarning,
+            stacklevel=6,
         )
 
 

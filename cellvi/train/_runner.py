@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -159,6 +160,21 @@ def _check_monitors(
         )
 
 
+def _keep_starting_checkpoint(ckpt: Path, resume_dir: Path) -> None:
+    """A resumed run goes on in its checkpoint's folder and overwrites ``last.ckpt`` each
+    epoch: the checkpoint it starts from is copied to ``before_resume.ckpt`` first, so an
+    abandoned resume (wrong settings, say) can be started again from there."""
+    try:
+        same_folder = ckpt.resolve().parent == resume_dir.resolve()
+    except OSError:
+        return
+    if not same_folder or ckpt.name == "before_resume.ckpt" or not ckpt.is_file():
+        return
+    tmp = resume_dir / "before_resume.ckpt.tmp"
+    shutil.copy2(ckpt, tmp)
+    os.replace(tmp, resume_dir / "before_resume.ckpt")
+
+
 def run_training(
     plan: TrainingPlan,
     datamodule: pl.LightningDataModule,
@@ -293,6 +309,8 @@ def run_training(
         _restore_levels(quiet, old_levels)
         raise
 
+    if ckpt_path is not None:
+        _keep_starting_checkpoint(Path(ckpt_path), resume_dir)
     result = RunResult(history_rows=plan.history_rows, run_dir=run_dir, trainer=trainer)
     guard.trainer = trainer
     started = time.time()

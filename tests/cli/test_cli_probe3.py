@@ -198,3 +198,18 @@ def test_a_signal_after_training_ends_with_a_message_and_resume_finishes(
     monkeypatch.undo()
     assert main(["run", str(workflow), "--resume"]) == 0
     assert (tmp_path / "out" / "de.csv").exists()
+
+
+def test_train_takes_lightning_arguments_and_run_switches(tmp_path, capsys):
+    workflow = _labels_workflow(tmp_path, -1)
+    extra = (
+        "enable_progress_bar = false\nsave_resume_checkpoint = false\n"
+        "adversarial_classifier = false\ntrainer_kwargs = { max_steps = 3 }"
+    )
+    workflow.write_text(workflow.read_text().replace("max_epochs = 2", f"max_epochs = 2\n{extra}"))
+    assert main(["run", str(workflow)]) == 0
+    assert not list((tmp_path / "out" / "runs").glob("*/checkpoints/last.ckpt"))
+    bad = workflow.read_text().replace("max_steps = 3", "max_stepz = 3")
+    workflow.write_text(bad.replace('dir = "', 'dir = "other_'))
+    assert main(["run", str(workflow), "--check"]) == 2
+    assert "max_stepz" in capsys.readouterr().err

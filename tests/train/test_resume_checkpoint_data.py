@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -126,3 +128,29 @@ def test_resuming_with_another_patience_uses_it_and_says_so():
         )
     # the first check sets the best value; two more without improvement stop the run
     assert len(model.history["elbo_train"]) == 3
+
+
+def test_resuming_with_another_batch_size_or_train_size_says_what_happens(checkpoint):
+    path, adata = checkpoint
+    model = _model(adata.copy())
+    with pytest.warns(TrainingWarning, match=r"batch_size=64 \(the checkpoint's run used 128\)"):
+        model.train(max_epochs=3, batch_size=64, ckpt_path=path)
+    model = _model(adata.copy())
+    # (the run above went on in the checkpoint's folder: its last.ckpt now holds 3 epochs)
+    with pytest.warns(TrainingWarning, match=r"train_size=0.5 is not applied: .* is kept"):
+        model.train(max_epochs=4, train_size=0.5, ckpt_path=path)
+    assert len(model.train_indices_) == 144  # the checkpoint's 90 % of 160 cells
+
+
+def test_the_checkpoint_a_resume_starts_from_is_kept(checkpoint):
+    path, adata = checkpoint
+    original = Path(path).read_bytes()
+    model = _model(adata.copy())
+    model.train(max_epochs=3, ckpt_path=path)  # goes on in that folder: last.ckpt is rewritten
+    assert Path(path).read_bytes() != original
+    kept = Path(path).parent / "before_resume.ckpt"
+    assert kept.read_bytes() == original
+    again = _model(adata.copy())  # the abandoned resume, started again
+    again.train(max_epochs=3, ckpt_path=str(kept))
+    _assert_same_run(again, model)
+    assert kept.read_bytes() == original  # resuming from the copy keeps it
