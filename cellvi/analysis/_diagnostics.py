@@ -37,7 +37,8 @@ def _mean(values: np.ndarray, what: str) -> float:
             f"indices selects no cells, and the mean {what} of zero cells is undefined; pass "
             "at least one cell (or return_mean=False for an empty array)."
         )
-    return float(values.mean())
+    # NumPy's float (a Python float too): .item() works, as on scvi-tools' tensors
+    return np.float64(values.mean())
 
 
 def get_elbo(model, adata=None, indices=None, batch_size=None, return_mean: bool = True):

@@ -240,8 +240,13 @@ class SCANVI(SCVI):
         ``adata`` (default: the SCVI's) must have the SCVI's genes, in its order, and the same
         batches and categorical covariates, else a :class:`~cellvi.errors.SetupError`.
         """
-        if not scvi_model.is_trained:
-            raise SetupError("from_scvi_model needs a trained SCVI model (call its train()).")
+        if not scvi_model.is_trained:  # as in scvi-tools: allowed, with a warning
+            warnings.warn(
+                "from_scvi_model: this SCVI has not been trained, so the SCANVI starts from "
+                "randomly initialised weights (train the SCVI first to pretrain it).",
+                CellviWarning,
+                stacklevel=2,
+            )
         _drop_repeated_architecture(scvi_model, architecture)
         args = dict(scvi_model.registry_["setup_args"])
         labels_key = labels_key or args.get("labels_key")

@@ -23,6 +23,7 @@ def test_assigning_the_seed_seeds_the_global_generators():
             draws.append(model.get_elbo())
     np.testing.assert_array_equal(draws[0], draws[2])
     assert draws[1] == draws[3]
+    assert isinstance(draws[1], float) and draws[1].item() == draws[1]  # .item() as on a tensor
     with cellvi.settings.override(seed=12):
         other = model.posterior_predictive_sample(indices=np.arange(20)).toarray()
     assert not np.array_equal(draws[0], other)

@@ -72,11 +72,12 @@ def test_scanvi_setup_puts_unlabeled_last_and_rejects_unseen_labels(labeled_sim,
         SCANVI.load(tmp_path / "m", adata=other)
 
 
-def test_from_untrained_scvi_is_refused(labeled_sim):
+def test_from_untrained_scvi_warns_as_scvi_tools_does(labeled_sim):
     adata, _ = labeled_sim
     SCVI.setup_anndata(adata)
-    with pytest.raises(SetupError, match="needs a trained SCVI"):
-        SCANVI.from_scvi_model(SCVI(adata), "Unknown", labels_key="labels")
+    with pytest.warns(CellviWarning, match="has not been trained"):
+        model = SCANVI.from_scvi_model(SCVI(adata), "Unknown", labels_key="labels")
+    assert not model.is_trained
 
 
 def test_from_scvi_model_drops_repeated_architecture_with_a_warning(labeled_sim):
