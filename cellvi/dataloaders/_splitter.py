@@ -109,6 +109,7 @@ class DataSplitter(pl.LightningDataModule):
             )
         split_seed = seed if split_seed is None else split_seed
         self.load_sparse_tensor = bool(load_sparse_tensor)
+        self._identity: dict | None = None  # see _data_identity
         self.persistent_workers = persistent_workers
         self.chunk_size, self.buffer_size = chunk_size, buffer_size
         self.manager = manager
@@ -321,7 +322,7 @@ class DataSplitter(pl.LightningDataModule):
     def _data_identity(self) -> dict:
         """:func:`data_identity` of the manager, computed once (a checkpoint is written every
         epoch; the data do not change during a run)."""
-        if getattr(self, "_identity", None) is None:
+        if self._identity is None:
             self._identity = data_identity(self.manager)
         return self._identity
 

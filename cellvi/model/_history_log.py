@@ -7,11 +7,9 @@ import re
 import warnings
 from pathlib import Path
 
-import pandas as pd
-
 from ..errors import TrainingWarning
 from ..train._callbacks import write_history_csv
-from ._history import history_from_rows
+from ._history import run_history
 
 __all__ = ["check_log_save_dir", "save_history_log"]
 
@@ -56,12 +54,7 @@ def save_history_log(log_save_dir, result) -> Path | None:
     trainer = getattr(result, "trainer", None)
     if trainer is not None and not trainer.is_global_zero:
         return None
-    history = history_from_rows(result.history_rows)
-    if result.step_rows:
-        history["train_loss_step"] = pd.DataFrame(
-            {"train_loss_step": [r["train_loss_step"] for r in result.step_rows]},
-            index=pd.Index([r["step"] for r in result.step_rows], name="step"),
-        )
+    history = run_history(result.history_rows, result.step_rows)
     try:
         folder = _next_version_dir(Path(log_save_dir))
         with open(folder / "history.pkl", "wb") as fh:

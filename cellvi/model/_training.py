@@ -331,7 +331,7 @@ def train_unsupervised(
     splitter_cls = splitter_cls or DataSplitter
     known = set()
     for cls in splitter_cls.__mro__:  # a subclass passes **kwargs on to DataSplitter
-        if cls is DataSplitter or (isinstance(cls, type) and issubclass(cls, DataSplitter)):
+        if issubclass(cls, DataSplitter):
             known |= set(inspect.signature(cls).parameters) - {"kwargs"}
     unknown = sorted(set(datasplitter_kwargs or {}) - known)
     if unknown:

@@ -34,3 +34,15 @@ def write_workflow(
         f'[outputs]\ndir = "{out}"\n{outputs}\n'
     )
     return path
+
+
+def write_mapping_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A reference (batches 0 and 1) and a query (batch 2) of 400 simulated cells (seed 9),
+    written to ``tmp_path/ref.h5ad`` and ``tmp_path/query.h5ad``."""
+    full = cellvi.data.simulate(
+        n_cells=400, n_genes=60, n_batches=3, n_cell_types=2, n_de_genes_per_type=8, seed=9
+    )
+    ref, query = tmp_path / "ref.h5ad", tmp_path / "query.h5ad"
+    full[full.obs["batch"] != "batch_2"].copy().write_h5ad(ref)
+    full[full.obs["batch"] == "batch_2"].copy().write_h5ad(query)
+    return ref, query

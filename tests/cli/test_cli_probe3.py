@@ -12,17 +12,14 @@ import time
 import anndata
 import numpy as np
 import pytest
+from _workflows import write_mapping_data
 
 import cellvi
 from cellvi.cli import main
 
 
 def _mapping_workflow(tmp_path, extra_outputs=""):
-    full = cellvi.data.simulate(
-        n_cells=400, n_genes=60, n_batches=3, n_cell_types=2, n_de_genes_per_type=8, seed=9
-    )
-    full[full.obs["batch"] != "batch_2"].copy().write_h5ad(tmp_path / "ref.h5ad")
-    full[full.obs["batch"] == "batch_2"].copy().write_h5ad(tmp_path / "query.h5ad")
+    write_mapping_data(tmp_path)
     workflow = tmp_path / "map.toml"
     workflow.write_text(f"""
 [input]

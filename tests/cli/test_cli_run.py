@@ -11,6 +11,7 @@ import time
 
 import pandas as pd
 import pytest
+from _workflows import write_mapping_data
 
 from cellvi.cli import main
 
@@ -241,13 +242,7 @@ def test_simulate_command_writes_truth(tmp_path):
 def test_workflow_maps_a_query_onto_the_trained_reference(tmp_path):
     import anndata
 
-    import cellvi
-
-    full = cellvi.data.simulate(
-        n_cells=400, n_genes=60, n_batches=3, n_cell_types=2, n_de_genes_per_type=8, seed=9
-    )
-    full[full.obs["batch"] != "batch_2"].copy().write_h5ad(tmp_path / "ref.h5ad")
-    full[full.obs["batch"] == "batch_2"].copy().write_h5ad(tmp_path / "query.h5ad")
+    write_mapping_data(tmp_path)
     workflow = tmp_path / "map.toml"
     workflow.write_text(f"""
 [input]
